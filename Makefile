@@ -1,0 +1,51 @@
+# qrsight: the commands a newcomer types. `make up` runs it all; `make test` tests it all.
+PYTHON ?= python3
+export QRSIGHT_KAFKA_PORT ?= 9092
+export QRSIGHT_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(QRSIGHT_KAFKA_PORT)
+
+.PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
+        train train-smoke bench eval
+
+install:  ## install qrsight with its dev tools (editable)
+	$(PYTHON) -m pip install -e '.[dev]'
+
+lint:  ## ruff (lint + format check) and mypy
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+unit:  ## tests that start nothing
+	$(PYTHON) -m pytest tests/unit
+
+integration:  ## tests on a real Kafka broker (QRSIGHT_TEST_BOOTSTRAP, else one started here)
+	$(PYTHON) -m pytest tests/integration
+
+test: lint unit integration  ## everything CI runs
+
+kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft)
+	deploy/local/kafka.sh up
+
+kafka-down:
+	deploy/local/kafka.sh down
+
+up:  ## the whole local stack in the foreground: Kafka, topics, workers, API (Ctrl-C stops it)
+	$(PYTHON) -m producer_tools.stack
+
+down:
+	deploy/local/kafka.sh down
+
+demo:  ## with `make up` running: publish the samples and print their detections
+	$(PYTHON) -m producer_tools.publish samples/ --wait
+
+train:  ## reproduce the shipped detector from scratch (seeded)
+	$(PYTHON) -m training.train --out models/
+
+train-smoke:
+	$(PYTHON) -m training.train --smoke --out runs/smoke
+
+eval:  ## evaluate the shipped detector on a manifest: make eval DATA=../shared/data/qr-real-dev
+	$(PYTHON) bench/eval_detector.py $(DATA)

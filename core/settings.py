@@ -1,0 +1,247 @@
+"""One frozen settings object per process, built from ``QRSIGHT_*`` environment variables.
+
+Every knob of qrsight lives here, so the README table, the deploy manifests and the
+code cannot drift apart (``python -m core.settings`` prints the table; a test checks
+the README and the manifests against it).
+
+Any librdkafka property can be passed through with ``QRSIGHT_KAFKA__<PROPERTY>``:
+the part after the double underscore is lower-cased and ``_`` becomes ``.``, so
+``QRSIGHT_KAFKA__SSL_CA_LOCATION=/etc/ca.pem`` sets ``ssl.ca.location``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from core.errors import ConfigError
+
+ENV_PREFIX = "QRSIGHT_"
+KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v1.onnx"
+
+logger = logging.getLogger(__name__)
+
+
+class Settings(BaseModel):
+    """All of qrsight's settings; build it with :func:`load_settings`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    # --- Kafka connection -------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        None, description="Kafka `bootstrap.servers` (required by every Kafka client)"
+    )
+    kafka_port: int = Field(9092, description="port of the local broker `make kafka-up` starts")
+    kafka_client_id: str = Field("qrsight", description="Kafka `client.id` prefix")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka `security.protocol`"
+    )
+    kafka_sasl_mechanism: str | None = Field(
+        None, description="Kafka `sasl.mechanism` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, …)"
+    )
+    kafka_sasl_username: str | None = Field(None, description="Kafka `sasl.username`")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="Kafka `sasl.password` (secret; never logged)"
+    )
+    kafka_extra: dict[str, str] = Field(
+        default_factory=dict,
+        description="any librdkafka property, as `QRSIGHT_KAFKA__<PROPERTY>` (see above)",
+    )
+    schema_registry_url: str | None = Field(
+        None,
+        description="Schema Registry URL; set it to use the Confluent wire format "
+        "(else plain schemaless Avro)",
+    )
+    schema_registry_basic_auth: SecretStr | None = Field(
+        None, description="Schema Registry `user:password` (secret)"
+    )
+
+    # --- topics -----------------------------------------------------------------------
+    topic_images: str = Field("qr.images", description="topic the images are published to")
+    topic_detections: str = Field("qr.detections", description="topic of result events")
+    topic_replies: str = Field("qr.replies", description="topic of the API's replies")
+    topic_dlq: str = Field("qr.images.dlq", description="dead-letter topic for bad input")
+    topic_partitions: int = Field(
+        6, ge=1, description="partitions of qr.images, qr.detections and the DLQ"
+    )
+    replies_partitions: int = Field(
+        16, ge=1, description="partitions of qr.replies (one per API process slot)"
+    )
+    replication_factor: int = Field(1, ge=1, description="replication factor of new topics")
+    replies_retention_ms: int = Field(
+        300_000, ge=1000, description="retention of qr.replies (short: replies are ephemeral)"
+    )
+    detections_retention_ms: int = Field(
+        604_800_000, description="retention of qr.detections and the DLQ (-1 keeps forever)"
+    )
+
+    # --- image intake -----------------------------------------------------------------
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="largest image accepted, in bytes; drives every Kafka size limit",
+    )
+    max_image_side: int = Field(8192, ge=32, description="largest width or height, pixels")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1024, description="largest width × height (decompression-bomb guard)"
+    )
+
+    # --- model ------------------------------------------------------------------------
+    model_path: Path = Field(DEFAULT_MODEL, description="ONNX detector to load")
+    onnx_providers: list[str] | None = Field(
+        None,
+        description="ONNX Runtime providers in order, comma-separated "
+        "(default: TensorRT → CUDA → CPU, whatever is installed)",
+    )
+    ort_intra_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT default: one per core)"
+    )
+    ort_inter_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
+    imgsz: int | None = Field(
+        None, description="inference size (default: the model's metadata, else 640)"
+    )
+    conf_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="confidence threshold (default: per model layout)"
+    )
+    iou_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="NMS IoU threshold (default: per model layout)"
+    )
+    max_detections: int = Field(100, ge=1, description="most detections kept per image")
+    decode_payloads: bool = Field(True, description="read QR payloads with zxing-cpp")
+
+    # --- workers ----------------------------------------------------------------------
+    consumer_group: str = Field("qrsight-workers", description="consumer group of the workers")
+    workers: int = Field(1, ge=1, description="worker processes `qrsight-consumer` starts")
+    max_batch: int = Field(8, ge=1, description="most images per micro-batch")
+    max_wait_ms: int = Field(50, ge=0, description="longest wait to fill a micro-batch")
+    decode_threads: int = Field(2, ge=1, description="threads decoding images per worker")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="`exactly_once` uses Kafka transactions per batch"
+    )
+    metrics_port: int = Field(
+        9100, ge=0, description="worker metrics/health port (worker i listens on port + i)"
+    )
+    shutdown_timeout_s: float = Field(
+        10.0, gt=0, description="longest a worker takes to finish its batch and leave"
+    )
+
+    # --- API --------------------------------------------------------------------------
+    api_host: str = Field("0.0.0.0", description="address gunicorn binds")
+    api_port: int = Field(8000, description="port gunicorn binds")
+    api_workers: int = Field(2, ge=1, description="gunicorn worker processes")
+    api_threads: int = Field(32, ge=1, description="threads per gunicorn worker")
+    api_reply_partition: int | None = Field(
+        None, ge=0, description="qr.replies partition of this process (default: derived)"
+    )
+    api_timeout_ms: int = Field(10_000, ge=100, description="default wait for a reply")
+    api_max_timeout_ms: int = Field(30_000, ge=100, description="cap on `timeout_ms`")
+    api_produce_timeout_ms: int = Field(
+        2_000, ge=100, description="longest wait for Kafka to accept a request (then 503)"
+    )
+    auth_enabled: bool = Field(False, description="require a JWT bearer token")
+    auth_jwt_secret: SecretStr | None = Field(None, description="HS256 secret (secret)")
+    auth_jwt_public_key: str | None = Field(
+        None, description="RS256 public key, PEM text or a file path"
+    )
+    auth_jwt_audience: str | None = Field(None, description="required `aud` claim")
+    auth_jwt_issuer: str | None = Field(None, description="required `iss` claim")
+    rate_limit: str = Field(
+        "120/minute", description="per-client limit on /detect (flask-limiter syntax; '' = off)"
+    )
+    rate_limit_storage_uri: str = Field(
+        "memory://", description="flask-limiter storage (e.g. redis://… to share across hosts)"
+    )
+
+    # --- logs -------------------------------------------------------------------------
+    log_level: str = Field("INFO", description="log level")
+
+    @field_validator("onnx_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()] or None
+        return value
+
+    @field_validator("model_path", mode="after")
+    @classmethod
+    def _expand_model_path(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest Kafka record value; see :mod:`core.kafka` for how it is used."""
+        from core.kafka import message_limits
+
+        return message_limits(self).max_value_bytes
+
+
+def kafka_passthrough(environ: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka properties given as ``QRSIGHT_KAFKA__<PROPERTY>``."""
+    props: dict[str, str] = {}
+    for name, value in environ.items():
+        if name.upper().startswith(KAFKA_PASSTHROUGH_PREFIX):
+            prop = name[len(KAFKA_PASSTHROUGH_PREFIX) :].lower().replace("_", ".")
+            if prop:
+                props[prop] = value
+    return props
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the process's settings from ``environ`` (default ``os.environ``).
+
+    Errors name the environment variable to fix.
+    """
+    env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+    known = {env_name(name) for name in Settings.model_fields}
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        if name != "kafka_extra" and env_name(name) in env and env[env_name(name)] != "":
+            values[name] = env[env_name(name)]
+    values["kafka_extra"] = kafka_passthrough(env)
+    values.update(overrides)
+    unknown = sorted(
+        k for k in env
+        if k.startswith(ENV_PREFIX) and k not in known and not k.startswith(KAFKA_PASSTHROUGH_PREFIX)
+    )
+    if unknown:
+        logger.warning("ignoring unknown settings names=%s", ",".join(unknown))
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field."""
+    return ENV_PREFIX + field.upper()
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    rows = ["| variable | default | what it sets |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if name == "kafka_extra":
+            rows.append(f"| `{KAFKA_PASSTHROUGH_PREFIX}<PROPERTY>` | — | {field.description} |")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, Path):
+            default = default.relative_to(REPO_ROOT) if default.is_relative_to(REPO_ROOT) else default
+        shown = "—" if default is None else f"`{default}`"
+        rows.append(f"| `{env_name(name)}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")

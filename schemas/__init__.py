@@ -1,0 +1,1 @@
+"""The wire contract of qrsight: Avro schemas, topic and header names, the codec."""
