@@ -1,7 +1,10 @@
 # qrsight: the commands a newcomer types. `make up` runs it all; `make test` tests it all.
 PYTHON ?= python3
-export QRSIGHT_KAFKA_PORT ?= 9092
-export QRSIGHT_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(QRSIGHT_KAFKA_PORT)
+# The local broker's port; tests never read this (they use QRSIGHT_KAFKA_BOOTSTRAP if set,
+# else start their own broker on a free port).
+QRSIGHT_KAFKA_PORT ?= 9092
+LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
+export QRSIGHT_KAFKA_PORT
 
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
         train train-smoke bench eval
@@ -33,13 +36,13 @@ kafka-down:
 	deploy/local/kafka.sh down
 
 up:  ## the whole local stack in the foreground: Kafka, topics, workers, API (Ctrl-C stops it)
-	$(PYTHON) -m producer_tools.stack
+	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.stack
 
 down:
 	deploy/local/kafka.sh down
 
 demo:  ## with `make up` running: publish the samples and print their detections
-	$(PYTHON) -m producer_tools.publish samples/ --wait
+	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.publish samples/ --wait
 
 train:  ## reproduce the shipped detector from scratch (seeded)
 	$(PYTHON) -m training.train --out models/
