@@ -9,10 +9,15 @@ export QRSIGHT_KAFKA_PORT
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
         train train-smoke bench eval
 
-install:  ## install qrsight with its dev tools (editable)
-	$(PYTHON) -m pip install -e '.[dev]'
+install: .installed  ## install qrsight with its dev and training tools (editable)
 
-lint:  ## ruff (lint + format check) and mypy
+# Re-installs when pyproject.toml changes; `make up` and `make test` depend on it, so both
+# work from a clean clone. The train extra (torch) is there for the training smoke test.
+.installed: pyproject.toml
+	$(PYTHON) -m pip install -q -e '.[dev,train]'
+	touch $@
+
+lint: .installed  ## ruff (lint + format check) and mypy
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
@@ -21,10 +26,10 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-unit:  ## tests that start nothing
+unit: .installed  ## tests that start nothing
 	$(PYTHON) -m pytest tests/unit
 
-integration:  ## tests on a real Kafka broker (QRSIGHT_TEST_BOOTSTRAP, else one started here)
+integration: .installed  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOTSTRAP if set, else one started here)
 	$(PYTHON) -m pytest tests/integration
 
 test: lint unit integration  ## everything CI runs
@@ -35,7 +40,7 @@ kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft)
 kafka-down:
 	deploy/local/kafka.sh down
 
-up:  ## the whole local stack in the foreground: Kafka, topics, workers, API (Ctrl-C stops it)
+up: .installed  ## the whole local stack in the foreground: Kafka, topics, workers, API (Ctrl-C stops it)
 	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.stack
 
 down:
