@@ -1,0 +1,277 @@
+"""The ONNX detector: preprocess → ONNX Runtime → postprocess, in batches.
+
+One :class:`Detector` (one ``InferenceSession``) per process. Any YOLO-style export
+drops in: the output layout (YOLOv5, YOLOv8/11, end-to-end) is detected from the
+output shape and the Ultralytics metadata (``names``, ``imgsz``, ``stride``).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from core.detections import Detections, ModelInfo
+from core.errors import ConfigError, ModelError
+from core.postprocess import (
+    LAYOUT_DEFAULTS,
+    Layout,
+    Letterbox,
+    detect_layout,
+    input_hw,
+    layout_classes,
+    letterbox_batch,
+    postprocess_batch,
+)
+from core.settings import Settings
+
+__all__ = ["Detector", "ModelInfo", "choose_providers"]
+
+logger = logging.getLogger(__name__)
+
+PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+DEFAULT_IMGSZ = 640
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Providers to use, in order: ``requested`` (checked), else TensorRT → CUDA → CPU."""
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ConfigError(
+                f"QRSIGHT_ONNX_PROVIDERS names providers this onnxruntime lacks: {missing}; "
+                f"available: {available}"
+            )
+        return list(requested)
+    chosen = [p for p in PREFERRED_PROVIDERS if p in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+def parse_literal(value: str | None) -> Any:
+    """A Python literal stored as text in model metadata (``"{0: 'qr'}"``), else None."""
+    if not value:
+        return None
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def parse_names(value: str | None) -> dict[int, str]:
+    """Ultralytics ``names``: a dict literal ``{0: 'qr'}`` (or a list ``['qr']``)."""
+    names = parse_literal(value)
+    if isinstance(names, list | tuple):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict):
+        return {}
+    try:
+        return {int(k): str(v) for k, v in names.items()}
+    except (TypeError, ValueError):
+        return {}
+
+
+def parse_imgsz(value: str | None) -> tuple[int, int] | None:
+    """Ultralytics ``imgsz``: ``"[640, 640]"`` (h, w) or ``"640"``."""
+    size = parse_literal(value)
+    if isinstance(size, int) and size > 0:
+        return (size, size)
+    if (
+        isinstance(size, list | tuple)
+        and len(size) == 2
+        and all(isinstance(s, int) and s > 0 for s in size)
+    ):
+        return (size[0], size[1])
+    return None
+
+
+def _fixed(dim: object) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+class Detector:
+    """A YOLO-style ONNX detector.
+
+    ``predict(images)`` = ``postprocess(infer(preprocess(images)))``; the stages are
+    public so callers can time them. Thresholds: per call, else the constructor's,
+    else the layout's defaults (YOLOv5 0.25/0.45, YOLOv8/11 0.25/0.7, end-to-end 0.25).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        providers: Sequence[str] | None = None,
+        *,
+        intra_threads: int = 0,
+        inter_threads: int = 1,
+        imgsz: int | None = None,
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int = 100,
+    ) -> None:
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ConfigError(
+                f"model file not found: {self.model_path} (set QRSIGHT_MODEL_PATH to an .onnx file)"
+            )
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+        self.session = self._open(choose_providers(providers), intra_threads, inter_threads)
+        self.providers: list[str] = self.session.get_providers()
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        inp = self.session.get_inputs()[0]
+        self.input_name: str = inp.name
+        self.input_dtype = np.float16 if "float16" in inp.type else np.float32
+        self.input_hw = self._input_size(inp.shape, meta, imgsz)
+        self.stride = int(parse_literal(meta.get("stride")) or 32)
+        self.fixed_batch = _fixed(inp.shape[0])
+        if self.fixed_batch is not None:
+            logger.info(
+                "model has a fixed batch, images run in chunks of that size model=%s batch=%d",
+                self.model_path,
+                self.fixed_batch,
+            )
+        labels = parse_names(meta.get("names"))
+        self.layout = self._find_layout(meta, len(labels) or None)
+        if not labels:
+            nc = layout_classes(self.layout, self._output_shape) or 1
+            labels = {i: str(i) for i in range(nc)}
+        self.info = ModelInfo(
+            name=meta.get("description") or self.model_path.stem,
+            version=meta.get("version") or "unknown",
+            input_size=max(self.input_hw),
+            layout=self.layout,
+            labels=labels,
+        )
+        logger.info(
+            "detector loaded model=%s layout=%s input=%dx%d classes=%d providers=%s",
+            self.model_path,
+            self.layout,
+            self.input_hw[1],
+            self.input_hw[0],
+            len(labels),
+            ",".join(self.providers),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Detector:
+        return cls(
+            settings.model_path,
+            providers=settings.onnx_providers,
+            intra_threads=settings.ort_intra_threads,
+            inter_threads=settings.ort_inter_threads,
+            imgsz=settings.imgsz,
+            conf=settings.conf_threshold,
+            iou=settings.iou_threshold,
+            max_det=settings.max_detections,
+        )
+
+    # --- loading -------------------------------------------------------------------------
+
+    def _open(self, providers: list[str], intra: int, inter: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra
+        options.inter_op_num_threads = inter
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            return ort.InferenceSession(str(self.model_path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own (non-exported) types
+            raise ModelError(f"cannot load ONNX model {self.model_path}: {exc}") from exc
+
+    def _input_size(
+        self, shape: Sequence[object], meta: Mapping[str, str], imgsz: int | None
+    ) -> tuple[int, int]:
+        if len(shape) != 4:
+            raise ModelError(f"model input must be [B, 3, H, W], got {list(shape)}")
+        fixed_h, fixed_w = _fixed(shape[2]), _fixed(shape[3])
+        if fixed_h and fixed_w:
+            if imgsz and (imgsz, imgsz) != (fixed_h, fixed_w):
+                logger.warning(
+                    "model input is fixed, ignoring imgsz=%d input=%dx%d", imgsz, fixed_w, fixed_h
+                )
+            return (fixed_h, fixed_w)
+        if imgsz:
+            return input_hw(imgsz)
+        return parse_imgsz(meta.get("imgsz")) or (DEFAULT_IMGSZ, DEFAULT_IMGSZ)
+
+    def _find_layout(self, meta: Mapping[str, str], nc_hint: int | None) -> Layout:
+        """Layout from the output shape; runs one blank image if its dims are symbolic."""
+        shape = list(self.session.get_outputs()[0].shape)
+        if not all(_fixed(d) for d in shape[1:]):
+            blank = np.full((1, 3, *self.input_hw), 114 / 255, self.input_dtype)
+            shape = list(self._run(blank).shape)
+        self._output_shape = [int(d) if _fixed(d) else 1 for d in shape]
+        if parse_literal(meta.get("end2end")) is True:
+            return "end2end"
+        return detect_layout(shape, nc_hint, imgsz=max(self.input_hw))
+
+    # --- stages --------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
+        """Letterbox BGR uint8 images into one NCHW batch the model takes."""
+        batch, metas = letterbox_batch(images, self.input_hw, self.stride)
+        return batch.astype(self.input_dtype, copy=False), metas
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """The raw ``output0`` of a batch (one run, or one per image for a fixed batch)."""
+        if len(batch) == 0:
+            return np.empty((0, *self._output_shape[1:]), np.float32)
+        size = self.fixed_batch
+        if size is None or len(batch) == size:
+            return self._run(batch)
+        outs = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start : start + size]
+            n = len(chunk)
+            if n < size:  # pad the last chunk up to the model's fixed batch
+                chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self._run(chunk)[:n])
+        return np.concatenate(outs)
+
+    def postprocess(
+        self,
+        raw: np.ndarray,
+        metas: Sequence[Letterbox],
+        conf: float | Sequence[float | None] | None = None,
+    ) -> list[Detections]:
+        """Decode, NMS, rescale. ``conf`` is one threshold or one per image."""
+        if conf is None:
+            conf = self.conf
+        elif not isinstance(conf, float | int) and self.conf is not None:
+            conf = [self.conf if c is None else c for c in conf]
+        return postprocess_batch(
+            raw, self.layout, metas, conf=conf, iou=self.iou, max_det=self.max_det
+        )
+
+    def predict(
+        self, images: Sequence[np.ndarray], conf: float | Sequence[float | None] | None = None
+    ) -> list[Detections]:
+        batch, metas = self.preprocess(images)
+        return self.postprocess(self.infer(batch), metas, conf)
+
+    @property
+    def default_thresholds(self) -> tuple[float, float | None]:
+        """(conf, iou) in effect when a call gives none."""
+        conf, iou = LAYOUT_DEFAULTS[self.layout]
+        return (
+            conf if self.conf is None else self.conf,
+            iou if self.iou is None or self.layout == "end2end" else self.iou,
+        )
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            out = self.session.run(None, {self.input_name: batch})[0]
+        except Exception as exc:  # onnxruntime's errors are not exported as types
+            raise ModelError(f"ONNX Runtime failed on a batch of {len(batch)}: {exc}") from exc
+        logger.debug("inference batch=%d ms=%.1f", len(batch), (time.perf_counter() - start) * 1000)
+        return np.asarray(out, dtype=np.float32)
