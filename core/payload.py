@@ -1,0 +1,173 @@
+"""Read QR payloads with zxing-cpp: per detection box first, then the whole image once.
+
+For each box the crop (box plus a margin) is read, upscaled with cubic interpolation
+when the code is small; corners come back in original-image pixels, the code's
+top-left first, clockwise. Boxes that stay unread get the codes that one whole-image
+read finds with their centre inside the box. A code that cannot be read keeps
+``text=None`` and ``corners=None`` and is still a detection.
+
+Payload text is zxing-cpp's ``TextMode.Plain``: the symbol's bytes transcoded by its
+ECI (or the guessed character set, ISO-8859-1 for binary data), so control characters
+and binary payloads come through as they are (``HRI`` would rewrite them as ``<NUL>``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import zxingcpp
+
+from core.detections import Detections
+
+logger = logging.getLogger(__name__)
+
+QR_FORMATS = zxingcpp.BarcodeFormats(
+    [zxingcpp.BarcodeFormat.QRCode, zxingcpp.BarcodeFormat.MicroQRCode]
+)
+MARGIN_FRACTION = 0.15  # of the box's longer side, added around the crop
+MIN_MARGIN_PX = 8
+TARGET_SHORT_SIDE = 256  # small crops are upscaled to about this
+MAX_UPSCALE = 8.0
+MAX_CROP_SIDE = 2048  # an upscaled crop never exceeds this
+RETRY_UPSCALE = 1.6  # second try, a little larger, when the first finds nothing
+
+
+@dataclass(frozen=True)
+class _Code:
+    text: str
+    corners: np.ndarray  # (4, 2) float32, TL TR BR BL
+
+    @property
+    def center(self) -> np.ndarray:
+        return np.asarray(self.corners.mean(axis=0))
+
+
+def read_whole(image_bgr: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Texts and corners (4, 2) of every QR code zxing-cpp finds in the whole image."""
+    return [(c.text, c.corners) for c in _read(_gray(image_bgr))]
+
+
+def read_payloads(image_bgr: np.ndarray, detections: Detections) -> Detections:
+    """The same boxes with ``text``/``corners`` filled where a QR code could be read."""
+    if len(detections) == 0:
+        return detections
+    gray = _gray(image_bgr)
+    assert detections.text is not None and detections.corners is not None
+    texts = list(detections.text)
+    corners = list(detections.corners)
+    for i, box in enumerate(detections.xyxy):
+        if texts[i] is None:
+            code = _read_box(gray, box)
+            if code is not None:
+                texts[i], corners[i] = code.text, code.corners
+    unread = [i for i, t in enumerate(texts) if t is None]
+    if unread:
+        _fill_from_whole(gray, detections.xyxy, unread, texts, corners)
+    logger.debug("payloads boxes=%d read=%d", len(texts), sum(t is not None for t in texts))
+    return Detections(
+        xyxy=detections.xyxy,
+        confidence=detections.confidence,
+        class_id=detections.class_id,
+        text=texts,
+        corners=corners,
+    )
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def _read(gray: np.ndarray) -> list[_Code]:
+    results = zxingcpp.read_barcodes(
+        np.ascontiguousarray(gray), formats=QR_FORMATS, text_mode=zxingcpp.TextMode.Plain
+    )
+    codes = []
+    for r in results:
+        p = r.position
+        pts = [p.top_left, p.top_right, p.bottom_right, p.bottom_left]
+        codes.append(_Code(r.text, np.array([[q.x, q.y] for q in pts], np.float32)))
+    return codes
+
+
+def _crop_window(box: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    margin = max(MARGIN_FRACTION * max(x2 - x1, y2 - y1), MIN_MARGIN_PX)
+    h, w = shape[:2]
+    left, top = max(int(x1 - margin), 0), max(int(y1 - margin), 0)
+    right, bottom = min(int(np.ceil(x2 + margin)), w), min(int(np.ceil(y2 + margin)), h)
+    return left, top, right, bottom
+
+
+def _scales(crop_shape: tuple[int, ...]) -> list[float]:
+    """Upscale factors to try: short side near the target, 1.6x that, then as it is."""
+    short, long = min(crop_shape[:2]), max(crop_shape[:2])
+    cap = max(min(MAX_UPSCALE, MAX_CROP_SIDE / long), 1.0)
+    first = min(max(TARGET_SHORT_SIDE / short, 1.0), cap)
+    return list(dict.fromkeys([first, min(first * RETRY_UPSCALE, cap), 1.0]))
+
+
+def _read_box(gray: np.ndarray, box: np.ndarray) -> _Code | None:
+    left, top, right, bottom = _crop_window(box, gray.shape)
+    if right - left < 8 or bottom - top < 8:
+        return None
+    crop = gray[top:bottom, left:right]
+    for scale in _scales(crop.shape):
+        scaled = crop
+        if scale != 1.0:
+            size = (round(crop.shape[1] * scale), round(crop.shape[0] * scale))
+            scaled = cv2.resize(crop, size, interpolation=cv2.INTER_CUBIC)
+        found = _read(scaled)
+        if found:
+            sx = scaled.shape[1] / crop.shape[1]
+            sy = scaled.shape[0] / crop.shape[0]
+            codes = [_Code(c.text, _unscale(c.corners, sx, sy, left, top)) for c in found]
+            return _nearest_inside(codes, box)
+    return None
+
+
+def _unscale(pts: np.ndarray, sx: float, sy: float, left: int, top: int) -> np.ndarray:
+    # zxing's corners are pixel positions; map pixel centres through the resize
+    out = np.empty_like(pts)
+    out[:, 0] = (pts[:, 0] + 0.5) / sx - 0.5 + left
+    out[:, 1] = (pts[:, 1] + 0.5) / sy - 0.5 + top
+    return out
+
+
+def _inside(point: np.ndarray, box: np.ndarray) -> bool:
+    return bool(box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3])
+
+
+def _nearest_inside(codes: list[_Code], box: np.ndarray) -> _Code | None:
+    """The code whose centre lies in the box, nearest the box's centre."""
+    centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    inside = [c for c in codes if _inside(c.center, box)]
+    if not inside:
+        return None
+    return min(inside, key=lambda c: float(np.linalg.norm(c.center - centre)))
+
+
+def _fill_from_whole(
+    gray: np.ndarray,
+    boxes: np.ndarray,
+    unread: list[int],
+    texts: list[str | None],
+    corners: list[np.ndarray | None],
+) -> None:
+    """Give each unread box the whole-image code centred in it (each code to one box)."""
+    known = [c.mean(axis=0) for c in corners if c is not None]
+    for code in _read(gray):
+        size = float(np.linalg.norm(code.corners[0] - code.corners[2]))
+        if any(np.linalg.norm(code.center - k) < 0.25 * size for k in known):
+            continue  # already read through its own box
+        owners = [i for i in unread if texts[i] is None and _inside(code.center, boxes[i])]
+        if not owners:
+            continue
+        box_centres = {i: (boxes[i, :2] + boxes[i, 2:]) / 2 for i in owners}
+        best = min(owners, key=lambda i: float(np.linalg.norm(box_centres[i] - code.center)))
+        texts[best], corners[best] = code.text, code.corners
+        known.append(code.center)
