@@ -1,0 +1,132 @@
+"""``qrsight-consumer [--workers N]``: the detection workers.
+
+Without ``--worker-index`` it supervises N worker processes (default ``QRSIGHT_WORKERS``);
+with it, it is one worker (what the supervisor starts). Exit codes: 0 clean stop,
+1 failure (model, broker, delivery: restart me), 78 configuration error (fix a setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from consumer.metrics import MetricsServer, WorkerMetrics
+from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
+from core.errors import ConfigError
+from core.settings import Settings, load_settings
+
+logger = logging.getLogger("consumer")
+
+LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="qrsight-consumer",
+        description="Detect QR codes in the images of QRSIGHT_TOPIC_IMAGES and publish results "
+        "to QRSIGHT_TOPIC_DETECTIONS. Settings come from QRSIGHT_* environment variables.",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes to supervise (default: QRSIGHT_WORKERS)",
+    )
+    parser.add_argument(
+        "--worker-index",
+        type=int,
+        default=None,
+        help="run a single worker in this process with this index (metrics port = "
+        "QRSIGHT_METRICS_PORT + index); this is what the supervisor starts",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        configure_logging("INFO")
+        logger.error("configuration error: %s", exc.message)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level)
+    if args.worker_index is not None:
+        return run_worker(settings, args.worker_index)
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers < 1:
+        logger.error("--workers must be at least 1, got %d", workers)
+        return EXIT_CONFIG
+    supervisor = Supervisor(workers, settings.shutdown_timeout_s)
+    supervisor.install_signal_handlers()
+    return supervisor.run()
+
+
+def run_worker(settings: Settings, index: int) -> int:
+    """One worker in this process until SIGTERM/SIGINT (0) or a failure (1)."""
+    from consumer.worker import Worker
+
+    metrics = WorkerMetrics(index)
+    worker = Worker(settings, index, metrics=metrics)
+    _install_stop_handlers(worker.stop, settings.shutdown_timeout_s)
+    server = _start_metrics(settings, index, metrics, lambda: worker.live)
+    try:
+        worker.run()
+    except ConfigError as exc:
+        logger.error("configuration error worker=%d error=%s", index, exc.message)
+        return EXIT_CONFIG
+    except Exception:
+        logger.exception("worker failed worker=%d", index)
+        return EXIT_FAILURE
+    finally:
+        if server is not None:
+            server.close()
+    return EXIT_OK
+
+
+def _start_metrics(
+    settings: Settings, index: int, metrics: WorkerMetrics, live: Callable[[], bool]
+) -> MetricsServer | None:
+    if settings.metrics_port == 0:
+        return None
+    try:
+        return MetricsServer(metrics, settings.metrics_port + index, live).start()
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot listen on metrics port {settings.metrics_port + index}: {exc} "
+            "(set QRSIGHT_METRICS_PORT, or 0 to turn metrics off)"
+        ) from exc
+
+
+def _install_stop_handlers(stop: Callable[[], None], timeout_s: float) -> None:
+    """SIGTERM/SIGINT stop the worker; if it is not out within ``timeout_s``, exit 1."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        logger.info("stopping signal=%s timeout_s=%.1f", signal.Signals(signum).name, timeout_s)
+        stop()
+        watchdog = threading.Timer(timeout_s, _too_slow, args=(timeout_s,))
+        watchdog.daemon = True
+        watchdog.start()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _too_slow(timeout_s: float) -> None:
+    logger.error("worker did not stop within %.1fs (QRSIGHT_SHUTDOWN_TIMEOUT_S)", timeout_s)
+    logging.shutdown()
+    os._exit(EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Turn one Kafka message from ``qr.images`` into an :class:`ImageJob` or a reason it is not one.
+
+A value is an Avro ``ImageRequest`` (Confluent framing or schemaless) or raw image bytes
+(recognised by their magic bytes, or announced by an ``image/*`` ``content_type`` header).
+Nothing here raises for bad input: the reason travels in :attr:`Intake.error` so the
+worker can publish an ``ERROR`` result and copy the message to the DLQ.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from core.errors import BadMessageError, EmptyImageError, QrsightError
+from core.images import ImageLimits, probe
+from core.pipeline import ImageJob
+from schemas import names
+from schemas.codec import Codec, WireFormatError
+
+# Magic bytes of the image formats a raw value may carry (core.images decides what it accepts).
+IMAGE_MAGIC: tuple[bytes, ...] = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",  # PNG
+    b"BM",  # BMP
+    b"GIF8",  # GIF (refused by probe with a clear unsupported_type)
+    b"II*\x00",  # TIFF little-endian (same)
+    b"MM\x00*",  # TIFF big-endian (same)
+)
+PASSTHROUGH_HEADERS = (names.H_TRACEPARENT,)
+
+
+def looks_like_image(data: bytes) -> bool:
+    """True when ``data`` starts with the magic bytes of an image format."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    return any(data.startswith(magic) for magic in IMAGE_MAGIC)
+
+
+@dataclass
+class Intake:
+    """One consumed message and what the worker should do with it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+    request_id: str
+    source: str | None = None
+    job: ImageJob | None = None
+    error: QrsightError | None = None
+    expired: bool = False
+    deadline_ms: int | None = None
+    reply_topic: str | None = None
+    reply_partition: int | None = None
+    passthrough: list[tuple[str, bytes]] = field(default_factory=list)
+    queue_start_ms: int | None = None
+
+    @property
+    def where(self) -> str:
+        return f"topic={self.topic} partition={self.partition} offset={self.offset}"
+
+
+def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
+    out: list[tuple[str, bytes | None]] = []
+    for pair in msg.headers() or []:
+        name, value = pair[0], pair[1]
+        out.append((str(name), value if isinstance(value, bytes) or value is None else None))
+    return out
+
+
+def message_timestamp_ms(msg: Message) -> int | None:
+    kind, ts = msg.timestamp()
+    return None if kind == TIMESTAMP_NOT_AVAILABLE or ts <= 0 else int(ts)
+
+
+def parse_message(
+    msg: Message,
+    codec: Codec,
+    limits: ImageLimits,
+    *,
+    default_replies_topic: str,
+    now_ms: int | None = None,
+) -> Intake:
+    """Classify one message; bad input ends up in ``error``, never raised."""
+    headers = _headers(msg)
+    hdrs = names.header_dict(headers)
+    topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+    correlation = hdrs.get(names.H_CORRELATION_ID)
+    request_id = (
+        correlation.decode("utf-8", errors="replace")
+        if correlation
+        else f"{topic}-{partition}-{offset}"
+    )
+    item = Intake(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=msg.key(),
+        value=msg.value(),
+        headers=headers,
+        request_id=request_id,
+        passthrough=[(h, hdrs[h]) for h in PASSTHROUGH_HEADERS if h in hdrs],
+        queue_start_ms=message_timestamp_ms(msg),
+    )
+    try:
+        _fill(
+            item,
+            hdrs,
+            codec,
+            limits,
+            has_correlation=bool(correlation),
+            default_replies_topic=default_replies_topic,
+        )
+        _check_deadline(item, hdrs, int(time.time() * 1000) if now_ms is None else now_ms)
+    except QrsightError as exc:
+        exc.request_id = item.request_id
+        item.error, item.job = exc, None
+    return item
+
+
+def _fill(
+    item: Intake,
+    hdrs: dict[str, bytes],
+    codec: Codec,
+    limits: ImageLimits,
+    *,
+    has_correlation: bool,
+    default_replies_topic: str,
+) -> None:
+    value = item.value or b""
+    _read_reply_headers(item, hdrs, default_replies_topic)
+    if not value:
+        raise EmptyImageError("message value is empty: expected an ImageRequest or image bytes")
+    content_type = hdrs.get(names.H_CONTENT_TYPE, b"").decode("utf-8", errors="replace")
+    if content_type.startswith("image/") or (value[0] != 0 and looks_like_image(value)):
+        probe(value, limits)
+        item.job = ImageJob(
+            request_id=item.request_id,
+            data=value,
+            content_type=content_type or None,
+            submitted_at_ms=item.queue_start_ms,
+        )
+        return
+    request = _decode_request(codec, value, item.topic)
+    if not has_correlation and request.get("request_id"):
+        item.request_id = str(request["request_id"])
+    item.source = request.get("source")
+    submitted = request.get("submitted_at")
+    if isinstance(submitted, int) and submitted > 0:
+        item.queue_start_ms = submitted
+    image = request.get("image") or b""
+    if not image:
+        raise EmptyImageError("ImageRequest.image is empty")
+    probe(image, limits)
+    options = request.get("options") or {}
+    item.job = ImageJob(
+        request_id=item.request_id,
+        data=image,
+        source=item.source,
+        content_type=request.get("content_type") or None,
+        conf=options.get("confidence"),
+        decode=options.get("decode_payloads"),
+        submitted_at_ms=item.queue_start_ms,
+    )
+
+
+def _decode_request(codec: Codec, value: bytes, topic: str) -> dict:
+    try:
+        record = codec.decode(value, topic)
+    except WireFormatError as exc:
+        raise BadMessageError(
+            f"value is neither an Avro ImageRequest nor JPEG/PNG/WebP/BMP bytes: {exc}"
+        ) from exc
+    except Exception as exc:  # fastavro raises many types on garbage input
+        raise BadMessageError(
+            f"value is neither an Avro ImageRequest nor JPEG/PNG/WebP/BMP bytes: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(record, dict):
+        raise BadMessageError("value decoded to something other than an ImageRequest record")
+    return record
+
+
+def _read_reply_headers(item: Intake, hdrs: dict[str, bytes], default_topic: str) -> None:
+    topic = hdrs.get(names.H_REPLY_TOPIC)
+    raw_partition = hdrs.get(names.H_REPLY_PARTITION)
+    if topic is None and raw_partition is None:
+        return
+    item.reply_topic = topic.decode("utf-8", errors="replace") if topic else default_topic
+    if raw_partition is not None:
+        try:
+            item.reply_partition = names.decode_partition(raw_partition)
+        except ValueError as exc:
+            item.reply_topic = None
+            raise BadMessageError(f"bad {names.H_REPLY_PARTITION} header: {exc}") from exc
+
+
+def _check_deadline(item: Intake, hdrs: dict[str, bytes], now_ms: int) -> None:
+    raw = hdrs.get(names.H_DEADLINE_MS)
+    if raw is None:
+        return
+    try:
+        deadline = names.decode_deadline(raw)
+    except ValueError as exc:
+        raise BadMessageError(f"bad {names.H_DEADLINE_MS} header: {exc}") from exc
+    item.deadline_ms = deadline
+    if now_ms > deadline:
+        item.expired = True
+        item.job = None

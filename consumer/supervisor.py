@@ -1,0 +1,139 @@
+"""Run N worker processes, restart the ones that crash, stop them all on SIGTERM/SIGINT.
+
+Each worker is a child process (``python -m consumer.cli --worker-index i``) with its own
+ONNX session, Kafka clients and metrics port, all in one consumer group. A crashed worker
+is restarted with exponential backoff; a worker that exits with :data:`EXIT_CONFIG`
+(a setting or file to fix) stops the whole supervisor, since a restart cannot help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # sysexits EX_CONFIG
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # a child that ran this long resets its backoff
+POLL_S = 0.2
+KILL_GRACE_S = 5.0
+
+
+def worker_command(index: int) -> list[str]:
+    return [sys.executable, "-m", "consumer.cli", "--worker-index", str(index)]
+
+
+@dataclass
+class Slot:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    exits: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Keeps ``workers`` children alive until told to stop."""
+
+    def __init__(
+        self,
+        workers: int,
+        shutdown_timeout_s: float,
+        command: Callable[[int], list[str]] = worker_command,
+    ) -> None:
+        self.slots = [Slot(i) for i in range(workers)]
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.command = command
+        self._stopping = threading.Event()
+        self._code = EXIT_OK
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            logger.info("supervisor stopping signal=%s", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def run(self) -> int:
+        """Supervise until stopped; the exit code is 0 when every worker stopped cleanly."""
+        for slot in self.slots:
+            self._start(slot)
+        while not self._stopping.wait(POLL_S):
+            for slot in self.slots:
+                self._check(slot)
+        return self._shutdown()
+
+    def _start(self, slot: Slot) -> None:
+        slot.proc = subprocess.Popen(self.command(slot.index))
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        logger.info("worker started worker=%d pid=%d", slot.index, slot.proc.pid)
+
+    def _check(self, slot: Slot) -> None:
+        now = time.monotonic()
+        if slot.proc is None:
+            if slot.restart_at is not None and now >= slot.restart_at:
+                self._start(slot)
+            return
+        code = slot.proc.poll()
+        if code is None:
+            return
+        slot.exits.append(code)
+        slot.proc = None
+        if code == EXIT_CONFIG:
+            logger.error("worker has a configuration error, giving up worker=%d", slot.index)
+            self._code = EXIT_CONFIG
+            self.stop()
+            return
+        slot.failures = 1 if now - slot.started >= STABLE_AFTER_S else slot.failures + 1
+        delay = min(BACKOFF_FIRST_S * 2 ** (slot.failures - 1), BACKOFF_MAX_S)
+        slot.restart_at = now + delay
+        logger.warning(
+            "worker exited, restarting worker=%d exit_code=%d restart_in_s=%.1f",
+            slot.index,
+            code,
+            delay,
+        )
+
+    def _shutdown(self) -> int:
+        running = [s for s in self.slots if s.proc is not None]
+        for slot in running:
+            assert slot.proc is not None
+            _signal(slot.proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout_s + KILL_GRACE_S
+        code = self._code
+        for slot in running:
+            assert slot.proc is not None
+            try:
+                rc = slot.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                logger.error("worker did not stop in time, killing worker=%d", slot.index)
+                slot.proc.kill()
+                rc = slot.proc.wait()
+            logger.info("worker stopped worker=%d exit_code=%d", slot.index, rc)
+            if rc != EXIT_OK and code == EXIT_OK:
+                code = EXIT_FAILURE
+        return code
+
+
+def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signum)
