@@ -1,0 +1,100 @@
+"""``DetectionResult`` dicts, exactly as ``schemas/DetectionResult.avsc`` and INTERFACES.md."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from core.detections import Detections, ModelInfo
+from core.errors import QrsightError
+from schemas.names import STATUS_ERROR, STATUS_EXPIRED, STATUS_OK
+
+EXPIRED_CODE = "deadline_expired"
+TIMING_KEYS = ("queue_ms", "decode_ms", "infer_ms", "post_ms", "total_ms")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def timings(**values: float) -> dict[str, float]:
+    """The ``timings`` record: every key present (0.0 when not measured), rounded to µs."""
+    unknown = set(values) - set(TIMING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown timing keys: {sorted(unknown)}")
+    return {k: round(float(values.get(k, 0.0)), 3) for k in TIMING_KEYS}
+
+
+def _base(
+    request_id: str,
+    source: str | None,
+    status: str,
+    timing: Mapping[str, float] | None,
+    created_at_ms: int | None,
+) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "source": source,
+        "status": status,
+        "error": None,
+        "image": None,
+        "model": None,
+        "detections": [],
+        "timings": timings(**(timing or {})),
+        "created_at": now_ms() if created_at_ms is None else created_at_ms,
+    }
+
+
+def result_record(
+    request_id: str,
+    source: str | None,
+    detections: Detections,
+    *,
+    width: int,
+    height: int,
+    model: ModelInfo,
+    timing: Mapping[str, float] | None = None,
+    created_at_ms: int | None = None,
+) -> dict[str, Any]:
+    """An ``OK`` result: detections in original pixels, labels from the model."""
+    record = _base(request_id, source, STATUS_OK, timing, created_at_ms)
+    record["image"] = {"width": int(width), "height": int(height)}
+    record["model"] = model.to_record()
+    record["detections"] = detections.to_records(model.labels)
+    return record
+
+
+def error_record(
+    request_id: str,
+    source: str | None,
+    error: QrsightError,
+    *,
+    timing: Mapping[str, float] | None = None,
+    model: ModelInfo | None = None,
+    created_at_ms: int | None = None,
+) -> dict[str, Any]:
+    """An ``ERROR`` result carrying the error's stable ``code`` and its message."""
+    record = _base(request_id, source, STATUS_ERROR, timing, created_at_ms)
+    record["error"] = {"code": error.code, "message": error.message}
+    record["model"] = None if model is None else model.to_record()
+    return record
+
+
+def expired_record(
+    request_id: str,
+    source: str | None,
+    *,
+    deadline_ms: int | None = None,
+    queue_ms: float = 0.0,
+    created_at_ms: int | None = None,
+) -> dict[str, Any]:
+    """An ``EXPIRED`` result: the request's deadline passed before the model ran."""
+    record = _base(request_id, source, STATUS_EXPIRED, {"queue_ms": queue_ms}, created_at_ms)
+    record["timings"]["total_ms"] = record["timings"]["queue_ms"]
+    late = "" if deadline_ms is None else f" (deadline {deadline_ms}, now {record['created_at']})"
+    record["error"] = {
+        "code": EXPIRED_CODE,
+        "message": f"the request's deadline passed before it was processed{late}",
+    }
+    return record
