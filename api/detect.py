@@ -1,0 +1,165 @@
+"""``POST /api/v1/detect``: validate the image from its header, queue it, await the reply.
+
+Everything that can be refused without a worker is refused before anything is queued:
+body size (``MAX_CONTENT_LENGTH``), type by magic bytes, and dimensions read from the
+header (so a decompression bomb never reaches Kafka).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from api.metrics import DETECT_RESULTS
+from api.state import api_state
+from core.errors import (
+    BadRequestError,
+    EmptyImageError,
+    ImageTooLargeError,
+    QrsightError,
+    ReplyTimeoutError,
+)
+from core.images import probe
+from core.settings import Settings, env_name
+from schemas.names import STATUS_EXPIRED, STATUS_OK
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("detect", __name__, url_prefix="/api/v1")
+
+FIELD = "image"
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    conf: float | None
+    decode: bool
+    timeout_s: float
+
+
+@bp.post("/detect")
+def detect() -> Response:
+    state = api_state()
+    options = parse_options(request.args, state.settings)
+    data = read_image(state.settings)
+    info = probe(data, state.limits)
+    logger.info(
+        "detect request format=%s width=%s height=%s bytes=%s",
+        info.format,
+        info.width,
+        info.height,
+        len(data),
+    )
+    result = state.replies.request(
+        data,
+        options.timeout_s,
+        content_type=info.content_type,
+        conf=options.conf,
+        decode=options.decode,
+        request_id=g.request_id,
+        traceparent=request.headers.get("traceparent"),
+    )
+    check_result(result)
+    DETECT_RESULTS.labels("ok").inc()
+    return jsonify(reply_body(result))
+
+
+def parse_options(args: Any, settings: Settings) -> DetectOptions:
+    conf = None
+    if args.get("conf") not in (None, ""):
+        try:
+            conf = float(args["conf"])
+        except ValueError:
+            conf = -1.0
+        if not 0.0 <= conf <= 1.0:
+            raise BadRequestError(f"conf must be a number in [0, 1], got {args['conf']!r}")
+    decode = parse_bool(args.get("decode"), "decode", default=True)
+    timeout_ms = settings.api_timeout_ms
+    if args.get("timeout_ms") not in (None, ""):
+        try:
+            timeout_ms = int(args["timeout_ms"])
+        except ValueError:
+            timeout_ms = 0
+        if timeout_ms <= 0:
+            raise BadRequestError(
+                f"timeout_ms must be a positive integer, got {args['timeout_ms']!r}"
+            )
+    timeout_ms = min(timeout_ms, settings.api_max_timeout_ms)
+    return DetectOptions(conf, decode, timeout_ms / 1000)
+
+
+def parse_bool(value: str | None, name: str, *, default: bool) -> bool:
+    if value in (None, ""):
+        return default
+    text = value.strip().lower()
+    if text in TRUE | FALSE:
+        return text in TRUE
+    raise BadRequestError(f"{name} must be true or false, got {value!r}")
+
+
+def read_image(settings: Settings) -> bytes:
+    """The image bytes: the multipart file field ``image``, else the raw body."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get(FIELD)
+        if upload is None:
+            raise BadRequestError(f"multipart file field {FIELD!r} is missing")
+        data = upload.read()
+    else:
+        data = request.get_data(cache=False)
+    if not data:
+        raise EmptyImageError("the image is empty")
+    if len(data) > settings.max_image_bytes:
+        raise ImageTooLargeError(
+            f"image of {len(data)} bytes is over {env_name('max_image_bytes')}="
+            f"{settings.max_image_bytes}"
+        )
+    return data
+
+
+def error_for(code: str, message: str, request_id: str | None) -> QrsightError:
+    """The QrsightError whose stable code a worker put into an ERROR result."""
+    for cls in all_error_classes():
+        if cls.code == code:
+            return cls(message, request_id=request_id)
+    error = QrsightError(message, request_id=request_id)
+    error.code = code
+    return error
+
+
+def all_error_classes() -> list[type[QrsightError]]:
+    found: list[type[QrsightError]] = []
+    pending: list[type[QrsightError]] = [QrsightError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def check_result(result: dict[str, Any]) -> None:
+    rid = result.get("request_id")
+    status = result.get("status")
+    if status == STATUS_OK:
+        return
+    if status == STATUS_EXPIRED:
+        DETECT_RESULTS.labels("expired").inc()
+        raise ReplyTimeoutError("the request expired before a worker took it", request_id=rid)
+    err = result.get("error") or {}
+    code = str(err.get("code") or "internal_error")
+    DETECT_RESULTS.labels(code).inc()
+    raise error_for(code, str(err.get("message") or "detection failed"), rid)
+
+
+def reply_body(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "request_id": result["request_id"],
+        "image": result.get("image"),
+        "results": result.get("detections") or [],
+        "timings": result.get("timings"),
+        "model": result.get("model"),
+    }

@@ -1,0 +1,96 @@
+# ruff: noqa: N999  (gunicorn's conventional file name)
+"""gunicorn configuration of the qrsight API (``qrsight-api`` runs gunicorn with it).
+
+Worker class: ``gthread``. A /detect request spends nearly all its time *waiting* for
+its reply, so each worker runs ``QRSIGHT_API_THREADS`` threads that wait on a
+``threading.Event`` while one reply thread per worker reads the worker's reply
+partition. Not gevent: librdkafka runs its own C threads and its calls (produce when
+the queue is full, poll, flush, metadata requests) block in C, where gevent's
+monkey-patching cannot yield; one blocked call stalls the whole hub and with it every
+request of the worker, and librdkafka's background threads do not cooperate with
+greenlets at all. Real threads cost a little memory and just work.
+
+Workers are never preloaded (``preload_app = False``): librdkafka's threads do not
+survive ``fork``, so each worker imports ``api.wsgi`` and builds its own clients.
+Each worker gets a *slot* (``pre_fork``/``post_fork`` below) that picks its partition
+of the replies topic (see ``api/slots.py``).
+
+Metrics: ``PROMETHEUS_MULTIPROC_DIR`` is set here (a fresh temporary directory unless
+given) before any worker imports prometheus_client; ``child_exit`` marks dead workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from api.slots import lowest_free_slot
+from core.settings import load_settings
+
+_settings = load_settings()
+
+bind = f"{_settings.api_host}:{_settings.api_port}"
+workers = _settings.api_workers
+threads = _settings.api_threads
+worker_class = "gthread"
+preload_app = False
+# A request may wait api_max_timeout_ms for its reply; the worker must outlive that.
+timeout = int(_settings.api_max_timeout_ms / 1000) + 30
+graceful_timeout = int(_settings.api_max_timeout_ms / 1000) + 5
+keepalive = 5
+loglevel = _settings.log_level.lower()
+accesslog = "-"
+errorlog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s ms=%(M)s request_id=%({x-request-id}o)s pid=%(p)s'
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+if not os.environ.get(_MULTIPROC_ENV):
+    os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="qrsight-api-metrics-")
+    _own_metrics_dir = True
+else:
+    os.makedirs(os.environ[_MULTIPROC_ENV], exist_ok=True)
+    _own_metrics_dir = False
+
+
+def on_starting(server: Any) -> None:
+    """Start with an empty metrics directory (stale files would add old counts)."""
+    path = os.environ[_MULTIPROC_ENV]
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+    server.log.info("metrics dir=%s workers=%s threads=%s", path, workers, threads)
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """In the master: give the new worker the lowest slot no live worker holds."""
+    taken = [getattr(w, "qrsight_slot", -1) for w in server.WORKERS.values()]
+    worker.qrsight_slot = lowest_free_slot(taken)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In the worker, before it imports the app: record its slot."""
+    from api.slots import set_process_slot
+
+    set_process_slot(worker.qrsight_slot)
+    server.log.info("worker pid=%s slot=%s", worker.pid, worker.qrsight_slot)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Close the worker's Kafka clients (flush what is queued)."""
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
+    state = extensions.get("qrsight")
+    if state is not None:
+        state.replies.close()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ[_MULTIPROC_ENV], ignore_errors=True)

@@ -1,0 +1,44 @@
+"""Which partition of the replies topic this process reads.
+
+Each API process must own its own reply partition, or two processes would read each
+other's replies (and drop them as unknown). The partition is
+``QRSIGHT_API_REPLY_PARTITION`` (default 0) plus this process's *slot*:
+
+- under gunicorn, the master gives every worker the lowest slot no live worker holds
+  (``pre_fork`` in ``api/gunicorn.conf.py``) and the worker records it here
+  (``post_fork``); a restarted worker takes over the slot, and so the partition, of the
+  worker it replaces, so N workers always use partitions base … base + N - 1;
+- a single process outside gunicorn (tests, ``flask run``) has slot 0.
+
+Several hosts or pods share one replies topic by giving each a different base, e.g.
+pod ordinal x ``QRSIGHT_API_WORKERS``; ``QRSIGHT_REPLIES_PARTITIONS`` must cover them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from core.settings import Settings
+
+_process_slot = 0
+
+
+def set_process_slot(slot: int) -> None:
+    global _process_slot  # noqa: PLW0603 - one value per process, set once after fork
+    _process_slot = slot
+
+
+def process_slot() -> int:
+    return _process_slot
+
+
+def lowest_free_slot(taken: Iterable[int]) -> int:
+    used = set(taken)
+    slot = 0
+    while slot in used:
+        slot += 1
+    return slot
+
+
+def reply_partition(settings: Settings) -> int:
+    return (settings.api_reply_partition or 0) + _process_slot

@@ -1,0 +1,27 @@
+"""What one app instance holds: its settings, reply client, limits and verifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+
+from api.auth import JwtVerifier
+from api.replies import ReplyClient
+from core.images import ImageLimits
+from core.settings import Settings
+
+EXTENSION = "qrsight"
+
+
+@dataclass(frozen=True)
+class ApiState:
+    settings: Settings
+    replies: ReplyClient
+    limits: ImageLimits
+    verifier: JwtVerifier | None
+
+
+def api_state() -> ApiState:
+    state: ApiState = current_app.extensions[EXTENSION]
+    return state
