@@ -1,0 +1,242 @@
+"""``qrsight-topics create|describe``: the four topics of the contract, from settings.
+
+Partitions, replication, retention and ``max.message.bytes`` come from
+:func:`core.kafka.topic_specs`, so the topics always agree with the clients' size
+limits. ``create`` is idempotent: a topic that already exists is left alone, with a
+warning when it has fewer partitions or a smaller ``max.message.bytes`` than the
+settings ask for (Kafka cannot shrink partitions, and growing them re-maps keys, so
+that is the operator's call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+from core.errors import ConfigError, KafkaUnavailableError, QrsightError
+from core.kafka import admin_config, topic_specs
+from core.settings import Settings, env_name, load_settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class TopicState:
+    """One topic as found on (or just created in) the cluster."""
+
+    name: str
+    status: str  # "created" | "exists" | "missing"
+    partitions: int = 0
+    replication: int = 0
+    config: dict[str, str] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        if self.status == "missing":
+            return f"{self.name} missing (run `qrsight-topics create`)"
+        shown = " ".join(f"{k}={v}" for k, v in sorted(self.config.items()))
+        return (
+            f"{self.name} {self.status} partitions={self.partitions} "
+            f"replication={self.replication} {shown}"
+        ).rstrip()
+
+
+def connect(settings: Settings, timeout_s: float = DEFAULT_TIMEOUT_S) -> AdminClient:
+    """An admin client whose broker answered a metadata request within ``timeout_s``."""
+    admin = AdminClient(admin_config(settings, logger=logging.getLogger("librdkafka")))
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise KafkaUnavailableError(
+            f"Kafka at {settings.kafka_bootstrap} did not answer within {timeout_s:g} s "
+            f"({exc.args[0].str() if exc.args else exc}); check {env_name('kafka_bootstrap')} "
+            f"and {env_name('kafka_security_protocol')} (local broker: `make kafka-up`)"
+        ) from exc
+    return admin
+
+
+def create_topics(settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    """Create the topics that do not exist yet; return the names it created.
+
+    Safe to call any number of times. Returns once every topic has a leader for each
+    partition, so a producer started right after it does not race the metadata.
+    """
+    return [t.name for t in ensure_topics(settings, timeout_s=timeout_s) if t.status == "created"]
+
+
+def ensure_topics(settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[TopicState]:
+    admin = connect(settings, timeout_s)
+    specs = topic_specs(settings)
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [
+        NewTopic(
+            name,
+            num_partitions=spec["partitions"],
+            replication_factor=settings.replication_factor,
+            config=spec["config"],
+        )
+        for name, spec in specs.items()
+        if name not in existing
+    ]
+    created = _create(admin, new, timeout_s) if new else set()
+    _wait_for_leaders(admin, specs, timeout_s)
+    states = _describe(admin, settings, specs, timeout_s)
+    return [
+        TopicState(s.name, "created", s.partitions, s.replication, s.config, s.problems)
+        if s.name in created
+        else s
+        for s in states
+    ]
+
+
+def describe_topics(settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[TopicState]:
+    """The topics as they are on the cluster (``missing`` for those not created)."""
+    admin = connect(settings, timeout_s)
+    return _describe(admin, settings, topic_specs(settings), timeout_s)
+
+
+def _create(admin: AdminClient, new: list[NewTopic], timeout_s: float) -> set[str]:
+    created: set[str] = set()
+    futures = admin.create_topics(new, operation_timeout=timeout_s, request_timeout=timeout_s)
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout_s + 5)
+            created.add(name)
+            logger.info("created topic topic=%s", name)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:  # created meanwhile: fine
+                continue
+            raise _create_error(name, err) from exc
+    return created
+
+
+def _create_error(name: str, err: KafkaError) -> QrsightError:
+    hint = ""
+    if err.code() == KafkaError.INVALID_REPLICATION_FACTOR:
+        hint = f"; lower {env_name('replication_factor')} to at most the number of brokers"
+    elif err.code() in (KafkaError.INVALID_PARTITIONS, KafkaError.INVALID_CONFIG):
+        hint = f"; check {env_name('topic_partitions')} and {env_name('replies_partitions')}"
+    elif err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        hint = "; the Kafka user needs CREATE permission on the cluster or topic"
+    return KafkaUnavailableError(f"could not create topic {name}: {err.str()}{hint}")
+
+
+def _wait_for_leaders(
+    admin: AdminClient, specs: dict[str, dict[str, Any]], timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=timeout_s).topics
+        pending = [
+            name
+            for name in specs
+            if name not in topics
+            or topics[name].error is not None
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        ]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaUnavailableError(
+                f"topics {', '.join(pending)} have no leader after {timeout_s:g} s"
+            )
+        time.sleep(0.1)
+
+
+def _describe(
+    admin: AdminClient, settings: Settings, specs: dict[str, dict[str, Any]], timeout_s: float
+) -> list[TopicState]:
+    topics = admin.list_topics(timeout=timeout_s).topics
+    present = [name for name in specs if name in topics and topics[name].error is None]
+    configs = _topic_configs(admin, present, timeout_s)
+    states = []
+    for name, spec in specs.items():
+        if name not in present:
+            states.append(TopicState(name, "missing"))
+            continue
+        parts = topics[name].partitions
+        replication = min((len(p.replicas) for p in parts.values()), default=0)
+        shown = {k: configs[name].get(k, "?") for k in ("max.message.bytes", "retention.ms")}
+        problems = _problems(settings, name, spec, len(parts), configs[name])
+        for problem in problems:
+            logger.warning("topic differs from settings topic=%s problem=%r", name, problem)
+        states.append(TopicState(name, "exists", len(parts), replication, shown, problems))
+    return states
+
+
+def _topic_configs(
+    admin: AdminClient, names: Sequence[str], timeout_s: float
+) -> dict[str, dict[str, str]]:
+    if not names:
+        return {}
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
+    futures = admin.describe_configs(resources, request_timeout=timeout_s)
+    return {
+        res.name: {k: str(entry.value) for k, entry in fut.result(timeout=timeout_s + 5).items()}
+        for res, fut in futures.items()
+    }
+
+
+def _problems(
+    settings: Settings, name: str, spec: dict[str, Any], partitions: int, config: dict[str, str]
+) -> tuple[str, ...]:
+    problems = []
+    if partitions < spec["partitions"]:
+        setting = "replies_partitions" if name == settings.topic_replies else "topic_partitions"
+        problems.append(
+            f"{name} has {partitions} partitions, {env_name(setting)} asks for "
+            f"{spec['partitions']} (grow it with kafka-topics --alter --partitions)"
+        )
+    wanted = spec["config"].get("max.message.bytes")
+    have = config.get("max.message.bytes", "")
+    if wanted is not None and have.isdigit() and int(have) < int(wanted):
+        problems.append(
+            f"{name} has max.message.bytes={have}, {env_name('max_image_bytes')} needs "
+            f"{wanted}: images near the limit will be rejected by the broker"
+        )
+    return tuple(problems)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="qrsight-topics",
+        description="Create or describe qrsight's Kafka topics (settings from QRSIGHT_* env).",
+    )
+    parser.add_argument("command", choices=["create", "describe"])
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for Kafka"
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
+        )
+        if args.command == "create":
+            states = ensure_topics(settings, timeout_s=args.timeout)
+        else:
+            states = describe_topics(settings, timeout_s=args.timeout)
+    except ConfigError as exc:
+        print(f"qrsight-topics: {exc.message}", file=sys.stderr)
+        return 2
+    except QrsightError as exc:
+        print(f"qrsight-topics: {exc.message}", file=sys.stderr)
+        return 1
+    for state in states:
+        print(state.line(), flush=True)
+    return 1 if any(s.status == "missing" for s in states) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
