@@ -99,7 +99,9 @@ def ensure_topics(settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -
     ]
 
 
-def describe_topics(settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[TopicState]:
+def describe_topics(
+    settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> list[TopicState]:
     """The topics as they are on the cluster (``missing`` for those not created)."""
     admin = connect(settings, timeout_s)
     return _describe(admin, settings, topic_specs(settings), timeout_s)
