@@ -1,0 +1,156 @@
+"""QR payload reading with zxing-cpp on images the tests draw (segno), boxes as a detector gives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from core.detections import Detections
+from core.payload import read_payloads, read_whole
+from tests.unit.qr_factory import CodeSpec, PlacedCode, scene
+
+URL = "https://example.com/qrsight?id=42"
+BoxMaker = Callable[[list[PlacedCode]], list[np.ndarray]]
+
+
+def detections(boxes: Sequence[np.ndarray]) -> Detections:
+    n = len(boxes)
+    return Detections(
+        xyxy=np.array(boxes, np.float32).reshape(n, 4),
+        confidence=np.linspace(0.9, 0.5, n).astype(np.float32),
+        class_id=np.zeros(n, np.int64),
+    )
+
+
+def padded(code: PlacedCode, frac: float = 0.05) -> np.ndarray:
+    """The code's bounding box grown a little, as a detector draws it."""
+    box = code.xyxy
+    pad = frac * (box[2] - box[0])
+    return box + np.array([-pad, -pad, pad, pad], np.float32)
+
+
+def each_code(codes: list[PlacedCode]) -> list[np.ndarray]:
+    return [padded(c) for c in codes]
+
+
+def reversed_codes(codes: list[PlacedCode]) -> list[np.ndarray]:
+    return [padded(c) for c in reversed(codes)]
+
+
+def code_and_empty_box(codes: list[PlacedCode]) -> list[np.ndarray]:
+    return [padded(codes[0]), np.array([500, 350, 600, 450], np.float32)]
+
+
+def left_part_of_code(codes: list[PlacedCode]) -> list[np.ndarray]:
+    """Only the left 60% of the code: its crop cannot be read, its centre is inside."""
+    x1, y1, x2, y2 = codes[0].xyxy
+    return [np.array([x1, y1, x1 + 0.6 * (x2 - x1), y2], np.float32)]
+
+
+@dataclass(frozen=True)
+class Scene:
+    name: str
+    specs: list[CodeSpec]
+    boxes: BoxMaker = each_code
+    # expected text per box: an index into the drawn codes, or None for "no code"
+    expect: tuple[int | None, ...] = (0,)
+
+
+SCENES = [
+    Scene("upright", [CodeSpec(URL, (320, 240), module_px=4)]),
+    Scene("rotated 30 degrees", [CodeSpec(URL, (320, 240), module_px=4, angle=30)]),
+    Scene("rotated 90 degrees", [CodeSpec(URL, (320, 240), module_px=4, angle=90)]),
+    Scene("small, 2 px per module", [CodeSpec(URL, (320, 240), module_px=2)]),
+    Scene("small and rotated", [CodeSpec("qrsight", (100, 380), module_px=2.2, angle=15)]),
+    Scene("micro QR", [CodeSpec("12345", (320, 240), module_px=5, micro=True)]),
+    Scene("binary payload", [CodeSpec(bytes(range(256)), (320, 240), module_px=3)]),
+    Scene("unicode payload", [CodeSpec("Grüße, 日本 ✓", (320, 240), module_px=4)]),
+    Scene(
+        "three codes, boxes in another order",
+        [
+            CodeSpec("first", (110, 120), module_px=4),
+            CodeSpec("second", (330, 300), module_px=3, angle=-20),
+            CodeSpec("third", (540, 130), module_px=3.5, angle=45),
+        ],
+        boxes=reversed_codes,
+        expect=(2, 1, 0),
+    ),
+    Scene(
+        "a box with no code",
+        [CodeSpec(URL, (180, 160), module_px=4)],
+        boxes=code_and_empty_box,
+        expect=(0, None),
+    ),
+    Scene(
+        "only the whole-image read finds it",
+        [CodeSpec(URL, (320, 240), module_px=4)],
+        boxes=left_part_of_code,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", SCENES, ids=lambda s: s.name)
+def test_read_payloads(case: Scene) -> None:
+    image, codes = scene(case.specs)
+    given = detections(case.boxes(codes))
+    got = read_payloads(image, given)
+    assert len(got) == len(given)
+    assert np.array_equal(got.xyxy, given.xyxy)
+    assert np.array_equal(got.confidence, given.confidence)
+    assert got.text is not None and got.corners is not None
+    for want, text, corners in zip(case.expect, got.text, got.corners, strict=True):
+        if want is None:
+            assert text is None
+            assert corners is None
+            continue
+        code = codes[want]
+        assert text == code.text
+        assert corners is not None
+        # the code's own top-left first, clockwise, within about one module
+        tolerance = max(3.0, 1.5 * max(s.module_px for s in case.specs))
+        assert np.abs(corners - code.corners).max() < tolerance
+
+
+def test_unreadable_everywhere_stays_a_detection() -> None:
+    image, _ = scene([])
+    given = detections([np.array([100, 100, 300, 300], np.float32)])
+    got = read_payloads(image, given)
+    assert len(got) == 1
+    assert got.text == [None]
+    assert got.corners == [None]
+
+
+def test_no_detections() -> None:
+    image, _ = scene([CodeSpec(URL, (320, 240))])
+    assert len(read_payloads(image, Detections.empty())) == 0
+
+
+def test_read_whole_finds_every_code_with_corners() -> None:
+    specs = [CodeSpec("left", (150, 240), 4), CodeSpec("right", (480, 240), 4, angle=90)]
+    image, codes = scene(specs)
+    found = sorted(read_whole(image), key=lambda tc: float(tc[1][:, 0].mean()))
+    assert [text for text, _ in found] == ["left", "right"]
+    for (_, corners), code in zip(found, codes, strict=True):
+        assert corners.shape == (4, 2)
+        assert np.abs(corners - code.corners).max() < 6
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        CodeSpec(URL, (320, 240), module_px=1.3),
+        CodeSpec(URL, (200, 300), module_px=1.1, angle=20),
+        CodeSpec("qrsight", (420, 160), module_px=1.2, angle=20),
+    ],
+    ids=["1.3 px per module", "1.1 px per module, 20 degrees", "short payload, 1.2 px"],
+)
+def test_upscaled_crop_reads_what_the_whole_image_misses(spec: CodeSpec) -> None:
+    image, codes = scene([spec])
+    assert read_whole(image) == []  # too small for zxing-cpp at native resolution
+    got = read_payloads(image, detections([padded(codes[0])]))
+    assert got.text == [codes[0].text]
+    assert got.corners is not None and got.corners[0] is not None
+    assert np.abs(got.corners[0] - codes[0].corners).max() < 2.5
