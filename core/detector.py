@@ -73,12 +73,11 @@ def parse_names(value: str | None) -> dict[int, str]:
     names = parse_literal(value)
     if isinstance(names, list | tuple):
         names = dict(enumerate(names))
-    if not isinstance(names, dict):
+    if not isinstance(names, dict) or not all(
+        isinstance(k, int) and isinstance(v, str) for k, v in names.items()
+    ):
         return {}
-    try:
-        return {int(k): str(v) for k, v in names.items()}
-    except (TypeError, ValueError):
-        return {}
+    return dict(names)
 
 
 def parse_imgsz(value: str | None) -> tuple[int, int] | None:
