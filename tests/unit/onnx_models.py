@@ -182,3 +182,20 @@ def make_dark_cell_model(
     ]
     meta = ultralytics_metadata(names, imgsz, batch=batch or 1, description="dark-cell test model")
     return _save(path, nodes, inits, out_dims=(5, n), imgsz=imgsz, batch=batch, metadata=meta)
+
+
+def make_single_image_model(path: str | Path, imgsz: int = 640) -> Path:
+    """An end-to-end model that declares a dynamic batch but fails at run time on a batch
+    of more than one image (its output is reshaped to a fixed ``[1, 300, 6]``): for tests
+    of what happens when ONNX Runtime raises."""
+    nodes, inits, b11 = _batch_shape_nodes("bs")
+    inits += [
+        numpy_helper.from_array(np.zeros((1, 300, 6), np.float32), "rows"),
+        numpy_helper.from_array(np.array([1, 300, 6], np.int64), "one_image"),
+    ]
+    nodes += [
+        helper.make_node("Expand", ["rows", b11], ["per_image"]),
+        helper.make_node("Reshape", ["per_image", "one_image"], ["output0"]),
+    ]
+    meta = ultralytics_metadata({0: "qr"}, imgsz, description="fails on batches > 1")
+    return _save(path, nodes, inits, out_dims=(300, 6), imgsz=imgsz, batch=None, metadata=meta)
