@@ -28,10 +28,12 @@ import cv2
 from confluent_kafka import KafkaError, Message, Producer
 from tqdm import tqdm
 
+from api.replies import ReplyClient  # the one request/reply client, shared with the API
 from core.errors import QrsightError
-from core.images import ImageLimits, probe
+from core.images import ImageLimits, decode, probe
 from core.kafka import check_value_size, producer_config
 from core.settings import Settings, load_settings
+from producer_tools.annotate import write_annotated
 from schemas import names
 from schemas.codec import Codec
 
@@ -41,7 +43,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://")
 # Bound on what waits in librdkafka's queue: keeps memory flat for any folder size.
-QUEUE_KBYTES = 64 * 1024
+QUEUE_KBYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -224,10 +226,32 @@ def publish_all(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failures or left else (130 if interrupted else 0)
 
 
+def _ask(
+    client: ReplyClient, item: Item, content_type: str, source: str | None, timeout_s: float
+) -> dict[str, Any]:
+    """One request/reply; a refusal or timeout becomes a result line, not a crash."""
+    try:
+        return client.request(
+            item.data,
+            timeout_s,
+            content_type=content_type,
+            source=source or item.source,
+            request_id=item.request_id,
+        )
+    except QrsightError as exc:
+        status = "EXPIRED" if exc.code == "timeout" else "ERROR"
+        return {
+            "request_id": exc.request_id or item.request_id,
+            "source": source or item.source,
+            "status": status,
+            "error": {"code": exc.code, "message": exc.message},
+            "detections": [],
+        }
+
+
 def wait_all(args: argparse.Namespace, settings: Settings) -> int:
     """Send each image through the API's request/reply client and print its result."""
     from api.replies import ReplyClient  # the one client, shared with the API
-    from producer_tools.annotate import annotate_file
 
     limits = ImageLimits.from_settings(settings)
     client = ReplyClient(settings)
@@ -246,7 +270,8 @@ def wait_all(args: argparse.Namespace, settings: Settings) -> int:
             errors += result["status"] != "OK"
             print(json.dumps(result, ensure_ascii=False), flush=True)
             if args.annotate:
-                annotate_file(item.data, result, Path(args.annotate) / Path(item.source).name)
+                out = Path(args.annotate) / Path(item.source).name
+                write_annotated(out, decode(item.data, limits), result)
             bar.update(1)
 
     try:
@@ -257,11 +282,7 @@ def wait_all(args: argparse.Namespace, settings: Settings) -> int:
             for item in items(args.inputs, args.fps, read_failures):
                 info = probe(item.data, limits)
                 future = pool.submit(
-                    client.request,
-                    item.data,
-                    content_type=info.content_type,
-                    source=args.source or item.source,
-                    timeout_s=args.timeout,
+                    _ask, client, item, info.content_type, args.source, args.timeout
                 )
                 window.append((item, future))
                 drain(args.concurrency)
