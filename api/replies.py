@@ -38,6 +38,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from api.slots import reply_partition
 from core.errors import (
     ConfigError,
     KafkaUnavailableError,
@@ -46,9 +47,8 @@ from core.errors import (
 )
 from core.kafka import check_value_size, consumer_config, producer_config
 from core.settings import Settings, env_name
-from schemas.codec import Codec, WireFormatError
+from schemas.codec import Codec, RegistryError, WireFormatError
 from schemas.names import (
-    H_CONTENT_TYPE,
     H_CORRELATION_ID,
     H_DEADLINE_MS,
     H_REPLY_PARTITION,
@@ -98,7 +98,9 @@ class _Waiter:
 class ReplyClient:
     """Produces requests and waits for their replies on one partition of the replies topic."""
 
-    def __init__(self, settings: Settings, partition: int) -> None:
+    def __init__(self, settings: Settings, partition: int | None = None) -> None:
+        if partition is None:
+            partition = reply_partition(settings)
         if partition < 0 or partition >= settings.replies_partitions:
             raise ConfigError(
                 f"reply partition {partition} is outside 0..{settings.replies_partitions - 1}: "
@@ -155,6 +157,10 @@ class ReplyClient:
         """True once the reply partition is assigned at a known position."""
         return self._ready.is_set()
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until :meth:`ready` (True) or ``timeout_s`` passes (False)."""
+        return self._ready.wait(timeout_s)
+
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -208,9 +214,12 @@ class ReplyClient:
         if not self.ready():
             raise KafkaUnavailableError(f"not ready: {self.last_problem}", request_id=rid)
         deadline_ms = int(time.time() * 1000 + timeout_s * 1000)
-        value = self._request_codec.encode(record, self.settings.topic_images)
+        try:
+            value = self._request_codec.encode(record, self.settings.topic_images)
+        except RegistryError as exc:
+            raise KafkaUnavailableError(f"schema registry: {exc}", request_id=rid) from exc
         check_value_size(self.settings, value, what="image request")
-        headers = self._headers(rid, deadline_ms, record["content_type"], traceparent)
+        headers = self._headers(rid, deadline_ms, traceparent)
         waiter = _Waiter()
         with self._lock:
             self._waiters[rid] = waiter
@@ -256,8 +265,9 @@ class ReplyClient:
         }
 
     def _headers(
-        self, rid: str, deadline_ms: int, content_type: str, traceparent: str | None
+        self, rid: str, deadline_ms: int, traceparent: str | None
     ) -> list[tuple[str, str | bytes | None]]:
+        """Request headers; no ``content_type``: that one announces a *raw* image value."""
         headers: list[tuple[str, str | bytes | None]] = [
             (H_CORRELATION_ID, rid.encode()),
             (H_REPLY_TOPIC, self.topic.encode()),
@@ -265,8 +275,6 @@ class ReplyClient:
             (H_DEADLINE_MS, encode_deadline(deadline_ms)),
             (H_TRACEPARENT, child_traceparent(traceparent).encode()),
         ]
-        if content_type:
-            headers.append((H_CONTENT_TYPE, content_type.encode()))
         return headers
 
     def _produce(
@@ -378,7 +386,7 @@ class ReplyClient:
             return
         try:
             result = self._result_codec.decode(value, self.topic)
-        except WireFormatError as exc:
+        except (WireFormatError, RegistryError) as exc:
             logger.warning("undecodable reply offset=%s reason=%s", msg.offset(), exc)
             return
         headers = header_dict(cast("list[tuple[str, bytes | None]] | None", msg.headers()))

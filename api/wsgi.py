@@ -6,7 +6,7 @@ survive a fork), so every worker gets its own Kafka clients and reply partition.
 
 from __future__ import annotations
 
-from api import create_app
+from api.app import create_app
 from api.logs import configure_logging
 from core.settings import load_settings
 

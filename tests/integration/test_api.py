@@ -1,0 +1,487 @@
+"""The API end to end: real broker, real workers (``python -m consumer.cli``), the app under
+real gunicorn (``python -m api.cli``) on a free port.
+
+One "full" stack (2 gunicorn workers + 1 detection worker) serves the happy paths; a
+"bare" stack (1 gunicorn worker, auth and a rate limit on, no detection worker on its
+topic) serves 401/429/504. The 503 and /ready cases build the app in-process with a real
+reply client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import jwt
+import numpy as np
+import pytest
+import requests
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
+
+from api import create_app
+from core.kafka import admin_config
+from core.settings import DEFAULT_MODEL, Settings, env_name, load_settings
+from producer_tools.topics import create_topics
+from tests.unit.onnx_models import make_fixed_output_model
+from tests.unit.qr_factory import CodeSpec, scene
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "integration-test-secret-long-enough-for-hs256"
+# The stand-in model's one fixed box (YOLOv8 layout, cx cy w h score in a 640 input).
+FIXED_BOX = (320.0, 320.0, 200.0, 200.0)
+IMAGE_SIZE = 640
+BOOT_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a subprocess these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QRSIGHT_")}
+    for name, value in settings.model_dump(exclude_defaults=True).items():
+        if name == "kafka_extra":
+            env.update(
+                {f"QRSIGHT_KAFKA__{k.upper().replace('.', '_')}": v for k, v in value.items()}
+            )
+        elif isinstance(value, SecretStr):
+            env[env_name(name)] = value.get_secret_value()
+        elif isinstance(value, list):
+            env[env_name(name)] = ",".join(value)
+        elif value is not None:
+            env[env_name(name)] = str(value)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def model_path(tmp: Path) -> tuple[Path, bool]:
+    """The shipped model if there is one (real boxes), else a graph with one fixed box."""
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL, True
+    out = np.array([[*FIXED_BOX, 0.9]], np.float32).T  # (5, 1)
+    return make_fixed_output_model(tmp / "fixed.onnx", out, "yolov8", imgsz=640), False
+
+
+def qr_png(text: str) -> tuple[bytes, np.ndarray]:
+    image, codes = scene(
+        [CodeSpec(text, center=(320, 320), module_px=6)], size=(IMAGE_SIZE, IMAGE_SIZE)
+    )
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    return buf.tobytes(), codes[0].xyxy
+
+
+@dataclass
+class Stack:
+    url: str
+    settings: Settings
+    real_model: bool
+    procs: list[subprocess.Popen[bytes]]
+    api_log: Path
+
+    def stop(self) -> None:
+        """Stop the processes (SIGTERM, then SIGKILL) and drop the stack's topics."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        drop_topics(self.settings)
+
+
+def drop_topics(settings: Settings) -> None:
+    admin = AdminClient(admin_config(settings))
+    names = [
+        settings.topic_images,
+        settings.topic_detections,
+        settings.topic_replies,
+        settings.topic_dlq,
+    ]
+    for future in admin.delete_topics(names, operation_timeout=10).values():
+        with contextlib.suppress(KafkaException):
+            future.result(timeout=15)
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def all_workers_ready(stack: Stack, workers: int) -> bool:
+    """Every gunicorn worker has built its app (one partition sample each) and says ready."""
+    text = requests.get(f"{stack.url}/api/v1/metrics", timeout=5).text
+    if len(re.findall(r"^qrsight_api_reply_partition\{", text, re.M)) != workers:
+        return False
+    return all(
+        requests.get(f"{stack.url}/api/v1/ready", timeout=5).status_code == 200
+        for _ in range(4 * workers)
+    )
+
+
+def wait_ready(stack: Stack, workers: int) -> None:
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for proc in stack.procs:
+            assert proc.poll() is None, stack.api_log.read_text()[-3000:]
+        try:
+            if all_workers_ready(stack, workers):
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("API not ready:\n" + stack.api_log.read_text()[-3000:])
+
+
+def warm_up(stack: Stack) -> None:
+    """One round trip, so the detection worker has loaded its model and joined its group."""
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        response = requests.post(
+            f"{stack.url}/api/v1/detect?timeout_ms=30000",
+            data=qr_png("warm-up")[0],
+            headers={"Content-Type": "image/png"},
+            timeout=40,
+        )
+        if response.status_code == 200:
+            return
+        assert response.status_code == 504, response.text
+    raise AssertionError("no detection answer in time")
+
+
+def make_stack(
+    kafka_bootstrap: str, tmp: Path, *, api_workers: int, detection_workers: int, **overrides: Any
+) -> Stack:
+    uid = uuid.uuid4().hex[:8]
+    model, real = model_path(tmp)
+    settings = load_settings(
+        {},
+        kafka_bootstrap=kafka_bootstrap,
+        topic_images=f"qr.images.{uid}",
+        topic_detections=f"qr.detections.{uid}",
+        topic_replies=f"qr.replies.{uid}",
+        topic_dlq=f"qr.images.dlq.{uid}",
+        topic_partitions=2,
+        replies_partitions=4,
+        consumer_group=f"qrsight-workers-{uid}",
+        model_path=model,
+        api_host="127.0.0.1",
+        api_port=free_port(),
+        api_workers=api_workers,
+        api_threads=32,
+        metrics_port=free_port(),
+        ort_intra_threads=1,
+        max_image_bytes=2_000_000,
+        **overrides,
+    )
+    create_topics(settings)
+    env = settings_env(settings)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / f"metrics-{uid}")
+    procs = []
+    if detection_workers:
+        procs.append(
+            start(
+                [sys.executable, "-m", "consumer.cli", "--workers", str(detection_workers)],
+                env,
+                tmp / f"workers-{uid}.log",
+            )
+        )
+    api_log = tmp / f"api-{uid}.log"
+    procs.append(start([sys.executable, "-m", "api.cli"], env, api_log))
+    stack = Stack(f"http://127.0.0.1:{settings.api_port}", settings, real, procs, api_log)
+    try:
+        wait_ready(stack, api_workers)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="module")
+def full(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = make_stack(
+        kafka_bootstrap,
+        tmp_path_factory.mktemp("full"),
+        api_workers=2,
+        detection_workers=1,
+        rate_limit="",
+    )
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def bare(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = make_stack(
+        kafka_bootstrap,
+        tmp_path_factory.mktemp("bare"),
+        api_workers=1,
+        detection_workers=0,
+        rate_limit="3/minute",
+        auth_enabled=True,
+        auth_jwt_secret=SECRET,
+        api_timeout_ms=1500,
+    )
+    yield stack
+    stack.stop()
+
+
+def token(subject: str) -> dict[str, str]:
+    signed = jwt.encode({"sub": subject, "exp": int(time.time()) + 300}, SECRET)
+    return {"Authorization": f"Bearer {signed}"}
+
+
+def check_detection(stack: Stack, body: dict[str, Any], text: str, true_box: np.ndarray) -> None:
+    assert body["image"] == {"width": IMAGE_SIZE, "height": IMAGE_SIZE}
+    assert body["model"]["name"]
+    assert body["timings"]["total_ms"] >= 0
+    results = body["results"]
+    assert len(results) == 1, results
+    found = results[0]
+    box = np.array([found["x1"], found["y1"], found["x2"], found["y2"]])
+    if stack.real_model:
+        inter = np.clip(
+            np.minimum(box[2:], true_box[2:]) - np.maximum(box[:2], true_box[:2]), 0, None
+        ).prod()
+        union = np.prod(box[2:] - box[:2]) + np.prod(true_box[2:] - true_box[:2]) - inter
+        assert inter / union > 0.7, (box, true_box)
+    else:
+        cx, cy, w, h = FIXED_BOX
+        assert np.allclose(box, [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], atol=1.0)
+    assert found["label"] == "qr"
+    assert found["text"] == text
+
+
+def test_multipart_and_raw_body_get_the_box_and_payload(full: Stack) -> None:
+    data, true_box = qr_png("https://example.com/parcel/42")
+    multipart = requests.post(
+        f"{full.url}/api/v1/detect",
+        files={"image": ("qr.png", io.BytesIO(data), "image/png")},
+        timeout=30,
+    )
+    assert multipart.status_code == 200, multipart.text
+    check_detection(full, multipart.json(), "https://example.com/parcel/42", true_box)
+    raw = requests.post(
+        f"{full.url}/api/v1/detect?conf=0.25&decode=true",
+        data=data,
+        headers={"Content-Type": "image/png", "X-Request-ID": "raw-1"},
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["request_id"] == "raw-1"
+    check_detection(full, raw.json(), "https://example.com/parcel/42", true_box)
+
+
+def test_decode_off_returns_boxes_without_payloads(full: Stack) -> None:
+    data, _ = qr_png("no decode please")
+    response = requests.post(
+        f"{full.url}/api/v1/detect?decode=false",
+        data=data,
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert [r["text"] for r in response.json()["results"]] == [None]
+
+
+def test_50_concurrent_requests_each_get_their_own_answer(full: Stack) -> None:
+    payloads = [f"payload-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(50)]
+    images = {p: qr_png(p)[0] for p in payloads}
+
+    def post(payload: str) -> tuple[str, requests.Response]:
+        # a new connection per request, so both gunicorn workers take some
+        response = requests.post(
+            f"{full.url}/api/v1/detect",
+            data=images[payload],
+            headers={"Content-Type": "image/png", "Connection": "close"},
+            timeout=60,
+        )
+        return payload, response
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(post, payloads))
+    for payload, response in answers:
+        assert response.status_code == 200, response.text
+        assert [r["text"] for r in response.json()["results"]] == [payload]
+    ids = {response.json()["request_id"] for _, response in answers}
+    assert len(ids) == 50
+    served_by = Counter(
+        re.findall(r'"POST /api/v1/detect HTTP/1.1" 200 .* pid=<?(\d+)>?', full.api_log.read_text())
+    )
+    assert len(served_by) == 2, served_by  # both gunicorn workers answered some
+
+
+INVALID = [
+    ("empty", b"", "image/png", 400, "empty_image"),
+    ("corrupt PNG", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png", 400, "corrupt_image"),
+    ("GIF", b"GIF89a" + b"\x00" * 40, "image/gif", 415, "unsupported_type"),
+    ("body too big", b"\xff\xd8\xff" + b"\x00" * 2_200_000, "image/jpeg", 413, "image_too_large"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "ctype", "status", "code"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_invalid_input_is_refused_under_gunicorn(
+    full: Stack, data: bytes, ctype: str, status: int, code: str
+) -> None:
+    response = requests.post(
+        f"{full.url}/api/v1/detect", data=data, headers={"Content-Type": ctype}, timeout=30
+    )
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+def test_pixel_bomb_is_refused_from_its_header(full: Stack) -> None:
+    from tests.unit.test_api_helpers import png_claiming
+
+    response = requests.post(
+        f"{full.url}/api/v1/detect",
+        data=png_claiming(60_000, 60_000),
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "image_too_large"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_add_up_the_counts_of_both_workers(full: Stack) -> None:
+    before = requests.get(f"{full.url}/api/v1/metrics", timeout=10).text
+    for _ in range(40):
+        requests.get(f"{full.url}/api/v1/health", headers={"Connection": "close"}, timeout=10)
+    after = requests.get(f"{full.url}/api/v1/metrics", timeout=10).text
+    labels = {"method": "GET", "route": "/api/v1/health", "status": "200"}
+    delta = metric(after, "qrsight_api_requests_total", **labels) - metric(
+        before, "qrsight_api_requests_total", **labels
+    )
+    assert delta == 40
+    partitions = re.findall(r'^qrsight_api_reply_partition\{pid="\d+"\} (\S+)', after, re.M)
+    assert sorted(float(p) for p in partitions) == [0.0, 1.0]
+    health_pids = set(
+        re.findall(r'"GET /api/v1/health HTTP/1.1" 200 .* pid=<?(\d+)>?', full.api_log.read_text())
+    )
+    assert len(health_pids) == 2  # the 40 were served by both workers, yet counted once each
+
+
+def test_401_without_a_token(bare: Stack) -> None:
+    response = requests.post(
+        f"{bare.url}/api/v1/detect",
+        data=qr_png("x")[0],
+        headers={"Content-Type": "image/png"},
+        timeout=10,
+    )
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_429_after_the_limit(bare: Stack) -> None:
+    headers = {"Content-Type": "image/png", **token("rate-test")}
+    statuses = [
+        requests.post(
+            f"{bare.url}/api/v1/detect", data=b"", headers=headers, timeout=10
+        ).status_code
+        for _ in range(4)
+    ]
+    assert statuses == [400, 400, 400, 429]
+    response = requests.post(f"{bare.url}/api/v1/detect", data=b"", headers=headers, timeout=10)
+    assert response.status_code == 429
+    assert int(response.headers["Retry-After"]) > 0
+    assert response.json()["error"]["code"] == "rate_limited"
+    assert requests.get(f"{bare.url}/api/v1/health", timeout=10).status_code == 200
+
+
+def test_504_when_no_worker_answers(bare: Stack) -> None:
+    data = qr_png("nobody home")[0]
+    started = time.monotonic()
+    response = requests.post(
+        f"{bare.url}/api/v1/detect?timeout_ms=1000",
+        data=data,
+        headers={"Content-Type": "image/png", **token("timeout-test")},
+        timeout=10,
+    )
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    body = response.json()["error"]
+    assert body["code"] == "timeout"
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    assert 1.0 <= elapsed < 2.0
+
+
+def test_503_fast_when_the_broker_is_unreachable() -> None:
+    settings = load_settings({}, kafka_bootstrap=f"127.0.0.1:{free_port()}", rate_limit="")
+    app = create_app(settings)
+    try:
+        client = app.test_client()
+        started = time.monotonic()
+        response = client.post("/api/v1/detect", data=qr_png("down")[0], content_type="image/png")
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == "kafka_unavailable"
+        assert time.monotonic() - started < 1.0
+        ready = client.get("/api/v1/ready")
+        assert ready.status_code == 503
+        assert "not assigned" in ready.get_json()["error"]["message"]
+    finally:
+        app.extensions["qrsight"].replies.close()
+
+
+def test_ready_turns_200_once_the_reply_partition_is_assigned(kafka_bootstrap: str) -> None:
+    uid = uuid.uuid4().hex[:8]
+    settings = load_settings(
+        {},
+        kafka_bootstrap=kafka_bootstrap,
+        topic_images=f"qr.images.{uid}",
+        topic_detections=f"qr.detections.{uid}",
+        topic_replies=f"qr.replies.{uid}",
+        topic_dlq=f"qr.images.dlq.{uid}",
+        topic_partitions=1,
+        replies_partitions=2,
+        rate_limit="",
+    )
+    app = create_app(settings)  # its reply topic does not exist yet
+    try:
+        client = app.test_client()
+        response = client.get("/api/v1/ready")
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == "not_ready"
+        create_topics(settings)
+        deadline = time.monotonic() + 30
+        while client.get("/api/v1/ready").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/api/v1/ready").get_json()
+            time.sleep(0.2)
+        assert client.get("/api/v1/ready").get_json() == {"status": "ready", "reply_partition": 0}
+    finally:
+        app.extensions["qrsight"].replies.close()
