@@ -1,0 +1,373 @@
+"""Static checks of the deploy files (compose, Kubernetes, Dockerfiles), used by test_deploy.
+
+Each ``*_problems`` function returns human-readable problems (empty = fine), so a test can
+feed it a deliberately broken document and assert the problem is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import shlex
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.settings import KAFKA_PASSTHROUGH_PREFIX, Settings, env_name
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+ENV_PREFIX = "QRSIGHT_"
+POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "patches"}
+
+Doc = dict[str, Any]
+
+
+# --- settings names -------------------------------------------------------------------
+def setting_names() -> set[str]:
+    """Every ``QRSIGHT_*`` name the code reads (the passthrough prefix aside)."""
+    return {env_name(field) for field in Settings.model_fields if field != "kafka_extra"}
+
+
+def env_problems(names: Iterable[str], where: str) -> list[str]:
+    """``QRSIGHT_*`` names that are not settings (other names are not ours to judge)."""
+    known = setting_names()
+    problems = []
+    for name in names:
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        if name.startswith(KAFKA_PASSTHROUGH_PREFIX) and len(name) > len(KAFKA_PASSTHROUGH_PREFIX):
+            continue
+        problems.append(f"{where}: {name} is not a qrsight setting")
+    return problems
+
+
+# --- YAML -------------------------------------------------------------------------------
+def load_docs(path: Path) -> list[Doc]:
+    with path.open(encoding="utf-8") as fh:
+        return [doc for doc in yaml.safe_load_all(fh) if doc]
+
+
+def load_one(path: Path) -> Doc:
+    docs = load_docs(path)
+    assert len(docs) == 1, f"{path}: expected one YAML document, found {len(docs)}"
+    return docs[0]
+
+
+# --- compose ------------------------------------------------------------------------------
+def compose_env(service: Mapping[str, Any]) -> dict[str, str]:
+    """A service's environment as a dict (merge keys already resolved by the YAML loader)."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        pairs = (item.split("=", 1) for item in env)
+        return {p[0]: (p[1] if len(p) > 1 else "") for p in pairs}
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def image_problems(image: str, where: str) -> list[str]:
+    """hadolint DL3006/DL3007 in spirit: an explicit, non-``latest`` version tag."""
+    last = image.rsplit("/", maxsplit=1)[-1]
+    tag = last.rpartition(":")[2] if ":" in last else ""
+    if "@sha256:" in image:
+        return []
+    if not tag:
+        return [f"{where}: image {image} has no tag"]
+    if tag == "latest" or not re.search(r"\d", tag):
+        return [f"{where}: image {image} is not pinned to a version"]
+    return []
+
+
+def compose_problems(compose: Mapping[str, Any]) -> list[str]:
+    services: Mapping[str, Any] = compose.get("services") or {}
+    problems: list[str] = []
+    for name, service in services.items():
+        problems += env_problems(compose_env(service), f"docker-compose.yml service {name}")
+        if "image" in service:
+            problems += image_problems(service["image"], f"docker-compose.yml service {name}")
+        problems += depends_problems(name, service, services)
+    return problems
+
+
+def depends_problems(
+    name: str, service: Mapping[str, Any], services: Mapping[str, Any]
+) -> list[str]:
+    problems = []
+    depends = service.get("depends_on") or {}
+    for dep, spec in depends.items() if isinstance(depends, dict) else ((d, {}) for d in depends):
+        if dep not in services:
+            problems.append(f"service {name} depends on unknown service {dep}")
+            continue
+        condition = (spec or {}).get("condition", "service_started")
+        healthcheck = services[dep].get("healthcheck") or {}
+        if condition == "service_healthy" and (
+            not healthcheck.get("test") or healthcheck.get("disable")
+        ):
+            problems.append(
+                f"service {name} waits for {dep} to be healthy but it has no healthcheck"
+            )
+    return problems
+
+
+# --- Dockerfiles ----------------------------------------------------------------------------
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` pairs, continuation lines joined, comments dropped."""
+    joined: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    if pending:
+        joined.append(pending)
+    pairs = []
+    for line in joined:
+        word, _, rest = line.partition(" ")
+        pairs.append((word.upper(), rest.strip()))
+    return pairs
+
+
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    found: list[list[tuple[str, str]]] = []
+    for instr, args in instructions:
+        if instr == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((instr, args))
+    return found
+
+
+def env_pairs(args: str) -> dict[str, str]:
+    """Names and values of an ENV instruction (``A=1 B=2`` or legacy ``A 1``)."""
+    words = shlex.split(args)
+    if words and "=" not in words[0]:
+        return {words[0]: " ".join(words[1:])}
+    return dict(word.split("=", 1) for word in words)
+
+
+def resolve_from(image: str, args: Mapping[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), image)
+
+
+def dockerfile_problems(text: str, where: str) -> list[str]:
+    instructions = dockerfile_instructions(text)
+    global_args = {}
+    for instr, args in instructions:
+        if instr == "FROM":
+            break
+        if instr == "ARG" and "=" in args:
+            key, value = args.split("=", 1)
+            global_args[key] = value.strip('"')
+    problems: list[str] = []
+    stage_names: set[str] = set()
+    for stage in stages(instructions):
+        image_words = stage[0][1].split()
+        image = resolve_from(image_words[0], global_args)
+        if image not in stage_names:
+            problems += image_problems(image, f"{where} FROM")
+        if len(image_words) >= 3 and image_words[1].upper() == "AS":
+            stage_names.add(image_words[2])
+    final = stages(instructions)[-1] if instructions else []
+    problems += final_stage_problems(final, where)
+    for instr, args in instructions:
+        problems += instruction_problems(instr, args, where)
+    return problems
+
+
+def final_stage_problems(final: list[tuple[str, str]], where: str) -> list[str]:
+    problems = []
+    users = [args for instr, args in final if instr == "USER"]
+    if not users or users[-1].split(":")[0] in {"root", "0"}:
+        problems.append(f"{where}: the runtime stage must end as a non-root USER")
+    if not any(instr == "HEALTHCHECK" and "NONE" not in args.upper() for instr, args in final):
+        problems.append(f"{where}: the runtime stage has no HEALTHCHECK")
+    for instr in ("ENTRYPOINT", "CMD"):
+        given = [args for i, args in final if i == instr]
+        if not given or not given[-1].startswith("["):
+            problems.append(f"{where}: {instr} must be given in exec (JSON) form")
+    return problems
+
+
+def instruction_problems(instr: str, args: str, where: str) -> list[str]:
+    problems = []
+    if instr == "ENV":
+        problems += env_problems(env_pairs(args), f"{where} ENV")
+    if instr == "ADD" and re.search(r"https?://", args):
+        problems.append(f"{where}: ADD of a URL (use RUN with a checksum)")
+    if instr == "RUN" and "apt-get install" in args:
+        if "--no-install-recommends" not in args:
+            problems.append(f"{where}: apt-get install without --no-install-recommends")
+        if "rm -rf /var/lib/apt/lists" not in args:
+            problems.append(f"{where}: apt lists are left in the layer")
+    if instr == "RUN" and re.search(r"\bsudo\b", args):
+        problems.append(f"{where}: sudo in RUN")
+    return problems
+
+
+def model_copy(text: str) -> tuple[str, str] | None:
+    """The (source, destination) of the final stage's COPY of an ``.onnx`` model."""
+    final = stages(dockerfile_instructions(text))[-1]
+    for instr, args in final:
+        words = args.split()
+        local = not any(w.startswith("--from") for w in words)
+        if instr == "COPY" and local and words and words[0].endswith(".onnx"):
+            return words[0], words[-1]
+    return None
+
+
+def final_env(text: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instr, args in stages(dockerfile_instructions(text))[-1]:
+        if instr == "ENV":
+            env.update(env_pairs(args))
+    return env
+
+
+def copy_sources(text: str) -> list[str]:
+    """Paths the Dockerfile copies from the build context."""
+    sources = []
+    for instr, args in dockerfile_instructions(text):
+        words = [w for w in args.split() if not w.startswith("--")]
+        if instr in {"COPY", "ADD"} and not any(w.startswith("--from") for w in args.split()):
+            sources += words[:-1]
+    return sources
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last matching pattern wins, ``!`` re-includes."""
+    ignored = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        if any(fnmatch.fnmatchcase(p, pat) for p in prefixes) or (
+            pat.startswith("**/") and any(fnmatch.fnmatchcase(p, pat[3:]) for p in parts)
+        ):
+            ignored = not negate
+    return ignored
+
+
+def dockerignore_patterns(text: str) -> list[str]:
+    return [
+        line.strip().rstrip("/")
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+# --- Kubernetes: a small kustomize (resources, namespace, images, patches) ------------------
+def render_kustomization(folder: Path) -> list[Doc]:
+    """Render a kustomization the way ``kubectl kustomize`` does for the features we use."""
+    kustomization = load_one(folder / "kustomization.yaml")
+    unsupported = set(kustomization) - KUSTOMIZE_KEYS
+    assert not unsupported, f"{folder}: kustomize features this check cannot render: {unsupported}"
+    docs: list[Doc] = []
+    for resource in kustomization.get("resources", []):
+        target = folder / resource
+        docs += render_kustomization(target) if target.is_dir() else load_docs(target)
+    docs = [copy.deepcopy(doc) for doc in docs]
+    for patch in kustomization.get("patches", []):
+        docs = apply_patch(docs, load_one(folder / patch["path"]))
+    for doc in docs:
+        set_images(doc, kustomization.get("images", []))
+        if "namespace" in kustomization and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = kustomization["namespace"]
+    return docs
+
+
+def apply_patch(docs: list[Doc], patch: Doc) -> list[Doc]:
+    key = (patch["kind"], patch["metadata"]["name"])
+    matched = [d for d in docs if (d["kind"], d["metadata"]["name"]) == key]
+    assert matched, f"patch targets {key}, which no resource defines"
+    return [strategic_merge(d, patch) if d in matched else d for d in docs]
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """Maps merge; lists of named items merge by name (patch items first); others replace."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value) if key in base else value
+        return merged
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and named_list(base)
+        and named_list(patch)
+    ):
+        by_name = {item["name"]: item for item in base}
+        merged_items = [strategic_merge(by_name.get(p["name"], {}), p) for p in patch]
+        patched = {p["name"] for p in patch}
+        return merged_items + [item for item in base if item["name"] not in patched]
+    return patch
+
+
+def named_list(items: list[Any]) -> bool:
+    return bool(items) and all(isinstance(i, dict) and "name" in i for i in items)
+
+
+def set_images(doc: Doc, images: list[Mapping[str, str]]) -> None:
+    for container in containers(doc):
+        ref = container["image"]
+        name, _, tag = ref.partition(":")
+        for image in images:
+            if image["name"] == name:
+                name = image.get("newName", name)
+                tag = image.get("newTag", tag)
+        container["image"] = f"{name}:{tag}" if tag else name
+
+
+# --- Kubernetes: walking documents ----------------------------------------------------
+def pod_spec(doc: Doc) -> Doc | None:
+    if doc.get("kind") not in POD_TEMPLATE_KINDS:
+        return None
+    spec: Doc = doc["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(doc: Doc) -> Iterator[Doc]:
+    spec = pod_spec(doc)
+    if spec:
+        yield from spec.get("containers", [])
+        yield from spec.get("initContainers", [])
+
+
+def k8s_env_names(doc: Doc) -> list[str]:
+    """Env names a document sets: ConfigMap keys and containers' ``env``."""
+    if doc.get("kind") == "ConfigMap":
+        return list((doc.get("data") or {}).keys())
+    return [e["name"] for c in containers(doc) for e in c.get("env", [])]
+
+
+def k8s_problems(docs: Iterable[Doc]) -> list[str]:
+    problems = []
+    for doc in docs:
+        where = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        problems += env_problems(k8s_env_names(doc), where)
+        for container in containers(doc):
+            problems += image_problems(container["image"], f"{where} container {container['name']}")
+    return problems
+
+
+def find(docs: Iterable[Doc], kind: str, name: str | None = None) -> Doc:
+    for doc in docs:
+        if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name):
+            return doc
+    raise AssertionError(f"no {kind} {name or ''} in the manifests")
+
+
+def literal_env(container: Doc) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())

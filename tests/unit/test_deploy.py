@@ -1,0 +1,706 @@
+"""The deploy files (compose, Kubernetes, Dockerfiles, Prometheus, Grafana) validated
+statically and kept true to the code: every ``QRSIGHT_*`` name is a setting, every
+probe and scrape hits a path and port the code serves."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from flask import Flask
+
+from core.settings import DEFAULT_MODEL, Settings, load_settings
+from tests.unit import deploy_checks as dc
+
+COMPOSE_FILE = dc.ROOT / "docker-compose.yml"
+DOCKERFILES = [dc.ROOT / "deploy/docker/Dockerfile", dc.ROOT / "deploy/docker/Dockerfile.cuda"]
+OVERLAYS = ["cpu", "gpu"]
+# oldest supported (the API's pod-index label is on by default from 1.28) and newest bundled
+K8S_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
+CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor"}
+QRSIGHT_SERVICES = ["topics", "consumer", "consumer-gpu", "api"]
+
+
+def defaults() -> Settings:
+    return load_settings({})
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dc.load_one(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def base_docs() -> list[dc.Doc]:
+    return dc.render_kustomization(dc.K8S / "base")
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dc.Doc]]:
+    return request.param, dc.render_kustomization(dc.K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module")
+def api_routes() -> set[str]:
+    """The routes the API serves: the blueprints ``create_app`` registers."""
+    from api import detect, health, metrics, openapi
+
+    app = Flask("routes")
+    for blueprint in (detect.bp, health.bp, metrics.bp, openapi.bp):
+        app.register_blueprint(blueprint)
+    return {rule.rule for rule in app.url_map.iter_rules()}
+
+
+@pytest.fixture(scope="module")
+def worker_server() -> Iterator[int]:
+    """A real worker metrics/health server on a free port."""
+    from consumer.metrics import MetricsServer, WorkerMetrics
+
+    server = MetricsServer(WorkerMetrics(0), 0, live=lambda: True, host="127.0.0.1").start()
+    yield server.port
+    server.close()
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def worker_serves(port: int, path: str) -> bool:
+    return http_status(f"http://127.0.0.1:{port}{path}") != 404
+
+
+# --- docker compose ---------------------------------------------------------------------
+def test_compose_file_passes_docker_compose_config() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is missing: .ci/run installs Debian's docker-compose")
+        pytest.skip("Debian's docker-compose is not installed (apt-get install docker-compose)")
+    for args in ([], ["--profile", "gpu"]):
+        done = subprocess.run(
+            [binary, "-f", str(COMPOSE_FILE), *args, "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_compose_names_only_real_settings_with_valid_values(compose: dict[str, Any]) -> None:
+    assert dc.compose_problems(compose) == []
+    for name in QRSIGHT_SERVICES:
+        env = dc.compose_env(compose["services"][name])
+        settings = load_settings({k: v for k, v in env.items() if k.startswith("QRSIGHT_")})
+        assert settings.kafka_bootstrap == "kafka:29092", name
+
+
+def test_a_wrong_env_name_in_compose_is_reported(compose: dict[str, Any]) -> None:
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["consumer"]["environment"]["QRSIGHT_MAX_BATCHES"] = "8"
+    assert dc.compose_problems(broken) == [
+        "docker-compose.yml service consumer: QRSIGHT_MAX_BATCHES is not a qrsight setting"
+    ]
+
+
+def test_compose_kafka_listens_for_containers_and_the_host(compose: dict[str, Any]) -> None:
+    kafka = compose["services"]["kafka"]
+    env = dc.compose_env(kafka)
+    assert kafka["image"].startswith("apache/kafka:4.")
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    advertised = dict(
+        reversed(item.split("://", 1)) for item in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    )
+    assert set(advertised) == {"kafka:29092", "localhost:9092"}
+    assert "9092:9092" in kafka["ports"]
+    listener_names = {item.split("://")[0] for item in env["KAFKA_LISTENERS"].split(",")}
+    protocol_map = dict(
+        item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    assert listener_names == set(protocol_map)
+    assert "kafka:29092" in kafka["healthcheck"]["test"]
+
+
+def test_compose_services_start_in_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["topics"]["command"] == ["qrsight-topics", "create"]
+    assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in ("consumer", "consumer-gpu", "api"):
+        condition = services[name]["depends_on"]["topics"]["condition"]
+        assert condition == "service_completed_successfully", name
+    assert services["consumer"]["command"] == ["qrsight-consumer"]
+    assert services["api"]["command"] == ["qrsight-api"]
+
+
+def test_compose_gpu_workers_reserve_an_nvidia_gpu(compose: dict[str, Any]) -> None:
+    gpu = compose["services"]["consumer-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["build"]["dockerfile"] == "deploy/docker/Dockerfile.cuda"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "profiles" not in compose["services"]["consumer"]
+
+
+def test_compose_ports_are_the_settings_ports(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    api_env = load_settings(dc.compose_env(services["api"]))
+    assert api_env.api_port == defaults().api_port
+    assert f"{api_env.api_port}:{api_env.api_port}" in services["api"]["ports"]
+    for name in ("consumer", "consumer-gpu"):
+        worker = load_settings(dc.compose_env(services[name]))
+        assert worker.workers == 1, "Prometheus scrapes one port per worker container"
+        assert str(worker.metrics_port) in services[name]["expose"]
+
+
+def test_compose_mounts_exist(compose: dict[str, Any]) -> None:
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (dc.ROOT / source).exists(), volume
+        build = service.get("build")
+        if build:
+            assert (dc.ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+# --- Prometheus and Grafana ---------------------------------------------------------------
+def test_prometheus_scrapes_what_the_code_serves(
+    compose: dict[str, Any], api_routes: set[str], worker_server: int
+) -> None:
+    config = dc.load_one(dc.ROOT / "deploy/prometheus/prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for job_name, service in (
+        ("qrsight-workers", "consumer"),
+        ("qrsight-workers-gpu", "consumer-gpu"),
+    ):
+        job = jobs[job_name]
+        (sd,) = job["dns_sd_configs"]
+        assert sd["names"] == [service]
+        assert (
+            sd["port"] == load_settings(dc.compose_env(compose["services"][service])).metrics_port
+        )
+        assert http_status(f"http://127.0.0.1:{worker_server}{job['metrics_path']}") == 200
+    api = jobs["qrsight-api"]
+    assert api["metrics_path"] in api_routes
+    assert api["static_configs"][0]["targets"] == [f"api:{defaults().api_port}"]
+
+
+def metric_labels() -> dict[str, set[str]]:
+    """Metric family name -> label names, from the workers' and the API's real metrics."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from api import metrics as api_metrics
+    from consumer.metrics import WorkerMetrics
+
+    found: dict[str, set[str]] = {}
+    objects = [*vars(WorkerMetrics(0)).values(), *vars(api_metrics).values()]
+    for obj in objects:
+        if isinstance(obj, MetricWrapperBase):
+            found[obj._name] = set(obj._labelnames)
+    return found
+
+
+def base_metric(series: str, known: dict[str, set[str]]) -> str | None:
+    for suffix in ("", "_total", "_bucket", "_sum", "_count", "_info"):
+        if series.endswith(suffix) and series[: len(series) - len(suffix)] in known:
+            return series[: len(series) - len(suffix)]
+    return None
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads((dc.ROOT / "deploy/grafana/dashboards/qrsight.json").read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_queries_name_real_metrics_and_labels() -> None:
+    known = metric_labels()
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 10
+    for expr in exprs:
+        names = re.findall(r"\bqrsight_[a-z0-9_]+", expr)
+        assert names, expr
+        for series in names:
+            family = base_metric(series, known)
+            assert family, f"{series} in {expr!r} is not a metric the code exports"
+            used = set(re.findall(r"\b(\w+)\s*(?:=|!=|=~|!~)\s*\"", expr))
+            for group in re.findall(r"by \(([^)]*)\)", expr):
+                used |= {label.strip() for label in group.split(",")}
+            assert used <= known[family] | {"le"}, f"{expr!r}: labels {used - known[family]}"
+
+
+def test_dashboard_covers_what_operators_watch() -> None:
+    joined = " ".join(dashboard_exprs())
+    for family in (
+        "qrsight_worker_images_total",
+        "qrsight_worker_batch_size",
+        "qrsight_worker_stage_seconds",
+        "qrsight_worker_consumer_lag",
+        "qrsight_worker_dlq_messages_total",
+        "qrsight_api_requests_total",
+        "qrsight_api_request_seconds",
+    ):
+        assert family in joined, family
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboard(
+    compose: dict[str, Any],
+) -> None:
+    datasource = dc.load_one(dc.ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml")
+    (ds,) = datasource["datasources"]
+    assert ds["url"] == "http://prometheus:9090"
+    dashboard = json.loads((dc.ROOT / "deploy/grafana/dashboards/qrsight.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+    assert uids == {ds["uid"]}
+    provider = dc.load_one(dc.ROOT / "deploy/grafana/provisioning/dashboards/qrsight.yml")
+    path = provider["providers"][0]["options"]["path"]
+    assert f"./deploy/grafana/dashboards:{path}:ro" in compose["services"]["grafana"]["volumes"]
+
+
+# --- Kubernetes -----------------------------------------------------------------------------
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_core_objects_match_the_kubernetes_schemas(
+    overlay: tuple[str, list[dc.Doc]], version: str
+) -> None:
+    _, docs = overlay
+    core = [doc for doc in docs if doc["kind"] not in CUSTOM_KINDS]
+    assert {d["kind"] for d in core} >= {
+        "Namespace",
+        "ConfigMap",
+        "Job",
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    }
+    for doc in core:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_k8s_example_secret_is_a_valid_secret_with_placeholders() -> None:
+    secret = dc.load_one(dc.K8S / "base/secret.example.yaml")
+    kubernetes_validate.validate(secret, K8S_VERSIONS[-1], strict=True)
+    assert all(v.startswith("REPLACE-") for v in secret["stringData"].values())
+    base = dc.load_one(dc.K8S / "base/kustomization.yaml")
+    assert "secret.example.yaml" not in base["resources"]
+
+
+def test_k8s_names_only_real_settings_with_valid_values(base_docs: list[dc.Doc]) -> None:
+    assert dc.k8s_problems(base_docs) == []
+    config = dc.find(base_docs, "ConfigMap", "qrsight-config")["data"]
+    for doc in base_docs:
+        for container in dc.containers(doc):
+            load_settings({**config, **dc.literal_env(container)})
+
+
+def test_a_wrong_env_name_in_k8s_is_reported(base_docs: list[dc.Doc]) -> None:
+    broken = json.loads(json.dumps(base_docs))
+    dc.find(broken, "ConfigMap")["data"]["QRSIGHT_KAFKA_BOOTSTRAP_SERVERS"] = "k:9092"
+    workers = dc.find(broken, "Deployment", "qrsight-workers")
+    next(dc.containers(workers))["env"].append({"name": "QRSIGHT_WORKER", "value": "2"})
+    assert dc.k8s_problems(broken) == [
+        "ConfigMap/qrsight-config: QRSIGHT_KAFKA_BOOTSTRAP_SERVERS is not a qrsight setting",
+        "Deployment/qrsight-workers: QRSIGHT_WORKER is not a qrsight setting",
+    ]
+
+
+def test_k8s_secrets_come_from_secret_refs(base_docs: list[dc.Doc]) -> None:
+    config = dc.find(base_docs, "ConfigMap", "qrsight-config")["data"]
+    secret_settings = {"QRSIGHT_AUTH_JWT_SECRET", "QRSIGHT_KAFKA_SASL_PASSWORD"}
+    assert not secret_settings & set(config)
+    api = next(dc.containers(dc.find(base_docs, "StatefulSet", "qrsight-api")))
+    refs = {e["name"] for e in api["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == secret_settings
+    for doc in base_docs:
+        for container in dc.containers(doc):
+            assert not secret_settings & set(dc.literal_env(container))
+
+
+def port_number(container: dc.Doc, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+
+
+def probes(container: dc.Doc) -> dict[str, tuple[str, int]]:
+    return {
+        kind: (
+            container[kind]["httpGet"]["path"],
+            port_number(container, container[kind]["httpGet"]["port"]),
+        )
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+
+
+def test_k8s_worker_probes_hit_what_the_worker_serves(
+    base_docs: list[dc.Doc], worker_server: int
+) -> None:
+    config = dc.find(base_docs, "ConfigMap", "qrsight-config")["data"]
+    container = next(dc.containers(dc.find(base_docs, "Deployment", "qrsight-workers")))
+    settings = load_settings({**config, **dc.literal_env(container)})
+    assert settings.workers == 1
+    found = probes(container)
+    assert found["livenessProbe"] == ("/healthz", settings.metrics_port)
+    assert found["readinessProbe"] == ("/readyz", settings.metrics_port)
+    for path, _ in found.values():
+        assert worker_serves(worker_server, path), path
+    assert http_status(f"http://127.0.0.1:{worker_server}/healthz") == 200
+
+
+def test_k8s_api_probes_hit_what_the_api_serves(
+    base_docs: list[dc.Doc], api_routes: set[str]
+) -> None:
+    config = dc.find(base_docs, "ConfigMap", "qrsight-config")["data"]
+    container = next(dc.containers(dc.find(base_docs, "StatefulSet", "qrsight-api")))
+    settings = load_settings({**config, **dc.literal_env(container)})
+    found = probes(container)
+    assert found["livenessProbe"] == ("/api/v1/health", settings.api_port)
+    assert found["readinessProbe"] == ("/api/v1/ready", settings.api_port)
+    assert settings.api_port == defaults().api_port
+    for path, _ in found.values():
+        assert path in api_routes
+
+
+def test_k8s_api_pods_each_own_a_reply_partition(base_docs: list[dc.Doc]) -> None:
+    config = load_settings(dc.find(base_docs, "ConfigMap", "qrsight-config")["data"])
+    api = dc.find(base_docs, "StatefulSet", "qrsight-api")
+    container = next(dc.containers(api))
+    env = {e["name"]: e for e in container["env"]}
+    field = env["QRSIGHT_API_REPLY_PARTITION"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field == "metadata.labels['apps.kubernetes.io/pod-index']"
+    workers_per_pod = int(env["QRSIGHT_API_WORKERS"]["value"])
+    hpa = dc.find(base_docs, "HorizontalPodAutoscaler", "qrsight-api")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "qrsight-api",
+    }
+    assert hpa["spec"]["maxReplicas"] * workers_per_pod <= config.replies_partitions
+    assert "replicas" not in api["spec"], "the HPA owns the API's replicas"
+
+
+def test_k8s_keda_scales_workers_on_images_lag_up_to_the_partitions(
+    base_docs: list[dc.Doc],
+) -> None:
+    settings = load_settings(dc.find(base_docs, "ConfigMap", "qrsight-config")["data"])
+    scaled = dc.find(base_docs, "ScaledObject", "qrsight-workers")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == "qrsight-workers"
+    dc.find(base_docs, "Deployment", spec["scaleTargetRef"]["name"])
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] == settings.topic_partitions
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert meta["bootstrapServers"] == settings.kafka_bootstrap
+    assert meta["topic"] == settings.topic_images
+    assert meta["consumerGroup"] == settings.consumer_group
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata are strings"
+    assert int(meta["lagThreshold"]) > 0
+    assert meta["allowIdleConsumers"] == "false"
+    assert "replicas" not in dc.find(base_docs, "Deployment", "qrsight-workers")["spec"]
+
+
+def pod_labels(docs: list[dc.Doc]) -> list[dict[str, str]]:
+    return [d["spec"]["template"]["metadata"]["labels"] for d in docs if dc.pod_spec(d)]
+
+
+def test_k8s_selectors_find_their_pods_and_ports(base_docs: list[dc.Doc]) -> None:
+    labels = pod_labels(base_docs)
+    for kind in ("PodDisruptionBudget", "Deployment", "StatefulSet"):
+        for doc in (d for d in base_docs if d["kind"] == kind):
+            selector = doc["spec"]["selector"]["matchLabels"]
+            assert any(dc.selects(selector, lab) for lab in labels), doc["metadata"]["name"]
+    service = dc.find(base_docs, "Service", "qrsight-api")
+    api = dc.find(base_docs, "StatefulSet", "qrsight-api")
+    assert dc.selects(service["spec"]["selector"], api["spec"]["template"]["metadata"]["labels"])
+    api_ports = {p["name"] for p in next(dc.containers(api))["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= api_ports
+    assert dc.find(base_docs, "Service", api["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+
+
+def test_k8s_monitors_scrape_the_metrics_endpoints(
+    base_docs: list[dc.Doc], api_routes: set[str], worker_server: int
+) -> None:
+    monitor = dc.find(base_docs, "ServiceMonitor", "qrsight-api")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    services = [d for d in base_docs if d["kind"] == "Service"]
+    matched = [
+        s
+        for s in services
+        if dc.selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
+    assert [s["metadata"]["name"] for s in matched] == ["qrsight-api"], "scrape each API pod once"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in matched[0]["spec"]["ports"]}
+    assert endpoint["path"] in api_routes
+    pod_monitor = dc.find(base_docs, "PodMonitor", "qrsight-workers")
+    workers = dc.find(base_docs, "Deployment", "qrsight-workers")
+    assert dc.selects(
+        pod_monitor["spec"]["selector"]["matchLabels"],
+        workers["spec"]["template"]["metadata"]["labels"],
+    )
+    (pod_endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    assert pod_endpoint["port"] in {p["name"] for p in next(dc.containers(workers))["ports"]}
+    assert http_status(f"http://127.0.0.1:{worker_server}{pod_endpoint['path']}") == 200
+
+
+def test_k8s_pods_run_as_the_image_user_without_root(overlay: tuple[str, list[dc.Doc]]) -> None:
+    _, docs = overlay
+    for doc in docs:
+        spec = dc.pod_spec(doc)
+        if spec is None:
+            continue
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] == 10001
+        for container in dc.containers(doc):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert "memory" in container["resources"]["limits"], container["name"]
+
+
+def test_k8s_overlays_pick_cpu_or_gpu_workers(overlay: tuple[str, list[dc.Doc]]) -> None:
+    name, docs = overlay
+    assert dc.k8s_problems(docs) == []
+    workers = next(dc.containers(dc.find(docs, "Deployment", "qrsight-workers")))
+    api = next(dc.containers(dc.find(docs, "StatefulSet", "qrsight-api")))
+    limits = workers["resources"]["limits"]
+    env = dc.literal_env(workers)
+    if name == "gpu":
+        assert limits["nvidia.com/gpu"] == 1
+        assert workers["image"].endswith(":0.1.0-cuda")
+        assert env["QRSIGHT_ONNX_PROVIDERS"].startswith("CUDAExecutionProvider")
+    else:
+        assert "nvidia.com/gpu" not in limits
+        assert workers["image"].endswith(":0.1.0")
+        assert int(env["QRSIGHT_ORT_INTRA_THREADS"]) == int(limits["cpu"])
+    assert api["image"].endswith(":0.1.0"), "the API never needs the CUDA image"
+    assert env["QRSIGHT_WORKERS"] == "1", "the overlay keeps the base's env"
+
+
+def test_k8s_kustomization_files_exist() -> None:
+    for folder in [dc.K8S / "base", *(dc.K8S / "overlays" / o for o in OVERLAYS)]:
+        kustomization = dc.load_one(folder / "kustomization.yaml")
+        for entry in kustomization.get("resources", []):
+            assert (folder / entry).exists(), f"{folder}: {entry}"
+        for patch in kustomization.get("patches", []):
+            assert (folder / patch["path"]).is_file(), f"{folder}: {patch['path']}"
+    rendered = {p.name for p in (dc.K8S / "base").glob("*.yaml")}
+    listed = set(dc.load_one(dc.K8S / "base/kustomization.yaml")["resources"])
+    assert rendered - listed == {"kustomization.yaml", "secret.example.yaml"}, "unlisted manifests"
+
+
+def test_kustomize_merge_matches_kubectl_semantics() -> None:
+    base = {
+        "containers": [
+            {
+                "name": "w",
+                "env": [{"name": "A", "value": "1"}],
+                "resources": {"limits": {"memory": "1Gi"}},
+            }
+        ]
+    }
+    patch = {
+        "containers": [
+            {
+                "name": "w",
+                "env": [{"name": "B", "value": "2"}],
+                "resources": {"limits": {"cpu": "2"}},
+            }
+        ]
+    }
+    merged = dc.strategic_merge(base, patch)
+    (container,) = merged["containers"]
+    assert container["env"] == [{"name": "B", "value": "2"}, {"name": "A", "value": "1"}]
+    assert container["resources"]["limits"] == {"memory": "1Gi", "cpu": "2"}
+
+
+# --- Dockerfiles ----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_the_lint_checks(path: Path) -> None:
+    assert dc.dockerfile_problems(path.read_text(), path.name) == []
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_bakes_in_the_default_model_where_the_setting_points(path: Path) -> None:
+    text = path.read_text()
+    source, dest = dc.model_copy(text) or ("", "")
+    assert source == DEFAULT_MODEL.relative_to(dc.ROOT).as_posix()
+    assert dc.final_env(text)["QRSIGHT_MODEL_PATH"] == dest
+    assert load_settings(dc.final_env(text)).model_path == Path(dest)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_workers_by_default_and_the_api_by_command(path: Path) -> None:
+    final = dc.stages(dc.dockerfile_instructions(path.read_text()))[-1]
+    last = {instr: args for instr, args in final}
+    assert json.loads(last["CMD"]) == ["qrsight-consumer"]
+    assert json.loads(last["ENTRYPOINT"])[0] == "tini"
+    assert (
+        json.loads(last["HEALTHCHECK"].split("CMD", 1)[1])[-1]
+        == "/usr/local/bin/qrsight-healthcheck"
+    )
+    assert {"8000", "9100"} <= set(last["EXPOSE"].split())
+    assert (
+        str(defaults().api_port) in last["EXPOSE"]
+        and str(defaults().metrics_port) in last["EXPOSE"]
+    )
+
+
+def test_cuda_image_swaps_in_onnxruntime_gpu_on_a_cudnn_runtime_base() -> None:
+    text = DOCKERFILES[1].read_text()
+    instructions = dc.dockerfile_instructions(text)
+    cuda_arg = next(a for i, a in instructions if i == "ARG" and a.startswith("CUDA_IMAGE="))
+    assert re.fullmatch(
+        r"CUDA_IMAGE=nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", cuda_arg
+    )
+    run = " ".join(a for i, a in instructions if i == "RUN")
+    assert run.index("pip uninstall -y onnxruntime") < run.index('pip install "${ORT_GPU}"')
+    ort_gpu = next(a for i, a in instructions if i == "ARG" and a.startswith("ORT_GPU="))
+    assert "<1.27" in ort_gpu, "onnxruntime-gpu 1.27+ on PyPI needs CUDA 13"
+
+
+@pytest.mark.parametrize(
+    ("snippet", "problem"),
+    [
+        ("FROM python:latest\n", "not pinned"),
+        ("FROM python\n", "has no tag"),
+        ("USER root\n", "non-root USER"),
+        ("ENV QRSIGHT_MODEL=/m.onnx\n", "QRSIGHT_MODEL is not a qrsight setting"),
+        ("RUN apt-get update && apt-get install -y curl\n", "--no-install-recommends"),
+        ("HEALTHCHECK NONE\n", "no HEALTHCHECK"),
+        ("CMD qrsight-api\n", "exec (JSON) form"),
+    ],
+)
+def test_dockerfile_lint_catches_mistakes(snippet: str, problem: str) -> None:
+    text = DOCKERFILES[0].read_text()
+    final_from = text.rindex("FROM ")
+    if snippet.startswith("FROM"):
+        broken = text[:final_from] + snippet + text[text.index("\n", final_from) + 1 :]
+    elif snippet.startswith("HEALTHCHECK"):
+        broken = text.replace("HEALTHCHECK --interval", "#", 1) + snippet
+    else:
+        broken = text + snippet
+    problems = dc.dockerfile_problems(broken, "Dockerfile")
+    assert any(problem in p for p in problems), problems
+
+
+def test_dockerignore_keeps_what_the_images_copy() -> None:
+    patterns = dc.dockerignore_patterns((dc.ROOT / ".dockerignore").read_text())
+    sources = {s for path in DOCKERFILES for s in dc.copy_sources(path.read_text())}
+    assert "models/qrsight-qr-v1.onnx" in sources
+    for source in sources:
+        assert not dc.dockerignored(source, patterns), source
+        assert (dc.ROOT / source).exists() or source.endswith(".onnx") or source == "README.md", (
+            source
+        )
+    for private in (".git", ".kafka", "tests", "models/run-3/best.onnx", "core/__pycache__"):
+        assert dc.dockerignored(private, patterns), private
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_healthcheck(metrics_port: int) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(dc.ROOT),
+        "QRSIGHT_API_PORT": str(free_port()),
+        "QRSIGHT_METRICS_PORT": str(metrics_port),
+    }
+    return subprocess.run(
+        [sys.executable, str(dc.ROOT / "deploy/docker/healthcheck.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_image_healthcheck_passes_on_a_live_worker_and_fails_without_one(
+    worker_server: int,
+) -> None:
+    assert run_healthcheck(worker_server).returncode == 0
+    down = run_healthcheck(free_port())
+    assert down.returncode == 1
+    assert "/healthz" in down.stderr and "/api/v1/health" in down.stderr
+
+
+# --- the README's Deploy section ---------------------------------------------------------
+def readme_commands() -> list[str]:
+    text = (dc.ROOT / "deploy/README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_compose_commands_match_the_compose_file(compose: dict[str, Any]) -> None:
+    commands = [c for c in readme_commands() if c.startswith("docker compose")]
+    header = [
+        line.lstrip("#").strip()
+        for line in COMPOSE_FILE.read_text().splitlines()
+        if line.startswith("#   docker compose")
+    ]
+    assert header, "the compose file's header shows how to start it"
+    for line in header:
+        assert line in commands, f"README misses the compose file's command: {line}"
+    services = set(compose["services"])
+    profiles = {p for s in compose["services"].values() for p in s.get("profiles", [])}
+    for command in commands:
+        words = shlex.split(command.split("#")[0])
+        for flag, value in itertools.pairwise(words):
+            if flag == "--profile":
+                assert value in profiles, command
+            if flag == "--scale":
+                assert value.split("=")[0] in services, command
+            if flag == "-f":
+                assert (dc.ROOT / value).is_file(), command
+
+
+def test_readme_names_the_ports_compose_publishes(compose: dict[str, Any]) -> None:
+    text = (dc.ROOT / "deploy/README.md").read_text()
+    for name in ("api", "kafka", "prometheus", "grafana"):
+        for mapping in compose["services"][name]["ports"]:
+            assert f"localhost:{mapping.split(':')[0]}" in text, (name, mapping)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlay_rendering_agrees_with_kubectl_kustomize(name: str) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed; the renderer's merge rules are tested above")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(dc.K8S / "overlays" / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    theirs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    mine = dc.render_kustomization(dc.K8S / "overlays" / name)
+
+    def by_key(docs: list[dc.Doc]) -> dict[tuple[str, str], dc.Doc]:
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    assert by_key(mine) == by_key(theirs)
