@@ -47,7 +47,7 @@ down:
 	deploy/local/kafka.sh down
 
 demo:  ## with `make up` running: publish the samples and print their detections
-	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.publish samples/ --wait
+	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.publish samples/ --wait --compact
 
 train:  ## reproduce the shipped detector from scratch (seeded)
 	$(PYTHON) -m training.train --out models/

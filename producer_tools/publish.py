@@ -34,6 +34,7 @@ from core.images import ImageLimits, decode, probe
 from core.kafka import check_value_size, producer_config
 from core.settings import Settings, load_settings
 from producer_tools.annotate import write_annotated
+from producer_tools.results import compact_line
 from schemas import names
 from schemas.codec import Codec
 
@@ -268,7 +269,8 @@ def wait_all(args: argparse.Namespace, settings: Settings) -> int:
             result = future.result()
             result["source"] = result.get("source") or item.source
             errors += result["status"] != "OK"
-            print(json.dumps(result, ensure_ascii=False), flush=True)
+            line = compact_line(result) if args.compact else json.dumps(result, ensure_ascii=False)
+            print(line, flush=True)
             if args.annotate:
                 out = Path(args.annotate) / Path(item.source).name
                 write_annotated(out, decode(item.data, limits), result)
@@ -311,12 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="await and print each result (JSON)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait per image")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight with --wait")
+    parser.add_argument("--compact", action="store_true", help="with --wait: one short line each")
     parser.add_argument("--annotate", metavar="OUT_DIR", help="with --wait: save annotated images")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    if args.annotate and not args.wait:
-        parser.error("--annotate needs --wait")
+    if (args.annotate or args.compact) and not args.wait:
+        parser.error("--annotate and --compact need --wait")
     try:
         settings = load_settings()
         return wait_all(args, settings) if args.wait else publish_all(args, settings)
