@@ -1,6 +1,6 @@
 """The app factory: ``create_app(settings)`` builds the Flask app (one blueprint per feature).
 
-``/`` is left free for a web page; the API lives under ``/api/v1``.
+``/`` serves the web page (:mod:`api.web`); the API lives under ``/api/v1``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import uuid
 
 from flask import Flask, Response, g, request
 
-from api import detect, health, metrics, openapi
+from api import detect, health, metrics, openapi, web
 from api.auth import JwtVerifier, authenticate
 from api.errors import register_error_handlers
 from api.ratelimit import init_limiter
@@ -50,7 +50,7 @@ def create_app(settings: Settings, reply_client: ReplyClient | None = None) -> F
     app.extensions["limiter"] = init_limiter(app, settings, detect.bp)
     app.after_request(end_request)
     app.teardown_request(leave_request)
-    for blueprint in (detect.bp, health.bp, metrics.bp, openapi.bp):
+    for blueprint in (detect.bp, health.bp, metrics.bp, openapi.bp, web.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     metrics.REPLY_PARTITION.set(reply_client.partition)
