@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -565,6 +566,15 @@ def test_dockerfile_runs_workers_by_default_and_the_api_by_command(path: Path) -
     )
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_everything_the_wheel_is_built_from(path: Path) -> None:
+    pyproject = tomllib.loads((dc.ROOT / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = set(dc.copy_sources(path.read_text()))
+    assert {"pyproject.toml", pyproject["project"]["readme"]} <= copied
+    assert {pattern.rstrip("*") for pattern in packages} <= copied
+
+
 def test_cuda_image_swaps_in_onnxruntime_gpu_on_a_cudnn_runtime_base() -> None:
     text = DOCKERFILES[1].read_text()
     instructions = dc.dockerfile_instructions(text)
@@ -704,3 +714,15 @@ def test_overlay_rendering_agrees_with_kubectl_kustomize(name: str) -> None:
         return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
     assert by_key(mine) == by_key(theirs)
+
+
+def test_every_name_the_deploy_files_set_is_in_the_readme_table(
+    compose: dict[str, Any], base_docs: list[dc.Doc]
+) -> None:
+    table = (dc.ROOT / "README.md").read_text()
+    names = {n for s in compose["services"].values() for n in dc.compose_env(s)}
+    names |= {n for doc in base_docs for n in dc.k8s_env_names(doc)}
+    names |= {n for path in DOCKERFILES for n in dc.final_env(path.read_text())}
+    qrsight = {n for n in names if n.startswith("QRSIGHT_")}
+    assert len(qrsight) > 20
+    assert [n for n in sorted(qrsight) if f"| `{n}` |" not in table] == []
