@@ -15,6 +15,15 @@ from flask_limiter.util import get_remote_address
 
 from core.settings import Settings
 
+# '' turns limiting off in settings built in code; an empty environment variable counts as
+# unset, so the environment says "off" (or "none"/"0").
+OFF = {"", "off", "none", "0"}
+
+
+def limit_of(settings: Settings) -> str | None:
+    value = settings.rate_limit.strip()
+    return None if value.lower() in OFF else value
+
 
 def client_key() -> str:
     subject = g.get("auth_subject")
@@ -22,13 +31,14 @@ def client_key() -> str:
 
 
 def init_limiter(app: Flask, settings: Settings, limited: Blueprint) -> Limiter:
+    limit = limit_of(settings)
     limiter = Limiter(
         key_func=client_key,
         storage_uri=settings.rate_limit_storage_uri,
         headers_enabled=True,
-        enabled=bool(settings.rate_limit.strip()),
+        enabled=limit is not None,
     )
-    if settings.rate_limit.strip():
-        limiter.limit(settings.rate_limit)(limited)
+    if limit is not None:
+        limiter.limit(limit)(limited)
     limiter.init_app(app)
     return limiter

@@ -24,7 +24,7 @@ _process_slot = 0
 
 
 def set_process_slot(slot: int) -> None:
-    global _process_slot  # noqa: PLW0603 - one value per process, set once after fork
+    global _process_slot
     _process_slot = slot
 
 

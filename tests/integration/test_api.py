@@ -136,7 +136,7 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[by
 def all_workers_ready(stack: Stack, workers: int) -> bool:
     """Every gunicorn worker has built its app (one partition sample each) and says ready."""
     text = requests.get(f"{stack.url}/api/v1/metrics", timeout=5).text
-    if len(re.findall(r"^qrsight_api_reply_partition\{", text, re.M)) != workers:
+    if len(re.findall(r"^qrsight_api_reply_partition\{", text, re.MULTILINE)) != workers:
         return False
     return all(
         requests.get(f"{stack.url}/api/v1/ready", timeout=5).status_code == 200
@@ -229,7 +229,7 @@ def full(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         tmp_path_factory.mktemp("full"),
         api_workers=2,
         detection_workers=1,
-        rate_limit="",
+        rate_limit="off",
     )
     yield stack
     stack.stop()
@@ -388,7 +388,7 @@ def test_metrics_add_up_the_counts_of_both_workers(full: Stack) -> None:
         before, "qrsight_api_requests_total", **labels
     )
     assert delta == 40
-    partitions = re.findall(r'^qrsight_api_reply_partition\{pid="\d+"\} (\S+)', after, re.M)
+    partitions = re.findall(r'^qrsight_api_reply_partition\{pid="\d+"\} (\S+)', after, re.MULTILINE)
     assert sorted(float(p) for p in partitions) == [0.0, 1.0]
     health_pids = set(
         re.findall(r'"GET /api/v1/health HTTP/1.1" 200 .* pid=<?(\d+)>?', full.api_log.read_text())
@@ -442,7 +442,7 @@ def test_504_when_no_worker_answers(bare: Stack) -> None:
 
 
 def test_503_fast_when_the_broker_is_unreachable() -> None:
-    settings = load_settings({}, kafka_bootstrap=f"127.0.0.1:{free_port()}", rate_limit="")
+    settings = load_settings({}, kafka_bootstrap=f"127.0.0.1:{free_port()}", rate_limit="off")
     app = create_app(settings)
     try:
         client = app.test_client()
@@ -469,7 +469,7 @@ def test_ready_turns_200_once_the_reply_partition_is_assigned(kafka_bootstrap: s
         topic_dlq=f"qr.images.dlq.{uid}",
         topic_partitions=1,
         replies_partitions=2,
-        rate_limit="",
+        rate_limit="off",
     )
     app = create_app(settings)  # its reply topic does not exist yet
     try:

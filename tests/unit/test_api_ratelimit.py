@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 
 import jwt
+import pytest
 
+from core.settings import load_settings
 from tests.unit.test_api_helpers import api_settings, offline_app, png
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
@@ -48,7 +50,17 @@ def test_limit_is_per_token_subject() -> None:
     assert [post("alice"), post("alice"), post("bob")] == [503, 429, 503]
 
 
-def test_empty_limit_turns_limiting_off() -> None:
-    client = offline_app(api_settings(rate_limit="")).test_client()
+@pytest.mark.parametrize("value", ["", "off", "OFF", "none", "0"])
+def test_limiting_can_be_turned_off(value: str) -> None:
+    client = offline_app(api_settings(rate_limit=value)).test_client()
     statuses = {client.post("/api/v1/detect", data=b"").status_code for _ in range(20)}
+    assert statuses == {400}
+
+
+def test_off_from_the_environment() -> None:
+    settings = load_settings(
+        {"QRSIGHT_KAFKA_BOOTSTRAP": "127.0.0.1:9", "QRSIGHT_RATE_LIMIT": "off"}
+    )
+    client = offline_app(settings).test_client()
+    statuses = {client.post("/api/v1/detect", data=b"").status_code for _ in range(150)}
     assert statuses == {400}

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from tests.unit.test_api_helpers import api_settings, jpeg, offline_app, png, png_claiming
+from tests.unit.test_api_helpers import (
+    api_settings,
+    jpeg,
+    offline_app,
+    png,
+    png_claiming,
+)
 
 MAX_BYTES = 100_000
 
