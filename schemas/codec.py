@@ -201,7 +201,7 @@ class Codec:
             return self._read(data, 0, self._reader, None, exact=False)
         if len(data) < FRAME.size:
             raise WireFormatError(
-                f"truncated value on topic {topic}: {len(data)} bytes, "
+                f"truncated {self.schema_name} on topic {topic}: {len(data)} bytes, "
                 f"shorter than the {FRAME.size}-byte Schema Registry header"
             )
         schema_id = FRAME.unpack_from(data)[1]
