@@ -726,3 +726,27 @@ def test_every_name_the_deploy_files_set_is_in_the_readme_table(
     qrsight = {n for n in names if n.startswith("QRSIGHT_")}
     assert len(qrsight) > 20
     assert [n for n in sorted(qrsight) if f"| `{n}` |" not in table] == []
+
+
+def deploy_commands(compose: dict[str, Any], docs: list[dc.Doc]) -> list[list[str]]:
+    commands = [s["command"] for s in compose["services"].values() if "command" in s]
+    commands += [c["args"] for d in docs for c in dc.containers(d) if "args" in c]
+    return [c for c in commands if c[0].startswith("qrsight-")]
+
+
+def test_deploy_commands_are_the_packaged_console_scripts(
+    compose: dict[str, Any], base_docs: list[dc.Doc], capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripts = tomllib.loads((dc.ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    commands = deploy_commands(compose, base_docs)
+    assert {c[0] for c in commands} == {"qrsight-topics", "qrsight-consumer", "qrsight-api"}
+    for command in commands:
+        assert command[0] in scripts, command
+    from producer_tools.topics import main as topics_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        topics_main(["--help"])
+    assert exit_info.value.code == 0
+    subcommands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out)
+    assert subcommands and "create" in subcommands.group(1).split(",")
+    assert all(c[1:] == ["create"] for c in commands if c[0] == "qrsight-topics")
