@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
@@ -194,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelError as exc:
         print(f"qrsight-detect: model failed: {exc.message}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # e.g. `qrsight-detect --json dir | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # e.g. `qrsight-detect --json dir | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
 
