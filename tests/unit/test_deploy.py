@@ -25,6 +25,7 @@ import pytest
 import yaml
 from flask import Flask
 
+from core.kafka import consumer_config
 from core.settings import DEFAULT_MODEL, Settings, load_settings
 from tests.unit import deploy_checks as dc
 
@@ -418,6 +419,8 @@ def test_k8s_keda_scales_workers_on_images_lag_up_to_the_partitions(
     assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata are strings"
     assert int(meta["lagThreshold"]) > 0
     assert meta["allowIdleConsumers"] == "false"
+    workers_conf = consumer_config(settings, settings.consumer_group)
+    assert meta["offsetResetPolicy"] == workers_conf["auto.offset.reset"]
     assert "replicas" not in dc.find(base_docs, "Deployment", "qrsight-workers")["spec"]
 
 
