@@ -217,7 +217,10 @@ class Results:
     """Counts result records (key → result timestamp) without decoding them."""
 
     def __init__(self, settings: Settings) -> None:
-        conf = consumer_config(settings, None, role="bench-reader", **{"enable.auto.commit": False})
+        group = f"bench-reader-{uuid.uuid4().hex[:8]}"
+        conf = consumer_config(
+            settings, group, role="bench-reader", **{"enable.auto.commit": False}
+        )
         self.consumer = Consumer(conf)
         self.consumer.assign(
             [
