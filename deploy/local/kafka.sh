@@ -180,7 +180,9 @@ render_config() {  # $1 = controller port
 java_opts() {
   # shellcheck disable=SC2206
   local heap=(${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m})
-  printf '%s\n' "${heap[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
+  # shellcheck disable=SC2206
+  local perf=(${KAFKA_JVM_PERFORMANCE_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20})
+  printf '%s\n' "${heap[@]}" "${perf[@]}" -XX:+ExitOnOutOfMemoryError \
     -Djava.awt.headless=true "-Dlog4j2.configurationFile=$HERE/log4j2.properties" \
     "-Dkafka.logs.dir=$LOG_DIR" -cp "$LIB_DIR/*"
 }

@@ -68,6 +68,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         **os.environ,
         "KAFKA_HOME_DIR": str(tmp_path_factory.mktemp("kafka")),
         "QRSIGHT_KAFKA_PORT": str(port),
+        # CI machines can be busy; a slow start is not a failure of the code under test.
+        "KAFKA_START_TIMEOUT": os.environ.get("KAFKA_START_TIMEOUT", "180"),
     }
     env.pop("KAFKA_CONTROLLER_PORT", None)
     started = _kafka_sh("up", env, START_TIMEOUT_S)

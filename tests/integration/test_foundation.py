@@ -130,6 +130,7 @@ def test_producer_refuses_an_oversized_message_at_once(kafka_settings: Settings)
     assert caught.value.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
     assert time.monotonic() - started < 1
     assert producer.flush(10) == 0
+    del producer  # the traceback pytest keeps must not keep a client alive past the broker
 
 
 # --- the qrsight-topics CLI, as a user runs it -------------------------------------------------
