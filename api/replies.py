@@ -333,7 +333,12 @@ class ReplyClient:
                 if not self._ready.is_set():
                     self._try_assign()
                     continue
-                msg = self._consumer.poll(POLL_S)
+                try:
+                    msg = self._consumer.poll(POLL_S)
+                except KafkaException as exc:  # keep reading: a dead thread strands every waiter
+                    logger.warning("reply poll failed reason=%s", exc.args[0] if exc.args else exc)
+                    self._stop.wait(POLL_S)
+                    continue
                 if msg is not None:
                     self._on_message(msg)
         finally:

@@ -20,16 +20,16 @@ from collections.abc import Iterable
 
 from core.settings import Settings
 
-_process_slot = 0
+# One value per process, set once after the fork (before the app is built).
+_slot = {"value": 0}
 
 
 def set_process_slot(slot: int) -> None:
-    global _process_slot
-    _process_slot = slot
+    _slot["value"] = slot
 
 
 def process_slot() -> int:
-    return _process_slot
+    return _slot["value"]
 
 
 def lowest_free_slot(taken: Iterable[int]) -> int:
@@ -41,4 +41,4 @@ def lowest_free_slot(taken: Iterable[int]) -> int:
 
 
 def reply_partition(settings: Settings) -> int:
-    return (settings.api_reply_partition or 0) + _process_slot
+    return (settings.api_reply_partition or 0) + process_slot()

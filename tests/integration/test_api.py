@@ -485,3 +485,58 @@ def test_ready_turns_200_once_the_reply_partition_is_assigned(kafka_bootstrap: s
         assert client.get("/api/v1/ready").get_json() == {"status": "ready", "reply_partition": 0}
     finally:
         app.extensions["qrsight"].replies.close()
+
+
+KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
+
+
+def kafka_sh(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(KAFKA_SH), command], env=env, capture_output=True, text=True, timeout=400, check=False
+    )
+
+
+@pytest.mark.slow
+def test_503_within_the_produce_timeout_when_the_broker_stops(tmp_path: Path) -> None:
+    """A broker of its own, stopped under a ready app: requests fail fast, /ready says why."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_HOME_DIR": str(tmp_path / "kafka"),
+        "QRSIGHT_KAFKA_PORT": str(port),
+        "KAFKA_START_TIMEOUT": "180",
+    }
+    env.pop("KAFKA_CONTROLLER_PORT", None)
+    started = kafka_sh("up", env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    settings = load_settings(
+        {},
+        kafka_bootstrap=f"127.0.0.1:{port}",
+        rate_limit="off",
+        topic_partitions=1,
+        replies_partitions=1,
+        api_produce_timeout_ms=1000,
+    )
+    app = None
+    try:
+        create_topics(settings)
+        app = create_app(settings)
+        assert app.extensions["qrsight"].replies.wait_ready(60)
+        client = app.test_client()
+        assert client.get("/api/v1/ready").status_code == 200
+        stopped = kafka_sh("down", env)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        started_at = time.monotonic()
+        response = client.post(
+            "/api/v1/detect?timeout_ms=20000", data=qr_png("down")[0], content_type="image/png"
+        )
+        assert response.status_code == 503, response.get_json()
+        assert response.get_json()["error"]["code"] == "kafka_unavailable"
+        assert time.monotonic() - started_at < 1.0 + 1.0
+        ready = client.get("/api/v1/ready")
+        assert ready.status_code == 503
+        assert "unreachable" in ready.get_json()["error"]["message"]
+    finally:
+        if app is not None:
+            app.extensions["qrsight"].replies.close()
+        kafka_sh("down", env)
