@@ -119,6 +119,8 @@ class Codec:
     ``http://host:8081``; Apicurio Registry: ``http://host:8080/apis/ccompat/v7``);
     ``registry_auth`` is ``user:password`` for HTTP basic auth. Without a URL the codec
     writes plain Avro; it reads both formats either way (see the module docstring).
+    A codec with a registry holds HTTP connections: :meth:`close` it (or use ``with``).
+    Safe to share between threads.
     """
 
     def __init__(
@@ -133,6 +135,17 @@ class Codec:
         # schema id -> (writer schema, reader schema or None when the writer is ours)
         self._writers: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the registry client's connections (a no-op without a registry)."""
+        if self._client is not None:
+            self._client.close()
+
+    def __enter__(self) -> Codec:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # --- encode -----------------------------------------------------------------------
     def encode(self, record: dict[str, Any], topic: str) -> bytes:
