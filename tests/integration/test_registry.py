@@ -33,6 +33,9 @@ from schemas.codec import FRAME, Codec, RegistryError, WireFormatError, schema_j
 REGISTRY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "local" / "registry"
 FETCH_TIMEOUT_S = 900  # a cold fetch downloads the registry's jars first
 START_TIMEOUT_S = 90
+# The module's registry starts in the first test's setup; a cold fetch there must not trip
+# the suite's per-test timeout (CI runs fetch.sh beforehand, so it is normally instant).
+pytestmark = pytest.mark.timeout(FETCH_TIMEOUT_S + START_TIMEOUT_S + 60)
 TS = 1_700_000_000_123
 
 
