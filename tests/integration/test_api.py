@@ -396,6 +396,36 @@ def test_metrics_add_up_the_counts_of_both_workers(full: Stack) -> None:
     assert len(health_pids) == 2  # the 40 were served by both workers, yet counted once each
 
 
+def test_a_replaced_worker_takes_over_the_free_reply_partition(full: Stack) -> None:
+    text = requests.get(f"{full.url}/api/v1/metrics", timeout=10).text
+    owners = dict(re.findall(r'^qrsight_api_reply_partition\{pid="(\d+)"\} (\S+)', text, re.M))
+    victim = next(pid for pid, part in owners.items() if float(part) == 1.0)
+    os.kill(int(victim), signal.SIGKILL)
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while True:
+        assert time.monotonic() < deadline, owners
+        time.sleep(0.5)
+        try:
+            text = requests.get(f"{full.url}/api/v1/metrics", timeout=10).text
+        except requests.RequestException:
+            continue
+        owners = dict(re.findall(r'^qrsight_api_reply_partition\{pid="(\d+)"\} (\S+)', text, re.M))
+        # the new worker's sample reads 0 until its app is built, then its partition
+        if victim not in owners and sorted(float(p) for p in owners.values()) == [0.0, 1.0]:
+            break
+    wait_ready(full, 2)
+    data, _ = qr_png("after restart")
+    for _ in range(6):  # fresh connections: both workers answer
+        response = requests.post(
+            f"{full.url}/api/v1/detect",
+            data=data,
+            headers={"Content-Type": "image/png", "Connection": "close"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        assert [r["text"] for r in response.json()["results"]] == ["after restart"]
+
+
 def test_401_without_a_token(bare: Stack) -> None:
     response = requests.post(
         f"{bare.url}/api/v1/detect",
