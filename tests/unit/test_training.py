@@ -1,0 +1,52 @@
+"""CI smoke test of the training pipeline: a few steps of a tiny model, export, ORT run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the `train` extra (pip install '.[train]')")
+
+from training import train  # noqa: E402
+from training.synth import make_sample  # noqa: E402
+
+
+def test_synthetic_samples_are_reproducible_and_boxed() -> None:
+    a = make_sample(7, 3, 160)
+    b = make_sample(7, 3, 160)
+    assert a.image.shape == (160, 160, 3)
+    assert np.array_equal(a.image, b.image)
+    assert np.array_equal(a.boxes, b.boxes)
+    boxes = np.concatenate([make_sample(7, i, 160).boxes for i in range(12)])
+    assert len(boxes) > 0, "12 samples without a single QR code"
+    assert (boxes[:, 2] > boxes[:, 0]).all()
+    assert (boxes[:, 3] > boxes[:, 1]).all()
+    assert (boxes >= 0).all()
+    assert (boxes <= 160).all()
+
+
+def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    assert train.main(["--smoke", "--out", str(tmp_path)]) == 0
+    path = tmp_path / "qrsight-qr-v1.onnx"
+    assert path.stat().st_size > 0
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    assert inp.name == "images"
+    assert not isinstance(inp.shape[0], int), "batch axis must be dynamic"
+    out = sess.run(None, {"images": np.random.rand(2, 3, 128, 128).astype(np.float32)})[0]
+    n = (128 // 8) ** 2 + (128 // 16) ** 2 + (128 // 32) ** 2
+    assert out.shape == (2, 5, n)
+    scores = out[:, 4]
+    assert ((scores >= 0) & (scores <= 1)).all()
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["names"] == "{0: 'qr'}"
+    assert meta["task"] == "detect"
+    assert json.loads(meta["imgsz"]) == [128, 128]
+    assert meta["stride"] == "32"
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1]["step"] == 6

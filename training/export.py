@@ -1,0 +1,111 @@
+"""Export a trained :class:`~training.model.QRDet` to ONNX in the Ultralytics YOLOv8 layout.
+
+Input ``images`` ``[B, 3, H, W]`` (RGB, 0..1; batch, height and width dynamic), output
+``output0`` ``[B, 5, N]``; metadata ``names``, ``stride``, ``imgsz``, ``task``,
+``description``, ``version`` like an Ultralytics export, so the core detector loads it
+without a special case. BatchNorm is folded into the convolutions first.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from training.model import ExportWrapper, QRDet, fuse_bn
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class ExportCheckError(RuntimeError):
+    """The exported graph does not reproduce the torch model."""
+
+
+def export_onnx(
+    model: QRDet,
+    path: Path,
+    imgsz: int,
+    *,
+    version: str = "1",
+    description: str = "qrsight QR code detector (synthetic data, anchor-free)",
+    check: bool = True,
+) -> Path:
+    """Write ``path`` (fused, with metadata); with ``check`` compare ORT against torch."""
+    net = fuse_bn(copy.deepcopy(model).eval().float())
+    wrapper = ExportWrapper(net).eval()
+    dummy = torch.rand(1, 3, imgsz, imgsz)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings():
+        # the TorchScript exporter is chosen on purpose (dynamo=False): it handles the
+        # dynamic batch/height/width of this graph reliably
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        _torch_export(wrapper, dummy, tmp)
+    proto = onnx.load(str(tmp))
+    meta = {
+        "description": description,
+        "author": "qrsight",
+        "date": time.strftime("%Y-%m-%d"),
+        "version": version,
+        "task": "detect",
+        "stride": "32",
+        "batch": "1",
+        "imgsz": f"[{imgsz}, {imgsz}]",
+        "names": "{0: 'qr'}",
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    tmp.unlink(missing_ok=True)
+    if check:
+        check_export(model, path, imgsz)
+    logger.info("exported path=%s imgsz=%d bytes=%d", path, imgsz, path.stat().st_size)
+    return path
+
+
+def _torch_export(wrapper: torch.nn.Module, dummy: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(
+        wrapper,
+        (dummy,),
+        str(path),
+        opset_version=OPSET,
+        input_names=["images"],
+        output_names=["output0"],
+        dynamic_axes={
+            "images": {0: "batch", 2: "height", 3: "width"},
+            "output0": {0: "batch", 2: "anchors"},
+        },
+        do_constant_folding=True,
+        dynamo=False,
+    )
+
+
+def check_export(model: QRDet, path: Path, imgsz: int) -> float:
+    """Run ORT and torch on the same batch of 2; raise unless they agree. Returns max diff."""
+    import onnxruntime as ort
+
+    x = torch.rand(2, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = ExportWrapper(copy.deepcopy(model).eval()).eval()(x).numpy()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    out = sess.run(["output0"], {"images": x.numpy()})[0]
+    if out.shape != ref.shape:
+        raise ExportCheckError(f"{path}: ORT shape {out.shape} != torch {ref.shape}")
+    if not np.allclose(out, ref, rtol=1e-3, atol=1e-2):
+        diff = float(np.abs(out - ref).max())
+        raise ExportCheckError(f"{path}: ORT and torch differ (max abs diff {diff:.4g})")
+    return float(np.abs(out - ref).max())

@@ -1,0 +1,462 @@
+"""Synthetic QR detection data, generated on the fly and reproducible from a seed.
+
+``make_sample(seed, index, imgsz)`` always returns the same image for the same arguments:
+an RGB ``uint8`` square (letterboxed like the detector's preprocessing, pad 114) and the
+boxes ``(M, 4)`` float32 ``x1, y1, x2, y2`` of every QR code in it. A box is the
+axis-aligned bounding box of the code's *symbol area* (the module grid, quiet zone
+excluded) after every geometric distortion — the same thing as the bounding box of the
+four corners zxing-cpp reports, which the evaluation compares against.
+
+Ingredients: segno QR codes (URL/text/digits/binary/kanji payloads, versions 1-25, all
+ECC levels, with or without quiet zone, inverted, coloured), perspective, rotation,
+curvature, 1.5 px/module up to most of the frame; backgrounds from procedural textures,
+text, grids and the photos in ``skimage.data``; hard negatives (Data Matrix, Aztec,
+PDF417, 1-D barcodes via zxing-cpp, checkerboards, tiled and random-module patterns);
+blur, noise, JPEG, lighting gradients, glare and partial occlusion.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+import segno
+import zxingcpp
+
+logger = logging.getLogger(__name__)
+
+PAD_VALUE = 114
+PHOTO_NAMES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "clock",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "brick",
+    "grass",
+    "gravel",
+    "colorwheel",
+    "stereo_motorcycle",
+    "cell",
+)
+NEG_FORMATS = (
+    "DataMatrix",
+    "Aztec",
+    "PDF417",
+    "Code128",
+    "EAN13",
+    "Code39",
+    "ITF",
+)
+KANJI = "漢字日本語東京大阪情報技術研究開発品質管理安全確認番号"
+FONTS = (
+    cv2.FONT_HERSHEY_SIMPLEX,
+    cv2.FONT_HERSHEY_DUPLEX,
+    cv2.FONT_HERSHEY_COMPLEX,
+    cv2.FONT_HERSHEY_TRIPLEX,
+    cv2.FONT_HERSHEY_PLAIN,
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One synthetic image (RGB, square ``imgsz``) and its QR boxes (x1, y1, x2, y2)."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+
+
+# --------------------------------------------------------------------------- sources
+@lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    """The RGB photos that ship inside scikit-image (no download)."""
+    import skimage.data
+
+    out = []
+    for name in PHOTO_NAMES:
+        try:
+            img = getattr(skimage.data, name)()
+        except Exception:  # a data file that needs pooch: skip it
+            logger.debug("skimage photo unavailable name=%s", name)
+            continue
+        if isinstance(img, tuple):
+            img = img[0]
+        img = np.asarray(img)
+        if img.dtype != np.uint8:
+            img = (img.astype(np.float32) * (255.0 / max(float(img.max()), 1.0))).astype(np.uint8)
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        out.append(np.ascontiguousarray(img[..., :3]))
+    return tuple(out)
+
+
+def _payload(rng: np.random.Generator) -> str | bytes:
+    kind = rng.choice(["url", "text", "digits", "binary", "kanji", "alnum"])
+    n = int(rng.integers(1, 60)) if rng.random() < 0.7 else int(rng.integers(60, 300))
+    if kind == "url":
+        host = "".join(rng.choice(list(string.ascii_lowercase), int(rng.integers(3, 12))))
+        path = "".join(rng.choice(list(string.ascii_letters + string.digits + "/-_"), n))
+        return f"https://{host}.{rng.choice(['com', 'org', 'io', 'de'])}/{path}"
+    if kind == "text":
+        return "".join(rng.choice(list(string.ascii_letters + string.punctuation + " "), n))
+    if kind == "digits":
+        return "".join(rng.choice(list(string.digits), n * 2))
+    if kind == "alnum":
+        return "".join(rng.choice(list(string.ascii_uppercase + string.digits + " $%*+-./:"), n))
+    if kind == "kanji":
+        return "".join(rng.choice(list(KANJI), max(1, n // 3)))
+    return bytes(rng.integers(0, 256, n, dtype=np.uint8).tolist())
+
+
+def _qr_matrix(rng: np.random.Generator) -> np.ndarray:
+    """A random QR module matrix (1 = dark), no quiet zone, version 1-25."""
+    error = str(rng.choice(["L", "M", "Q", "H"]))
+    mask = int(rng.integers(0, 8))  # a fixed mask skips segno's slow mask search
+    for _ in range(10):
+        payload = _payload(rng)
+        try:
+            qr = segno.make_qr(payload, error=error, mask=mask, boost_error=False)
+        except segno.DataOverflowError:
+            continue
+        version = int(qr.version)
+        if version > 25:
+            continue
+        want = int(rng.integers(version, 26)) if rng.random() < 0.3 else version
+        if want != version:
+            qr = segno.make_qr(payload, error=error, version=want, mask=mask, boost_error=False)
+        return np.array([list(row) for row in qr.matrix], dtype=np.uint8)
+    return np.array([list(r) for r in segno.make_qr("qrsight").matrix], dtype=np.uint8)
+
+
+def _negative_matrix(rng: np.random.Generator) -> np.ndarray:
+    """A hard negative as a 0/1 'dark' matrix (quiet zone already included where usual)."""
+    kind = int(rng.integers(0, 10))
+    if kind < 6:
+        fmt = NEG_FORMATS[int(rng.integers(0, len(NEG_FORMATS)))]
+        content = {
+            "EAN13": "".join(rng.choice(list(string.digits), 12)),
+            "ITF": "".join(rng.choice(list(string.digits), 2 * int(rng.integers(3, 10)))),
+            "Code39": "".join(rng.choice(list(string.ascii_uppercase + string.digits), 8)),
+        }.get(fmt, "".join(rng.choice(list(string.ascii_letters), int(rng.integers(3, 80)))))
+        try:
+            bc = zxingcpp.create_barcode(content, getattr(zxingcpp.BarcodeFormat, fmt))
+            img = np.asarray(zxingcpp.write_barcode_to_image(bc, scale=1))
+        except Exception:
+            img = np.full((20, 20), 255, np.uint8)
+        if img.ndim == 3:
+            img = img[..., 0]
+        dark = (img < 128).astype(np.uint8)
+        if dark.shape[0] < 4:  # 1-D barcode: give it a height
+            dark = np.repeat(dark, int(rng.integers(10, 40)), axis=0)
+        return dark
+    if kind < 8:  # checkerboard / tiled pattern
+        n = int(rng.integers(4, 30))
+        tile = rng.integers(0, 2, (int(rng.integers(1, 4)), int(rng.integers(1, 4))))
+        if rng.random() < 0.5:
+            tile = np.array([[1, 0], [0, 1]])
+        reps = (n // tile.shape[0] + 1, n // tile.shape[1] + 1)
+        return np.tile(tile, reps)[:n, :n].astype(np.uint8)
+    n = int(rng.integers(15, 60))  # random modules, no finder patterns
+    return (rng.random((n, n)) < 0.5).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- backgrounds
+def _noise_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    out = np.zeros((h, w, 3), np.float32)
+    for octave in range(int(rng.integers(1, 5))):
+        cells = int(rng.integers(2, 8)) * (2**octave)
+        small = rng.random((cells, cells, 3)).astype(np.float32)
+        out += cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC) / (octave + 1)
+    out -= out.min()
+    out *= 255.0 / max(float(out.max()), 1e-3)
+    tint = rng.uniform(0.4, 1.0, 3).astype(np.float32)
+    return np.clip(out * tint + rng.uniform(0, 80), 0, 255).astype(np.uint8)
+
+
+def _photo_bg(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    photos = _photos()
+    img = photos[int(rng.integers(0, len(photos)))]
+    ph, pw = img.shape[:2]
+    scale = rng.uniform(0.3, 1.0)
+    ch, cw = max(8, int(ph * scale)), max(8, int(pw * scale))
+    y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
+    crop = img[y0 : y0 + ch, x0 : x0 + cw]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return cv2.resize(np.ascontiguousarray(crop), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _draw_text(rng: np.random.Generator, img: np.ndarray, lines: int) -> None:
+    h, w = img.shape[:2]
+    for _ in range(lines):
+        txt = "".join(rng.choice(list(string.ascii_letters + string.digits + " .,:"), 20))
+        org = (int(rng.integers(-w // 4, w)), int(rng.integers(0, h)))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        scale = float(rng.uniform(0.3, 2.0)) * max(h, w) / 640
+        font = FONTS[int(rng.integers(0, len(FONTS)))]
+        cv2.putText(img, txt, org, font, scale, color, int(rng.integers(1, 3)), cv2.LINE_AA)
+
+
+def _grid_bg(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    img = np.full((h, w, 3), rng.integers(120, 256, 3), np.uint8)
+    step = int(rng.integers(6, 60))
+    color = tuple(int(c) for c in rng.integers(0, 200, 3))
+    for x in range(0, w, step):
+        cv2.line(img, (x, 0), (x, h), color, 1)
+    for y in range(0, h, step):
+        cv2.line(img, (0, y), (w, y), color, 1)
+    for _ in range(int(rng.integers(0, 12))):
+        p1 = tuple(int(v) for v in rng.integers(0, max(h, w), 2))
+        p2 = tuple(int(v) for v in rng.integers(0, max(h, w), 2))
+        cv2.rectangle(img, p1, p2, tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
+    return img
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    r = rng.random()
+    if r < 0.45:
+        img = _photo_bg(rng, h, w)
+    elif r < 0.7:
+        img = _noise_texture(rng, h, w)
+    elif r < 0.85:
+        img = np.full((h, w, 3), rng.integers(150, 256, 3), np.uint8)
+        _draw_text(rng, img, int(rng.integers(5, 30)))
+    elif r < 0.95:
+        img = _grid_bg(rng, h, w)
+    else:
+        img = np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)
+    if rng.random() < 0.3:
+        _draw_text(rng, img, int(rng.integers(1, 6)))
+    return np.ascontiguousarray(img)
+
+
+# --------------------------------------------------------------------------- placement
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    dark = rng.integers(0, 70, 3).astype(np.float32)
+    light = rng.integers(180, 256, 3).astype(np.float32)
+    if rng.random() < 0.25:  # coloured code
+        dark = rng.integers(0, 140, 3).astype(np.float32)
+        light = rng.integers(150, 256, 3).astype(np.float32)
+    if rng.random() < 0.12:  # inverted
+        dark, light = light, dark
+    return dark, light
+
+
+def _target_quad(
+    rng: np.random.Generator, size: float, cx: float, cy: float, persp: float
+) -> np.ndarray:
+    theta = rng.uniform(0, 2 * np.pi) if rng.random() < 0.6 else rng.normal(0, 0.15)
+    half = size / 2
+    sq = np.array([[-half, -half], [half, -half], [half, half], [-half, half]], np.float32)
+    if rng.random() < 0.3:  # aspect squash (oblique view)
+        sq[:, int(rng.integers(0, 2))] *= rng.uniform(0.55, 1.0)
+    sq += rng.uniform(-persp, persp, (4, 2)).astype(np.float32) * size
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]], np.float32)
+    return (sq @ rot.T + np.array([cx, cy], np.float32)).astype(np.float32)
+
+
+def _curve(rng: np.random.Generator, tex: np.ndarray, masks: list[np.ndarray]) -> None:
+    """Mild cylinder/fabric bend applied in texture space (in place)."""
+    h, w = tex.shape[:2]
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    amp = rng.uniform(0.02, 0.08) * h
+    freq = rng.uniform(0.5, 1.5) * np.pi / w
+    phase = rng.uniform(0, np.pi)
+    if rng.random() < 0.5:
+        mapy = ys + amp * np.sin(xs * freq + phase)
+        mapx = xs
+    else:
+        mapx = xs + amp * np.sin(ys * freq + phase)
+        mapy = ys
+    tex[:] = cv2.remap(tex, mapx, mapy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    for m in masks:
+        m[:] = cv2.remap(m, mapx, mapy, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
+
+
+def _paste(
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    dark: np.ndarray,
+    *,
+    quiet: int,
+    size: float,
+    center: tuple[float, float],
+) -> np.ndarray | None:
+    """Warp a module matrix onto the canvas; return the symbol area's bbox or None."""
+    n_r, n_c = dark.shape
+    ppm = int(np.clip(np.ceil(2 * size / max(n_r, n_c)), 2, 8))
+    grid = np.pad(dark, quiet, constant_values=0)
+    tex_gray = cv2.resize(
+        (1 - grid).astype(np.uint8) * 255,
+        (grid.shape[1] * ppm, grid.shape[0] * ppm),
+        interpolation=cv2.INTER_NEAREST,
+    )
+    d_col, l_col = _colours(rng)
+    t = tex_gray.astype(np.float32)[..., None] / 255.0
+    tex = (d_col * (1 - t) + l_col * t).astype(np.float32)
+    th, tw = tex.shape[:2]
+    alpha = np.ones((th, tw), np.float32)
+    sym = np.zeros((th, tw), np.uint8)
+    q = quiet * ppm
+    sym[q : th - q, q : tw - q] = 255
+    if rng.random() < 0.15:
+        _curve(rng, tex, [alpha, sym])
+    # map the symbol area (not the quiet zone) to the target quad
+    quad = _target_quad(rng, size, center[0], center[1], persp=float(rng.uniform(0, 0.12)))
+    src = np.array([[q, q], [tw - q, q], [tw - q, th - q], [q, th - q]], np.float32)
+    mat = cv2.getPerspectiveTransform(src, quad)
+    h, w = canvas.shape[:2]
+    warped = cv2.warpPerspective(tex, mat, (w, h), flags=cv2.INTER_AREA)
+    a = cv2.warpPerspective(alpha, mat, (w, h), flags=cv2.INTER_LINEAR)[..., None]
+    s = cv2.warpPerspective(sym, mat, (w, h), flags=cv2.INTER_NEAREST)
+    canvas[:] = (canvas.astype(np.float32) * (1 - a) + warped * a).astype(np.uint8)
+    ys, xs = np.nonzero(s)
+    if len(xs) == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / max(union, 1e-6))
+
+
+def _place(
+    rng: np.random.Generator, canvas: np.ndarray, dark: np.ndarray, quiet: int, taken: list
+) -> np.ndarray | None:
+    h, w = canvas.shape[:2]
+    side = min(h, w)
+    n = max(dark.shape)
+    lo = max(1.5 * n, 14.0)
+    hi = 0.92 * side
+    if lo >= hi:
+        return None
+    for _ in range(6):
+        if rng.random() < 0.45:
+            size = float(rng.uniform(max(lo, 0.3 * side), hi)) if 0.3 * side < hi else hi
+        else:
+            size = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        margin = size * 0.45
+        cx = float(rng.uniform(margin, max(margin + 1, w - margin)))
+        cy = float(rng.uniform(margin, max(margin + 1, h - margin)))
+        approx = np.array([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2])
+        if all(_iou(approx, t) < 0.05 for t in taken):
+            box = _paste(rng, canvas, dark, quiet=quiet, size=size, center=(cx, cy))
+            if box is not None:
+                taken.append(box)
+            return box
+    return None
+
+
+# --------------------------------------------------------------------------- degradations
+def _occlude(rng: np.random.Generator, img: np.ndarray, box: np.ndarray) -> None:
+    x1, y1, x2, y2 = box
+    bw, bh = x2 - x1, y2 - y1
+    ow, oh = bw * rng.uniform(0.1, 0.35), bh * rng.uniform(0.1, 0.35)
+    ox = x1 + rng.uniform(-0.1, 1.0) * bw - ow / 2
+    oy = y1 + rng.uniform(-0.1, 1.0) * bh - oh / 2
+    color = tuple(int(c) for c in rng.integers(0, 256, 3))
+    if rng.random() < 0.5:
+        cv2.rectangle(img, (int(ox), int(oy)), (int(ox + ow), int(oy + oh)), color, -1)
+    else:
+        cv2.ellipse(
+            img,
+            (int(ox + ow / 2), int(oy + oh / 2)),
+            (max(1, int(ow / 2)), max(1, int(oh / 2))),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            color,
+            -1,
+        )
+
+
+def _degrade(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    f = img.astype(np.float32)
+    if rng.random() < 0.5:  # lighting gradient
+        gx, gy = rng.uniform(-1, 1, 2)
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        g = 1 + rng.uniform(0.2, 0.7) * ((xs / w - 0.5) * gx + (ys / h - 0.5) * gy)
+        f *= g[..., None]
+    if rng.random() < 0.2:  # glare
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(0.05, 0.3) * max(h, w)
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        blob = np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * r * r))
+        f += rng.uniform(80, 250) * blob[..., None]
+    f = f * rng.uniform(0.6, 1.3) + rng.uniform(-40, 40)  # contrast / brightness
+    img = np.clip(f, 0, 255).astype(np.uint8)
+    r = rng.random()
+    if r < 0.2:  # motion blur
+        k = int(rng.integers(3, 10))
+        kern = np.zeros((k, k), np.float32)
+        kern[k // 2, :] = 1.0 / k
+        rot = cv2.getRotationMatrix2D((k / 2 - 0.5, k / 2 - 0.5), float(rng.uniform(0, 180)), 1)
+        kern = cv2.warpAffine(kern, rot, (k, k))
+        img = cv2.filter2D(img, -1, kern / max(float(kern.sum()), 1e-6))
+    elif r < 0.45:  # defocus
+        img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.5, 2.0)))
+    if rng.random() < 0.4:
+        noise = rng.normal(0, rng.uniform(2, 15), img.shape).astype(np.float32)
+        img = np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    if rng.random() < 0.15:
+        img = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    if rng.random() < 0.5:
+        q = int(rng.integers(20, 95))
+        ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])
+        if ok:
+            img = cv2.imdecode(enc, cv2.IMREAD_UNCHANGED)
+    return np.ascontiguousarray(img)
+
+
+# --------------------------------------------------------------------------- sample
+def _letterbox(img: np.ndarray, boxes: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = img.shape[:2]
+    out = np.full((imgsz, imgsz, 3), PAD_VALUE, np.uint8)
+    top, left = (imgsz - h) // 2, (imgsz - w) // 2
+    out[top : top + h, left : left + w] = img
+    if len(boxes):
+        boxes = boxes + np.array([left, top, left, top], np.float32)
+    return out, boxes
+
+
+def make_sample(seed: int, index: int, imgsz: int = 320) -> Sample:
+    """The ``index``-th sample of the stream ``seed`` (deterministic)."""
+    rng = np.random.default_rng([seed, index])
+    if rng.random() < 0.3:
+        other = int(rng.uniform(0.6, 1.0) * imgsz)
+        h, w = (imgsz, other) if rng.random() < 0.5 else (other, imgsz)
+    else:
+        h, w = imgsz, imgsz
+    canvas = _background(rng, h, w)
+    taken: list[np.ndarray] = []
+    for _ in range(int(rng.choice([0, 1, 2, 3], p=[0.45, 0.35, 0.12, 0.08]))):
+        _place(rng, canvas, _negative_matrix(rng), int(rng.integers(0, 4)), taken)
+    negatives = len(taken)
+    n_qr = int(rng.choice([0, 1, 2, 3, 4], p=[0.28, 0.5, 0.12, 0.06, 0.04]))
+    for _ in range(n_qr):
+        quiet = 0 if rng.random() < 0.25 else int(rng.integers(1, 5))
+        _place(rng, canvas, _qr_matrix(rng), quiet, taken)
+    boxes = np.array(taken[negatives:], np.float32).reshape(-1, 4)
+    for box in boxes:
+        if rng.random() < 0.2:
+            _occlude(rng, canvas, box)
+    canvas = _degrade(rng, canvas)
+    image, boxes = _letterbox(canvas, boxes, imgsz)
+    return Sample(image=image, boxes=boxes)

@@ -1,0 +1,364 @@
+"""Train qrsight's QR detector on synthetic data and export it to ONNX.
+
+``python -m training.train --out models/`` reproduces the shipped model (seeded);
+``--smoke`` runs a few steps of a tiny model, exports it and loads it in ONNX Runtime.
+Checkpoints, the log and intermediate exports go to ``--run-dir`` (default ``runs/train``);
+the best checkpoint by the *synthetic* validation set is exported to
+``<out>/qrsight-qr-v1.onnx`` every time it improves, so a run can be stopped at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from training.export import export_onnx
+from training.loss import detection_loss
+from training.model import ModelConfig, QRDet, anchor_points, count_macs, n_params
+from training.synth import make_sample
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "qrsight-qr-v1.onnx"
+VAL_SEED_OFFSET = 1_000_003
+
+
+class SynthDataset(Dataset):
+    """Map-style view of the synthetic stream: item ``i`` is ``make_sample(seed, i)``."""
+
+    def __init__(self, seed: int, length: int, imgsz: int) -> None:
+        self.seed, self.length, self.imgsz = seed, length, imgsz
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s = make_sample(self.seed, i, self.imgsz)
+        return s.image, s.boxes
+
+
+def collate(batch: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
+    return images.contiguous(), [torch.from_numpy(b[1]) for b in batch]
+
+
+class EMA:
+    """Exponential moving average of the weights (and a copy of the buffers)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, tau: float) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.decay, self.tau, self.updates = decay, tau, 0
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        msd = model.state_dict()
+        for k, v in self.model.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(msd[k])
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        xx1 = np.maximum(boxes[i, 0], boxes[order[1:], 0])
+        yy1 = np.maximum(boxes[i, 1], boxes[order[1:], 1])
+        xx2 = np.minimum(boxes[i, 2], boxes[order[1:], 2])
+        yy2 = np.minimum(boxes[i, 3], boxes[order[1:], 3])
+        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
+        area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+        ious = inter / (area(boxes[i]) + area(boxes[order[1:]]) - inter + 1e-7)
+        order = order[1:][ious < iou]
+    return np.array(keep, dtype=np.int64)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    aa = (a[:, 2:] - a[:, :2]).prod(-1)
+    ab = (b[:, 2:] - b[:, :2]).prod(-1)
+    return inter / (aa[:, None] + ab[None] - inter + 1e-7)
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module, val: list[tuple[np.ndarray, np.ndarray]], conf: float = 0.25
+) -> dict[str, float]:
+    """Box recall (IoU ≥ 0.5), image recall, FP images and precision on a synthetic set."""
+    model.eval()
+    found = total = fp_dets = tp_dets = 0
+    img_hit = img_pos = fp_images = img_neg = 0
+    for start in range(0, len(val), 32):
+        chunk = val[start : start + 32]
+        x = torch.from_numpy(np.stack([c[0] for c in chunk])).permute(0, 3, 1, 2).float() / 255
+        boxes, logits = model(x)
+        scores = logits.sigmoid()[..., 0].numpy()
+        boxes = boxes.numpy()
+        for (_, gt), b_all, s_all in zip(chunk, boxes, scores, strict=True):
+            keep = s_all >= conf
+            b, s = b_all[keep], s_all[keep]
+            k = nms(b, s) if len(s) else np.zeros(0, np.int64)
+            b = b[k]
+            if len(gt):
+                img_pos += 1
+                ious = iou_matrix(gt, b) if len(b) else np.zeros((len(gt), 0))
+                hit = (ious >= 0.5).any(1) if len(b) else np.zeros(len(gt), bool)
+                found += int(hit.sum())
+                total += len(gt)
+                img_hit += int(hit.any())
+                matched = (ious >= 0.5).any(0) if len(b) else np.zeros(0, bool)
+                tp_dets += int(matched.sum())
+                fp_dets += int((~matched).sum())
+            else:
+                img_neg += 1
+                fp_images += int(len(b) > 0)
+                fp_dets += len(b)
+    return {
+        "box_recall": found / max(total, 1),
+        "image_recall": img_hit / max(img_pos, 1),
+        "fp_images": fp_images / max(img_neg, 1),
+        "precision": tp_dets / max(tp_dets + fp_dets, 1),
+    }
+
+
+def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim == 4 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("models"), help="where the .onnx goes")
+    p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and log")
+    p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--imgsz", type=int, default=320, help="training image size")
+    p.add_argument("--export-imgsz", type=int, default=640, help="imgsz in the ONNX metadata")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--val-size", type=int, default=192)
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    p.add_argument("--version", default="1")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch, args.imgsz, args.export_imgsz = 6, 4, 128, 128
+        args.val_every, args.val_size, args.workers = 6, 8, 0
+    if args.run_dir is None:
+        args.run_dir = args.out if args.smoke else Path("runs") / f"train-seed{args.seed}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = [
+        logging.StreamHandler(sys.stdout),
+        logging.FileHandler(args.run_dir / "log"),
+    ]
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        return run(args)
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(old_level)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The training loop (``main`` sets up logging around it)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cv2.setNumThreads(1)
+    cfg = ModelConfig.tiny() if args.smoke else ModelConfig()
+    model = QRDet(cfg).to(memory_format=torch.channels_last)
+    macs = count_macs(model, 640)
+    logger.info(
+        "model params=%d macs640=%.3fG flops640=%.3fG cfg=%s",
+        n_params(model),
+        macs / 1e9,
+        2 * macs / 1e9,
+        cfg,
+    )
+    ema = EMA(model, decay=0.998, tau=200)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.99))
+    start_step, best = 0, -math.inf
+    if args.resume:
+        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        ema.model.load_state_dict(ck["ema"])
+        ema.updates = ck["step"]
+        opt.load_state_dict(ck["opt"])
+        start_step, best = ck["step"], ck.get("best", -1.0)
+        logger.info("resumed path=%s step=%d best=%.4f", args.resume, start_step, best)
+
+    dataset = SynthDataset(args.seed, args.steps * args.batch, args.imgsz)
+    indices = list(range(start_step * args.batch, args.steps * args.batch))
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch,
+        sampler=indices,
+        num_workers=args.workers,
+        collate_fn=collate,
+        persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None,
+    )
+    val_seed = args.seed + VAL_SEED_OFFSET
+    t0 = time.time()
+    val = [dataset_item(val_seed, i, args.imgsz) for i in range(args.val_size)]
+    logger.info("val set n=%d seed=%d secs=%.1f", len(val), val_seed, time.time() - t0)
+    points, strides = anchor_points(args.imgsz)
+    history: list[dict] = []
+    t_start = time.time()
+    seen = 0
+    step = start_step
+    model.train()
+    for images, targets in loader:
+        lr = lr_at(step, args.steps, args.lr, warmup=min(150, args.steps // 10 + 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = (images.float() / 255).contiguous(memory_format=torch.channels_last)
+        boxes, logits = model(x)
+        loss, parts = detection_loss(boxes, logits, targets, points, strides)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        ema.update(model)
+        step += 1
+        seen += len(targets)
+        if step % 10 == 0 or step == args.steps:
+            el = time.time() - t_start
+            ips = seen / max(el, 1e-6)
+            eta = (args.steps - step) * args.batch / max(ips, 1e-6)
+            logger.info(
+                "step=%d/%d loss=%.4f cls=%.4f box=%.4f iou=%.3f pos=%d lr=%.2e img_s=%.1f "
+                "eta_min=%.1f",
+                step,
+                args.steps,
+                float(loss.detach()),
+                parts["cls"],
+                parts["box"],
+                parts["iou"],
+                int(parts["pos"]),
+                lr,
+                ips,
+                eta / 60,
+            )
+        if step % args.val_every == 0 or step == args.steps:
+            best = checkpoint(
+                args, model, ema=ema, opt=opt, step=step, val=val, best=best, history=history
+            )
+            model.train()
+    logger.info("done steps=%d minutes=%.1f best=%.4f", step, (time.time() - t_start) / 60, best)
+    final = args.out / MODEL_NAME
+    if args.smoke:
+        smoke_check(final, args.export_imgsz)
+    return 0
+
+
+def dataset_item(seed: int, i: int, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+    s = make_sample(seed, i, imgsz)
+    return s.image, s.boxes
+
+
+def checkpoint(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    *,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    step: int,
+    val: list,
+    best: float,
+    history: list[dict],
+) -> float:
+    """Validate the EMA weights, save a checkpoint, export when the score improves."""
+    t0 = time.time()
+    metrics = validate(ema.model, val)
+    score = metrics["box_recall"] + metrics["precision"] - metrics["fp_images"]
+    history.append({"step": step, "score": score, **metrics})
+    (args.run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.model.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "best": max(best, score),
+        "cfg": ema.model.cfg.__dict__,
+    }
+    torch.save(state, args.run_dir / "last.pt")
+    improved = score > best
+    if improved:
+        shutil.copy(args.run_dir / "last.pt", args.run_dir / "best.pt")
+        onnx_path = args.run_dir / "best.onnx"
+        export_onnx(ema.model, onnx_path, args.export_imgsz, version=args.version)
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(onnx_path, args.out / MODEL_NAME)
+    logger.info(
+        "val step=%d score=%.4f box_recall=%.4f image_recall=%.4f fp_images=%.4f "
+        "precision=%.4f best=%s secs=%.1f",
+        step,
+        score,
+        metrics["box_recall"],
+        metrics["image_recall"],
+        metrics["fp_images"],
+        metrics["precision"],
+        improved,
+        time.time() - t0,
+    )
+    return max(best, score)
+
+
+def smoke_check(path: Path, imgsz: int) -> None:
+    """Load the export in ONNX Runtime and run one image."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"images": np.zeros((1, 3, imgsz, imgsz), np.float32)})[0]
+    meta = sess.get_modelmeta().custom_metadata_map
+    logger.info("smoke onnx=%s output=%s names=%s", path, out.shape, meta.get("names"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
