@@ -38,7 +38,7 @@ class ModelConfig:
 
 class ConvBN(nn.Sequential):
     def __init__(
-        self, c_in: int, c_out: int, k: int = 1, s: int = 1, groups: int = 1, pad: int = -1
+        self, c_in: int, c_out: int, k: int = 1, s: int = 1, *, groups: int = 1, pad: int = -1
     ) -> None:
         super().__init__(
             nn.Conv2d(c_in, c_out, k, s, k // 2 if pad < 0 else pad, groups=groups, bias=False),
