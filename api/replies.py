@@ -167,6 +167,8 @@ class ReplyClient:
             thread.join(timeout_s)
         if self._producer is not None:
             self._producer.flush(timeout_s)
+        self._request_codec.close()
+        self._result_codec.close()
         self._ready.clear()
         self._threads.clear()
         logger.info("reply client closed partition=%s", self.partition)
