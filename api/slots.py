@@ -1,7 +1,8 @@
 """Which partition of the replies topic this process reads.
 
-Each API process must own its own reply partition, or two processes would read each
-other's replies (and drop them as unknown). The partition is
+Each API process should own its reply partition. Two processes on one partition lose
+nothing (each reads the whole partition with manual assignment, no group, and completes
+only its own waiters), but each fetches and discards the other's replies. The partition is
 ``QRSIGHT_API_REPLY_PARTITION`` (default 0) plus this process's *slot*:
 
 - under gunicorn, the master gives every worker the lowest slot no live worker holds
