@@ -173,6 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-size", type=int, default=192)
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
     p.add_argument("--version", default="1")
+    p.add_argument("--no-select", action="store_true", help="skip the imgsz selection")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.imgsz, args.export_imgsz = 6, 4, 128, 128
@@ -294,6 +295,13 @@ def run(args: argparse.Namespace) -> int:
     final = args.out / MODEL_NAME
     if args.smoke:
         smoke_check(final, args.export_imgsz)
+    elif not args.no_select:
+        from training.select import main as select_main
+
+        # choose the shipped inference size on synthetic data, re-export the best weights
+        select_main(
+            [str(args.run_dir / "best.pt"), "--out", str(args.out), "--version", args.version]
+        )
     return 0
 
 
