@@ -272,14 +272,21 @@ def publish(
         producer.poll(0)
         if rate:
             time.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
-    producer.flush(60)
+    if producer.flush(60) or len(stamps) != len(images):
+        raise SystemExit(f"only {len(stamps)} of {len(images)} requests were delivered")
     return stamps
 
 
-def through_kafka(
-    settings: Settings, env: dict[str, str], images: Sequence[bytes], latency_images: int
-) -> tuple[float, list[float]]:
-    """(images/s after the first batch, per-image latencies in ms at half that rate)."""
+def kafka_rate(results: Results, sent: dict[str, int]) -> float:
+    """Images/s from the result records' timestamps, not counting the first batch."""
+    stamps = sorted(results.ts[k] for k in sent)
+    after = [t for t in stamps if t > stamps[0]]
+    return len(after) / max((stamps[-1] - stamps[0]) / 1000.0, 1e-3)
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings, env: dict[str, str]) -> Iterator[Results]:
+    """A warmed-up worker subprocess (model loaded, partitions assigned) and a result reader."""
     results = Results(settings)
     worker = subprocess.Popen(
         [sys.executable, "-m", "consumer.cli", "--worker-index", "0"],
@@ -287,18 +294,9 @@ def through_kafka(
         cwd=ROOT,
     )
     try:
-        warm = images[: settings.max_batch * 2]
+        warm = [make_images(1, 99)[0]] * (settings.max_batch * 2)
         results.wait(set(publish(settings, warm, "warm")), 180)
-        sent = publish(settings, images, "tput")
-        results.wait(set(sent), 600)
-        stamps = sorted(results.ts[k] for k in sent)
-        first = stamps[0]
-        after = [t for t in stamps if t > first]
-        rate = len(after) / max((stamps[-1] - first) / 1000.0, 1e-3)
-        paced = publish(settings, images[:latency_images], "lat", rate=rate / 2)
-        results.wait(set(paced), 300)
-        latencies = [float(results.ts[k] - t) for k, t in paced.items()]
-        return rate, latencies
+        yield results
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
@@ -306,8 +304,19 @@ def through_kafka(
 
 
 def run_one(
-    bootstrap: str, model: Path | None, cfg: Config, images: Sequence[bytes], latency_images: int
+    bootstrap: str,
+    model: Path | None,
+    cfg: Config,
+    images: Sequence[bytes],
+    latency_images: int,
+    *,
+    rounds: int,
 ) -> dict[str, float]:
+    """``rounds`` of (in-process, through Kafka), then in-process once more, then latency.
+
+    The machine is shared, so each Kafka round is compared with the in-process runs just
+    before and after it; the reported ratio is the median of those per-round ratios.
+    """
     env = bench_env(bootstrap, model, cfg)
     settings = load_settings(env)
     if not settings.model_path.exists():
@@ -315,24 +324,33 @@ def run_one(
             f"no model at {settings.model_path}: pass --model or set QRSIGHT_MODEL_PATH"
         )
     create_topics(settings)
-    base_a = in_process(settings, images)
-    kafka, latencies = through_kafka(settings, env, images, latency_images)
-    base_b = in_process(settings, images)
-    base = (base_a + base_b) / 2
-    lat = np.array(latencies)
+    local: list[float] = []
+    kafka: list[float] = []
+    with worker_process(settings, env) as results:
+        local.append(in_process(settings, images))
+        for r in range(rounds):
+            sent = publish(settings, images, f"tput{r}")
+            results.wait(set(sent), 600)
+            kafka.append(kafka_rate(results, sent))
+            local.append(in_process(settings, images))
+        rate = float(np.median(kafka))
+        paced = publish(settings, images[:latency_images], "lat", rate=rate / 2)
+        results.wait(set(paced), 300)
+        lat = np.array([float(results.ts[k] - t) for k, t in paced.items()])
+    ratios = [k / ((local[i] + local[i + 1]) / 2) for i, k in enumerate(kafka)]
     row = {
-        "in_process": base,
-        "in_process_a": base_a,
-        "in_process_b": base_b,
-        "kafka": kafka,
-        "ratio": kafka / base,
+        "in_process": float(np.median(local)),
+        "kafka": rate,
+        "ratio": float(np.median(ratios)),
         "p50_ms": float(np.percentile(lat, 50)),
         "p95_ms": float(np.percentile(lat, 95)),
         "max_ms": float(lat.max()),
     }
     print(
-        f"{cfg.label()}: in-process {base:.1f} img/s ({base_a:.1f}, {base_b:.1f}) | "
-        f"kafka {kafka:.1f} img/s | ratio {row['ratio']:.3f} | latency at half rate "
+        f"{cfg.label()}: in-process {row['in_process']:.1f} img/s "
+        f"[{' '.join(f'{x:.1f}' for x in local)}] | kafka {rate:.1f} img/s "
+        f"[{' '.join(f'{x:.1f}' for x in kafka)}] | ratio {row['ratio']:.3f} "
+        f"[{' '.join(f'{x:.2f}' for x in ratios)}] | latency at half rate "
         f"p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms max {row['max_ms']:.0f} ms",
         flush=True,
     )
@@ -374,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=int, default=None)
     parser.add_argument("--decode-threads", type=int, default=None)
     parser.add_argument("--ort-threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="Kafka/in-process rounds")
     parser.add_argument("--sweep", action="store_true", help="a small sweep of the knobs")
     args = parser.parse_args(argv)
     defaults = load_settings({k: v for k, v in os.environ.items() if k.startswith("QRSIGHT_")})
@@ -394,7 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     configs = SWEEP if args.sweep else (cfg,)
     with broker() as bootstrap:
-        rows = [run_one(bootstrap, args.model, c, images, args.latency_images) for c in configs]
+        rows = [
+            run_one(bootstrap, args.model, c, images, args.latency_images, rounds=args.rounds)
+            for c in configs
+        ]
     best = max(rows, key=lambda r: r["kafka"])
     if not args.sweep:
         print(f"ratio = {best['ratio']:.3f} (goal >= 0.90)")

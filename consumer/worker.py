@@ -38,6 +38,7 @@ from schemas.codec import Codec
 logger = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
+IDLE_POLL_S = 0.5  # also how quickly an idle worker notices stop()
 DELIVERY_TIMEOUT_S = 120.0
 TXN_TIMEOUT_S = 30.0
 TXN_COMMIT_TRIES = 5
@@ -81,6 +82,7 @@ class Worker:
         self.metrics = metrics or WorkerMetrics(index)
         self.exactly_once = settings.processing_guarantee == "exactly_once"
         self._pipeline = pipeline
+        self._owns_pipeline = False
         self._stop = threading.Event()
         self._running = False
         self._assigned: set[tuple[str, int]] = set()
@@ -109,6 +111,7 @@ class Worker:
         """Consume until stopped. Raises on a model, broker or delivery failure."""
         if self._pipeline is None:
             self._pipeline, facts = load_pipeline(self.settings)
+            self._owns_pipeline = True
             self.metrics.set_model(facts)
         elif not self.metrics.model_loaded:
             self.metrics.set_model({"name": "injected"})
@@ -140,12 +143,26 @@ class Worker:
             self._close(consumer, producer)
 
     def _loop(self, consumer: Consumer, producer: Producer) -> None:
-        timeout = self.settings.max_wait_ms / 1000.0
         while not self._stop.is_set():
-            msgs = consumer.consume(num_messages=self.settings.max_batch, timeout=timeout)
+            msgs = self._fetch(consumer)
             if msgs:
                 self.process_batch(msgs, consumer, producer)
             self._maybe_update_lag(consumer)
+
+    def _fetch(self, consumer: Consumer) -> list[Message]:
+        """One micro-batch: wait (up to IDLE_POLL_S) for a first message, then give the rest
+        of the batch at most ``max_wait_ms`` to arrive.
+
+        Same bound as ``consume(max_batch, max_wait)``, but an idle worker sleeps in
+        librdkafka instead of waking every ``max_wait_ms`` (or spinning when it is 0).
+        """
+        msgs = consumer.consume(num_messages=1, timeout=IDLE_POLL_S)
+        if msgs and self.settings.max_batch > 1:
+            msgs += consumer.consume(
+                num_messages=self.settings.max_batch - 1,
+                timeout=self.settings.max_wait_ms / 1000.0,
+            )
+        return msgs
 
     def _close(self, consumer: Consumer, producer: Producer) -> None:
         remaining = producer.flush(self.settings.shutdown_timeout_s / 2)
@@ -153,6 +170,8 @@ class Worker:
             logger.warning("unflushed records at close count=%d", remaining)
         consumer.close()  # leaves the group; commits stored offsets (auto commit)
         self._consumer = None
+        if self._owns_pipeline and self._pipeline is not None:
+            self._pipeline.close()
         self.metrics.set_assigned(0)
         logger.info("worker stopped worker=%d", self.index)
 
