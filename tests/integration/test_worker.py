@@ -226,15 +226,31 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes() -> Iterator[None]:
+    """Whatever a test leaves running (it failed half-way) is killed and reaped."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
 def spawn(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "consumer.cli", *args],
             env=settings_env(settings),
             cwd=REPO_ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    _SPAWNED.append(proc)
+    return proc
 
 
 def spawn_worker(settings: Settings, log: Path, index: int = 0) -> subprocess.Popen[bytes]:
