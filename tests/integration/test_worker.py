@@ -8,6 +8,7 @@ boxes differ per image and can be compared with ``core.pipeline.Pipeline``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -236,6 +237,9 @@ def _reap_processes() -> Iterator[None]:
     while _SPAWNED:
         proc = _SPAWNED.pop()
         if proc.poll() is None:
+            for child in children(proc.pid):  # a supervisor's workers
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
             proc.kill()
         proc.wait(10)
 
