@@ -662,8 +662,15 @@ def test_image_healthcheck_passes_on_a_live_worker_and_fails_without_one(
 
 
 # --- the README's Deploy section ---------------------------------------------------------
+def deploy_section() -> str:
+    text = (dc.ROOT / "README.md").read_text()
+    start = text.index("\n## Deploy")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
 def readme_commands() -> list[str]:
-    text = (dc.ROOT / "deploy/README.md").read_text()
+    text = deploy_section()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
@@ -692,7 +699,7 @@ def test_readme_compose_commands_match_the_compose_file(compose: dict[str, Any])
 
 
 def test_readme_names_the_ports_compose_publishes(compose: dict[str, Any]) -> None:
-    text = (dc.ROOT / "deploy/README.md").read_text()
+    text = deploy_section()
     for name in ("api", "kafka", "prometheus", "grafana"):
         for mapping in compose["services"][name]["ports"]:
             assert f"localhost:{mapping.split(':')[0]}" in text, (name, mapping)
