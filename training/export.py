@@ -37,10 +37,11 @@ def export_onnx(
     version: str = "1",
     description: str = "qrsight QR code detector (synthetic data, anchor-free)",
     check: bool = True,
+    score_bias: float = 0.0,
 ) -> Path:
     """Write ``path`` (fused, with metadata); with ``check`` compare ORT against torch."""
     net = fuse_bn(copy.deepcopy(model).eval().float())
-    wrapper = ExportWrapper(net).eval()
+    wrapper = ExportWrapper(net, score_bias).eval()
     dummy = torch.rand(1, 3, imgsz, imgsz)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
@@ -61,6 +62,7 @@ def export_onnx(
         "batch": "1",
         "imgsz": f"[{imgsz}, {imgsz}]",
         "names": "{0: 'qr'}",
+        "score_bias": f"{score_bias:.6f}",
     }
     del proto.metadata_props[:]
     for k, v in meta.items():
@@ -70,7 +72,7 @@ def export_onnx(
     onnx.save(proto, str(path))
     tmp.unlink(missing_ok=True)
     if check:
-        check_export(model, path, imgsz)
+        check_export(model, path, imgsz, score_bias)
     logger.info("exported path=%s imgsz=%d bytes=%d", path, imgsz, path.stat().st_size)
     return path
 
@@ -92,13 +94,13 @@ def _torch_export(wrapper: torch.nn.Module, dummy: torch.Tensor, path: Path) -> 
     )
 
 
-def check_export(model: QRDet, path: Path, imgsz: int) -> float:
+def check_export(model: QRDet, path: Path, imgsz: int, score_bias: float = 0.0) -> float:
     """Run ORT and torch on the same batch of 2; raise unless they agree. Returns max diff."""
     import onnxruntime as ort
 
     x = torch.rand(2, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = ExportWrapper(copy.deepcopy(model).eval()).eval()(x).numpy()
+        ref = ExportWrapper(copy.deepcopy(model).eval(), score_bias).eval()(x).numpy()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

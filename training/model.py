@@ -160,15 +160,17 @@ def anchor_points(imgsz: int) -> tuple[torch.Tensor, torch.Tensor]:
 class ExportWrapper(nn.Module):
     """``images [B,3,H,W]`` (RGB, 0..1) → ``output0 [B, 4 + nc, N]`` (YOLOv8 layout)."""
 
-    def __init__(self, model: QRDet) -> None:
+    def __init__(self, model: QRDet, score_bias: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.score_bias = score_bias  # added to the logits: moves the operating point
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         boxes, logits = self.model(images)
         xy = (boxes[..., :2] + boxes[..., 2:]) / 2
         wh = boxes[..., 2:] - boxes[..., :2]
-        return torch.cat([xy, wh, logits.sigmoid()], -1).permute(0, 2, 1)
+        scores = (logits + self.score_bias).sigmoid()
+        return torch.cat([xy, wh, scores], -1).permute(0, 2, 1)
 
 
 def fuse_bn(model: nn.Module) -> nn.Module:

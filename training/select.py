@@ -5,9 +5,10 @@
 Builds a validation set at a 640 canvas (codes from ~1.5 px/module up to most of the
 frame, the generator's full range; a stream the training never sees), runs the EMA
 weights of the checkpoint at each candidate size (images resized like the detector's
-letterbox) and exports with the size that scores best (box recall + precision - FP
-image rate, ties to the smaller size) written into the ONNX ``imgsz`` metadata.
-No real photo is used.
+letterbox) at every threshold of a grid, and exports with the size and threshold that
+score best (image recall - FP-image rate + 0.1 precision; ties to the smaller size):
+the size goes into the ONNX ``imgsz`` metadata and the threshold is moved to the core
+detector's default 0.25 by a bias on the logits. No real photo is used.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from training.export import export_onnx
 from training.model import ModelConfig, QRDet
 from training.synth import make_sample
-from training.train import MODEL_NAME, validate
+from training.train import MODEL_NAME, best_operating_point, predict_val
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     model = load_ema(args.checkpoint)
     val = [make_sample(SELECT_SEED, i, args.canvas) for i in range(args.n)]
     base = [(s.image, s.boxes) for s in val]
-    best_size, best_score = args.sizes[0], -np.inf
+    best = (-np.inf, args.sizes[0], 0.0)
     for size in args.sizes:
-        m = validate(model, resized(base, size))
-        score = m["box_recall"] + m["precision"] - m["fp_images"]
+        val_s = resized(base, size)
+        score, bias, m = best_operating_point(predict_val(model, val_s), val_s)
         logger.info(
-            "size=%d score=%.4f %s", size, score, " ".join(f"{k}={v:.4f}" for k, v in m.items())
+            "size=%d score=%.4f bias=%.3f %s",
+            size,
+            score,
+            bias,
+            " ".join(f"{k}={v:.4f}" for k, v in m.items()),
         )
-        if score > best_score + 1e-9:
-            best_size, best_score = size, score
-    logger.info("selected imgsz=%d score=%.4f", best_size, best_score)
+        if score > best[0] + 1e-9:
+            best = (score, size, bias)
+    score, size, bias = best
+    logger.info("selected imgsz=%d score_bias=%.4f score=%.4f", size, bias, score)
     if not args.no_export:
-        export_onnx(model, args.out / MODEL_NAME, best_size, version=args.version)
+        export_onnx(model, args.out / MODEL_NAME, size, version=args.version, score_bias=bias)
     return 0
 
 
