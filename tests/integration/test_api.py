@@ -256,25 +256,34 @@ def token(subject: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {signed}"}
 
 
+def payloads(body: dict[str, Any]) -> set[str]:
+    """The decoded texts of a response (boxes the reader could not decode left out)."""
+    return {r["text"] for r in body["results"] if r["text"] is not None}
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None).prod()
+    union = np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter
+    return float(inter / union)
+
+
 def check_detection(stack: Stack, body: dict[str, Any], text: str, true_box: np.ndarray) -> None:
     assert body["image"] == {"width": IMAGE_SIZE, "height": IMAGE_SIZE}
     assert body["model"]["name"]
     assert body["timings"]["total_ms"] >= 0
     results = body["results"]
-    assert len(results) == 1, results
-    found = results[0]
-    box = np.array([found["x1"], found["y1"], found["x2"], found["y2"]])
+    assert results, body
+    best = max(results, key=lambda r: r["confidence"])
+    box = np.array([best["x1"], best["y1"], best["x2"], best["y2"]])
     if stack.real_model:
-        inter = np.clip(
-            np.minimum(box[2:], true_box[2:]) - np.maximum(box[:2], true_box[:2]), 0, None
-        ).prod()
-        union = np.prod(box[2:] - box[:2]) + np.prod(true_box[2:] - true_box[:2]) - inter
-        assert inter / union > 0.7, (box, true_box)
+        assert iou(box, true_box) > 0.5, (box, true_box)
     else:
+        assert len(results) == 1, results
         cx, cy, w, h = FIXED_BOX
         assert np.allclose(box, [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], atol=1.0)
-    assert found["label"] == "qr"
-    assert found["text"] == text
+    assert best["label"] == "qr"
+    assert best["text"] == text
+    assert payloads(body) == {text}
 
 
 def test_multipart_and_raw_body_get_the_box_and_payload(full: Stack) -> None:
@@ -306,12 +315,13 @@ def test_decode_off_returns_boxes_without_payloads(full: Stack) -> None:
         timeout=30,
     )
     assert response.status_code == 200, response.text
-    assert [r["text"] for r in response.json()["results"]] == [None]
+    assert response.json()["results"]
+    assert payloads(response.json()) == set()
 
 
 def test_50_concurrent_requests_each_get_their_own_answer(full: Stack) -> None:
-    payloads = [f"payload-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(50)]
-    images = {p: qr_png(p)[0] for p in payloads}
+    sent = [f"payload-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(50)]
+    images = {p: qr_png(p)[0] for p in sent}
 
     def post(payload: str) -> tuple[str, requests.Response]:
         # a new connection per request, so both gunicorn workers take some
@@ -324,10 +334,10 @@ def test_50_concurrent_requests_each_get_their_own_answer(full: Stack) -> None:
         return payload, response
 
     with ThreadPoolExecutor(50) as pool:
-        answers = list(pool.map(post, payloads))
+        answers = list(pool.map(post, sent))
     for payload, response in answers:
         assert response.status_code == 200, response.text
-        assert [r["text"] for r in response.json()["results"]] == [payload]
+        assert payloads(response.json()) == {payload}
     ids = {response.json()["request_id"] for _, response in answers}
     assert len(ids) == 50
     served_by = Counter(
@@ -423,7 +433,7 @@ def test_a_replaced_worker_takes_over_the_free_reply_partition(full: Stack) -> N
             timeout=30,
         )
         assert response.status_code == 200, response.text
-        assert [r["text"] for r in response.json()["results"]] == ["after restart"]
+        assert payloads(response.json()) == {"after restart"}
 
 
 def test_401_without_a_token(bare: Stack) -> None:
