@@ -214,7 +214,7 @@ def in_process(settings: Settings, images: Sequence[bytes]) -> float:
 
 
 class Results:
-    """Counts result records (key → result timestamp) without decoding them."""
+    """Result records: key → timestamp; the timings of ``lat-*`` results are decoded too."""
 
     def __init__(self, settings: Settings) -> None:
         group = f"bench-reader-{uuid.uuid4().hex[:8]}"
@@ -229,6 +229,9 @@ class Results:
             ]
         )
         self.ts: dict[str, int] = {}
+        self.timings: dict[str, dict[str, float]] = {}
+        self.codec = Codec("DetectionResult", settings.schema_registry_url)
+        self.topic = settings.topic_detections
 
     def wait(self, keys: set[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -238,7 +241,11 @@ class Results:
                 raise SystemExit(f"{missing} result(s) missing after {timeout_s:.0f}s")
             for msg in self.consumer.consume(1000, 0.2):
                 if msg.error() is None:
-                    self.ts.setdefault((msg.key() or b"").decode(), msg.timestamp()[1])
+                    key = (msg.key() or b"").decode()
+                    self.ts.setdefault(key, msg.timestamp()[1])
+                    if key.startswith("lat-"):
+                        record = self.codec.decode(msg.value(), self.topic)
+                        self.timings[key] = record["timings"]
 
     def close(self) -> None:
         self.consumer.close()
@@ -337,6 +344,10 @@ def run_one(
         paced = publish(settings, images[:latency_images], "lat", rate=rate / 2)
         results.wait(set(paced), 300)
         lat = np.array([float(results.ts[k] - t) for k, t in paced.items()])
+        stages = {
+            name: float(np.mean([t[f"{name}_ms"] for t in results.timings.values()]))
+            for name in ("queue", "decode", "infer", "post", "total")
+        }
     ratios = [k / ((local[i] + local[i + 1]) / 2) for i, k in enumerate(kafka)]
     row = {
         "in_process": float(np.median(local)),
@@ -351,7 +362,8 @@ def run_one(
         f"[{' '.join(f'{x:.1f}' for x in local)}] | kafka {rate:.1f} img/s "
         f"[{' '.join(f'{x:.1f}' for x in kafka)}] | ratio {row['ratio']:.3f} "
         f"[{' '.join(f'{x:.2f}' for x in ratios)}] | latency at half rate "
-        f"p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms max {row['max_ms']:.0f} ms",
+        f"p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms max {row['max_ms']:.0f} ms "
+        f"(mean ms: {' '.join(f'{k} {v:.0f}' for k, v in stages.items())})",
         flush=True,
     )
     return row

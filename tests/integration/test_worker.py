@@ -28,10 +28,11 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from pydantic import SecretStr
 
 from consumer.worker import Worker
+from core.errors import ModelError
 from core.kafka import consumer_config, producer_config
 from core.pipeline import ImageJob, Pipeline
 from core.settings import REPO_ROOT, Settings
@@ -132,7 +133,7 @@ def read_topic(
     seen: list[tuple[Any, Result | None]] = []
     keys: set[str] = set()
     deadline = time.monotonic() + timeout_s
-    done_at: float | None = None
+    done_at: float | None = time.monotonic() + linger_s if not expected else None
     try:
         while time.monotonic() < (done_at or deadline):
             msg = reader.poll(0.2)
@@ -281,15 +282,26 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def watermarks(reader: Consumer, tp: TopicPartition, tries: int = 10) -> tuple[int, int]:
+    """Watermarks, retried while a new topic's leadership settles."""
+    for attempt in range(tries):
+        try:
+            low, high = reader.get_watermark_offsets(tp, timeout=5)
+            return int(low), int(high)
+        except KafkaException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.3)
+    raise AssertionError("unreachable")
+
+
 def count_results(settings: Settings) -> int:
     """How many records the detections topic holds now (high watermarks)."""
     reader = _reader(settings, settings.topic_detections, settings.topic_partitions)
     try:
         total = 0
         for p in range(settings.topic_partitions):
-            low, high = reader.get_watermark_offsets(
-                TopicPartition(settings.topic_detections, p), timeout=5
-            )
+            low, high = watermarks(reader, TopicPartition(settings.topic_detections, p))
             total += high - low
         return total
     finally:
@@ -300,6 +312,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_pair() -> int:
+    """A port ``p`` with ``p + 1`` free too (worker i listens on metrics_port + i)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -600,7 +625,7 @@ def metric(port: int, name: str) -> float | None:
 def test_two_workers_share_partitions_and_stopping_one_loses_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port = free_port_pair()
     settings = settings.model_copy(update={"metrics_port": port})
     stream = good_stream(settings, 300, "pair")
     log = tmp_path / "workers.log"
@@ -663,3 +688,26 @@ def test_supervisor_restarts_a_crashed_worker_and_stops_cleanly(
     text = log.read_text()
     assert "worker exited, restarting" in text
     assert children(supervisor.pid) == []
+
+
+class BrokenModel(Pipeline):
+    """A pipeline whose model fails (e.g. the GPU went away): not the input's fault."""
+
+    def run(self, jobs: Any) -> list[dict[str, Any]]:
+        raise ModelError("the model failed: CUDA error (test)")
+
+
+def test_a_model_failure_stops_the_worker_without_committing_and_nothing_is_lost(
+    settings: Settings,
+) -> None:
+    stream = good_stream(settings, 20, "model")
+    publish(settings, stream)
+    broken = Worker(settings, 0, pipeline=BrokenModel(settings))
+    with pytest.raises(ModelError):
+        broken.run()
+    assert count_results(settings) == 0, "no result for a batch the model did not run"
+    dlq = read_topic(settings, settings.topic_dlq, set(), linger_s=1.0)
+    assert dlq == [], "a model failure is not poison: nothing goes to the DLQ"
+    with worker_thread(settings):
+        by_id = results_by_id(settings, {rid for rid, _, _ in stream})
+    assert {r["status"] for v in by_id.values() for r in v} == {"OK"}
