@@ -3,8 +3,8 @@
 A point is positive for a box when it lies inside the box, within ``radius`` strides of
 its centre, and the box's largest ``l, t, r, b`` distance from it falls in the level's
 range (small codes to stride 8, large ones to stride 32; overlapping ranges). A point
-claimed by several boxes takes the smallest. Each box gets at least its nearest stride-8
-point. The class target of a positive is the IoU of its predicted box with the truth
+claimed by several boxes takes the smallest. A box no level claims gets its nearest
+stride-8 point. The class target of a positive is the IoU of its predicted box with the truth
 (so scores rank by localisation quality and NMS keeps the best box); negatives target 0.
 """
 
@@ -53,10 +53,11 @@ def assign(
         hi[strides == s] = b
     in_range = (m >= lo[None]) & (m <= hi[None])
     pos = inside & central & in_range  # [G, N]
-    # every box gets at least its nearest stride-8 point
+    # a box no level claims (tiny, or between ranges) gets its nearest stride-8 point
     d = (px - cx) ** 2 + (py - cy) ** 2 + (strides[None] != strides.min()) * 1e12
     nearest = d.argmin(1)
-    pos[torch.arange(gt.shape[0]), nearest] = True
+    lonely = ~pos.any(1)
+    pos[torch.arange(gt.shape[0])[lonely], nearest[lonely]] = True
     area = ((x2 - x1) * (y2 - y1)).expand(-1, n)
     area = torch.where(pos, area, torch.full_like(area, float("inf")))
     best_area, best = area.min(0)
