@@ -9,6 +9,7 @@ boxes differ per image and can be compared with ``core.pipeline.Pipeline``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -35,7 +36,7 @@ from consumer.worker import Worker
 from core.errors import ModelError
 from core.kafka import consumer_config, producer_config
 from core.pipeline import ImageJob, Pipeline
-from core.settings import REPO_ROOT, Settings
+from core.settings import DEFAULT_MODEL, REPO_ROOT, Settings
 from schemas import names
 from schemas.codec import Codec
 from tests.unit.onnx_models import make_dark_cell_model
@@ -711,3 +712,29 @@ def test_a_model_failure_stops_the_worker_without_committing_and_nothing_is_lost
     with worker_thread(settings):
         by_id = results_by_id(settings, {rid for rid, _, _ in stream})
     assert {r["status"] for v in by_id.values() for r in v} == {"OK"}
+
+
+def test_shipped_model_through_kafka_matches_qrsight_detect_on_the_samples(
+    settings: Settings,
+) -> None:
+    """The real detector: what the worker publishes is what ``Pipeline`` (qrsight-detect) gives."""
+    assert DEFAULT_MODEL.exists(), f"the shipped model is missing: {DEFAULT_MODEL}"
+    settings = settings.model_copy(update={"model_path": DEFAULT_MODEL, "conf_threshold": None})
+    samples = REPO_ROOT / "samples"
+    manifest = [json.loads(line) for line in (samples / "manifest.jsonl").read_text().splitlines()]
+    data = {m["path"]: (samples / m["path"]).read_bytes() for m in manifest}
+    publish(settings, [(p, b, [(names.H_CORRELATION_ID, p.encode())]) for p, b in data.items()])
+    with worker_thread(settings):
+        by_id = results_by_id(settings, set(data))
+    with Pipeline(settings) as pipeline:
+        expected = pipeline.run([ImageJob(p, b) for p, b in data.items()])
+    for want in expected:
+        (got,) = by_id[want["request_id"]]
+        assert got["status"] == "OK"
+        assert (got["image"], got["model"]) == (want["image"], want["model"])
+        assert len(boxes(got)) == len(boxes(want))
+        assert np.allclose(boxes(got), boxes(want), atol=1e-3), want["request_id"]
+        assert [d["text"] for d in got["detections"]] == [d["text"] for d in want["detections"]]
+    for m in manifest:
+        texts = {d["text"] for d in by_id[m["path"]][0]["detections"]}
+        assert set(m["texts"]) <= texts, (m["path"], texts)
