@@ -154,7 +154,7 @@ class Settings(BaseModel):
     auth_jwt_audience: str | None = Field(None, description="required `aud` claim")
     auth_jwt_issuer: str | None = Field(None, description="required `iss` claim")
     rate_limit: str = Field(
-        "120/minute", description="per-client limit on /detect (flask-limiter syntax; '' = off)"
+        "120/minute", description="per-client limit on /detect (flask-limiter syntax; `off` disables it)"
     )
     rate_limit_storage_uri: str = Field(
         "memory://", description="flask-limiter storage (e.g. redis://… to share across hosts)"
