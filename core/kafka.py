@@ -83,8 +83,9 @@ def producer_config(settings: Settings, role: str = "producer", **extra: Any) ->
     return conf
 
 
-def consumer_config(settings: Settings, group_id: str | None, role: str = "consumer",
-                    **extra: Any) -> dict[str, Any]:
+def consumer_config(
+    settings: Settings, group_id: str | None, role: str = "consumer", **extra: Any
+) -> dict[str, Any]:
     limits = message_limits(settings)
     conf = base_config(settings, role)
     conf.update(

@@ -91,7 +91,7 @@ class Settings(BaseModel):
     )
     max_image_side: int = Field(8192, ge=32, description="largest width or height, pixels")
     max_image_pixels: int = Field(
-        40_000_000, ge=1024, description="largest width × height (decompression-bomb guard)"
+        40_000_000, ge=1024, description="largest width x height (decompression-bomb guard)"
     )
 
     # --- model ------------------------------------------------------------------------
@@ -154,7 +154,8 @@ class Settings(BaseModel):
     auth_jwt_audience: str | None = Field(None, description="required `aud` claim")
     auth_jwt_issuer: str | None = Field(None, description="required `iss` claim")
     rate_limit: str = Field(
-        "120/minute", description="per-client limit on /detect (flask-limiter syntax; `off` disables it)"
+        "120/minute",
+        description="per-client limit on /detect (flask-limiter syntax; `off` disables it)",
     )
     rate_limit_storage_uri: str = Field(
         "memory://", description="flask-limiter storage (e.g. redis://… to share across hosts)"
@@ -208,8 +209,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     values["kafka_extra"] = kafka_passthrough(env)
     values.update(overrides)
     unknown = sorted(
-        k for k in env
-        if k.startswith(ENV_PREFIX) and k not in known and not k.startswith(KAFKA_PASSTHROUGH_PREFIX)
+        k
+        for k in env
+        if k.startswith(ENV_PREFIX)
+        and k not in known
+        and not k.startswith(KAFKA_PASSTHROUGH_PREFIX)
     )
     if unknown:
         logger.warning("ignoring unknown settings names=%s", ",".join(unknown))
@@ -237,7 +241,9 @@ def markdown_table() -> str:
             continue
         default = field.get_default(call_default_factory=True)
         if isinstance(default, Path):
-            default = default.relative_to(REPO_ROOT) if default.is_relative_to(REPO_ROOT) else default
+            default = (
+                default.relative_to(REPO_ROOT) if default.is_relative_to(REPO_ROOT) else default
+            )
         shown = "—" if default is None else f"`{default}`"
         rows.append(f"| `{env_name(name)}` | {shown} | {field.description} |")
     return "\n".join(rows)
