@@ -94,7 +94,8 @@ def load_manifest(arg: Path) -> list[Item]:
         refs = None
         if row.get("corners_ref"):
             refs = [quad_box(np.asarray(q, np.float32)) for q in row["corners_ref"]]
-        items.append(Item(manifest.parent / row["path"], row["kind"], list(row["texts"]), refs))
+        path = (manifest.parent / row["path"]).resolve()
+        items.append(Item(path, row["kind"], list(row["texts"]), refs))
     return items
 
 
@@ -305,6 +306,12 @@ def table(rows: list[Summary]) -> list[str]:
     return out
 
 
+def shorten(paths: list[str], n: int = 12) -> str:
+    if not paths:
+        return "-"
+    return ", ".join(paths[:n]) + (f", … (+{len(paths) - n})" if len(paths) > n else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", type=Path, help="manifest.jsonl or the folder holding it")
@@ -318,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(args.threads)
 
     items = load_manifest(args.data)
+    root = (args.data if args.data.is_dir() else args.data.parent).resolve()
     det = Detector(
         args.model, ["CPUExecutionProvider"], intra_threads=args.threads, imgsz=args.imgsz
     )
@@ -350,7 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["| FP images | " + " | ".join(str(f) for f in fps) + " |"]
     for s in rows:
         if s.missed or s.fp_paths:
-            lines += ["", f"{s.name}: missed {s.missed or '-'}; FP {s.fp_paths or '-'}"]
+            missed = [
+                str(Path(m).relative_to(root)) if root in Path(m).parents else m for m in s.missed
+            ]
+            fps_ = [
+                str(Path(m).relative_to(root)) if root in Path(m).parents else m for m in s.fp_paths
+            ]
+            lines += [
+                "",
+                f"{s.name}: missed {len(missed)} {shorten(missed)}; FP {len(fps_)} {shorten(fps_)}",
+            ]
     if args.speed:
         lines += ["", f"ONNX Runtime CPU, {args.threads} threads, batch 1, median of 20:", ""]
         lines += speed_table(args.model)
