@@ -76,6 +76,39 @@ def read_payloads(image_bgr: np.ndarray, detections: Detections) -> Detections:
     )
 
 
+def drop_duplicate_reads(detections: Detections) -> Detections:
+    """One detection per physical code: of the boxes that read the same code (same text,
+    corner centres closer than half the code's side), keep the most confident.
+
+    Two boxes that overlap a little less than the NMS threshold can both read one code;
+    a decoded payload with its corners identifies the code, so the extra box is a duplicate.
+    """
+    assert detections.text is not None and detections.corners is not None
+    kept: list[int] = []
+    for i in np.argsort(-detections.confidence, kind="stable"):
+        text, corners = detections.text[i], detections.corners[i]
+        if (
+            text is None
+            or corners is None
+            or not any(
+                _same_code(text, corners, detections.text[k], detections.corners[k]) for k in kept
+            )
+        ):
+            kept.append(int(i))
+    if len(kept) == len(detections):
+        return detections
+    return detections[np.sort(np.asarray(kept, np.int64))]
+
+
+def _same_code(
+    text: str, corners: np.ndarray, other_text: str | None, other: np.ndarray | None
+) -> bool:
+    if other_text != text or other is None:
+        return False
+    side = float(np.linalg.norm(corners[1] - corners[0]))
+    return float(np.linalg.norm(corners.mean(axis=0) - other.mean(axis=0))) < side / 2
+
+
 def _gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         return image

@@ -27,7 +27,7 @@ from core.detections import Detections
 from core.detector import Detector
 from core.errors import CorruptImageError, QrsightError
 from core.images import ImageLimits, decode
-from core.payload import read_payloads
+from core.payload import drop_duplicate_reads, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
 
@@ -172,7 +172,7 @@ class Pipeline:
     @staticmethod
     def _payloads(job: ImageJob, image: np.ndarray, dets: Detections) -> Detections:
         try:
-            return read_payloads(image, dets)
+            return drop_duplicate_reads(read_payloads(image, dets))
         except Exception:  # payload reading is best effort; the boxes still stand
             logger.warning("payload reading failed request_id=%s", job.request_id, exc_info=True)
             return dets

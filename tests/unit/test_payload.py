@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.detections import Detections
-from core.payload import read_payloads, read_whole
+from core.payload import drop_duplicate_reads, read_payloads, read_whole
 from tests.unit.qr_factory import CodeSpec, PlacedCode, scene
 
 URL = "https://example.com/qrsight?id=42"
@@ -154,3 +154,32 @@ def test_upscaled_crop_reads_what_the_whole_image_misses(spec: CodeSpec) -> None
     assert got.text == [codes[0].text]
     assert got.corners is not None and got.corners[0] is not None
     assert np.abs(got.corners[0] - codes[0].corners).max() < 2.5
+
+
+# --- one detection per physical code --------------------------------------------------
+SQUARE = np.array([[0, 0], [40, 0], [40, 40], [0, 40]], np.float32)
+
+
+@pytest.mark.parametrize(
+    ("reads", "kept"),
+    [
+        # (text, corner offset) per box, most confident first → indices kept
+        ([("A", 0), ("A", 3)], [0]),  # one code read by two boxes: the confident box stays
+        ([("A", 0), ("A", 100)], [0, 1]),  # same payload, two codes far apart: both stay
+        ([("A", 0), ("B", 0)], [0, 1]),  # different payloads
+        ([("A", 0), (None, 0), (None, 2)], [0, 1, 2]),  # unread boxes are never merged
+        ([("A", 0), ("B", 50), ("A", 2), ("B", 51)], [0, 1]),
+    ],
+)
+def test_drop_duplicate_reads(reads: list[tuple[str | None, float]], kept: list[int]) -> None:
+    n = len(reads)
+    dets = Detections(
+        xyxy=np.tile(np.float32([0, 0, 40, 40]), (n, 1)),
+        confidence=np.linspace(0.9, 0.5, n).astype(np.float32),
+        class_id=np.zeros(n, np.int64),
+        text=[t for t, _ in reads],
+        corners=[None if t is None else SQUARE + off for t, off in reads],
+    )
+    out = drop_duplicate_reads(dets)
+    assert np.allclose(out.confidence, dets.confidence[kept])
+    assert out.text == [reads[i][0] for i in kept]
