@@ -45,9 +45,9 @@ from core.errors import (
     QrsightError,
     ReplyTimeoutError,
 )
-from core.kafka import check_value_size, consumer_config, producer_config
+from core.kafka import avro_codec, check_value_size, consumer_config, producer_config
 from core.settings import Settings, env_name
-from schemas.codec import Codec, RegistryError, WireFormatError
+from schemas.codec import RegistryError, WireFormatError
 from schemas.names import (
     H_CORRELATION_ID,
     H_DEADLINE_MS,
@@ -80,11 +80,6 @@ def child_traceparent(incoming: str | None) -> str:
     return f"00-{secrets.token_hex(16)}-{span}-01"
 
 
-def registry_auth(settings: Settings) -> str | None:
-    secret = settings.schema_registry_basic_auth
-    return secret.get_secret_value() if secret is not None else None
-
-
 @dataclass
 class _Waiter:
     """One request in flight: set once by its delivery report, once by its reply."""
@@ -109,12 +104,8 @@ class ReplyClient:
         self.settings = settings
         self.partition = partition
         self.topic = settings.topic_replies
-        self._request_codec = Codec(
-            "ImageRequest", settings.schema_registry_url, registry_auth(settings)
-        )
-        self._result_codec = Codec(
-            "DetectionResult", settings.schema_registry_url, registry_auth(settings)
-        )
+        self._request_codec = avro_codec(settings, "ImageRequest")
+        self._result_codec = avro_codec(settings, "DetectionResult")
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()

@@ -28,12 +28,11 @@ from consumer.intake import Intake, parse_message
 from consumer.metrics import WorkerMetrics
 from consumer.outputs import DeliveryError, DeliveryTracker, OutRecord, produce_all, wait_delivered
 from core.images import ImageLimits
-from core.kafka import consumer_config, producer_config
+from core.kafka import avro_codec, consumer_config, producer_config
 from core.pipeline import Pipeline
 from core.results import error_record, expired_record
 from core.settings import Settings
 from schemas import names
-from schemas.codec import Codec
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +41,6 @@ IDLE_POLL_S = 0.5  # also how quickly an idle worker notices stop()
 DELIVERY_TIMEOUT_S = 120.0
 TXN_TIMEOUT_S = 30.0
 TXN_COMMIT_TRIES = 5
-
-
-def registry_auth(settings: Settings) -> str | None:
-    auth = settings.schema_registry_basic_auth
-    return auth.get_secret_value() if auth is not None else None
 
 
 def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
@@ -88,9 +82,8 @@ class Worker:
         self._assigned: set[tuple[str, int]] = set()
         self._stored: dict[tuple[str, int], int] = {}
         self._limits = ImageLimits.from_settings(settings)
-        auth = registry_auth(settings)
-        self._request_codec = Codec("ImageRequest", settings.schema_registry_url, auth)
-        self._result_codec = Codec("DetectionResult", settings.schema_registry_url, auth)
+        self._request_codec = avro_codec(settings, "ImageRequest")
+        self._result_codec = avro_codec(settings, "DetectionResult")
         self._consumer: Consumer | None = None
         self._last_lag = 0.0
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from core.errors import ConfigError, MessageTooLargeError
 from core.settings import Settings, env_name
+from schemas.codec import Codec
 
 # Room for the Avro envelope, key and headers around one image.
 ENVELOPE_BYTES = 64 * 1024
@@ -109,6 +110,17 @@ def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     conf.update(extra)
     conf.update(settings.kafka_extra)
     return conf
+
+
+def avro_codec(settings: Settings, schema_name: str) -> Codec:
+    """The Avro codec of ``schema_name``: Schema Registry wire format when
+    ``QRSIGHT_SCHEMA_REGISTRY_URL`` is set, plain schemaless Avro otherwise."""
+    auth = settings.schema_registry_basic_auth
+    return Codec(
+        schema_name,
+        settings.schema_registry_url,
+        auth.get_secret_value() if auth is not None else None,
+    )
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, Any]]:

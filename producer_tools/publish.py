@@ -31,12 +31,11 @@ from tqdm import tqdm
 from api.replies import ReplyClient  # the one request/reply client, shared with the API
 from core.errors import QrsightError
 from core.images import ImageLimits, decode, probe
-from core.kafka import check_value_size, producer_config
+from core.kafka import avro_codec, check_value_size, producer_config
 from core.settings import Settings, load_settings
 from producer_tools.annotate import write_annotated
 from producer_tools.results import compact_line
 from schemas import names
-from schemas.codec import Codec
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class Publisher:
         self.raw = raw
         self.source = source
         self.limits = ImageLimits.from_settings(settings)
-        self.codec = Codec("ImageRequest", settings.schema_registry_url, _auth(settings))
+        self.codec = avro_codec(settings, "ImageRequest")
         conf = producer_config(settings, "publish", **{"queue.buffering.max.kbytes": QUEUE_KBYTES})
         self.producer = Producer(conf)
         self.sent = 0
@@ -182,11 +181,6 @@ class Publisher:
 
     def flush(self, timeout_s: float = 30.0) -> int:
         return int(self.producer.flush(timeout_s))
-
-
-def _auth(settings: Settings) -> str | None:
-    secret = settings.schema_registry_basic_auth
-    return secret.get_secret_value() if secret is not None else None
 
 
 def _pace(rate: float | None, started: float, count: int) -> None:

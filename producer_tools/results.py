@@ -18,9 +18,9 @@ from typing import Any, TextIO
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from core.errors import QrsightError
-from core.kafka import consumer_config
+from core.kafka import avro_codec, consumer_config
 from core.settings import Settings, load_settings
-from schemas.codec import Codec, WireFormatError
+from schemas.codec import WireFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def follow(
             "isolation.level": "read_committed",
         },
     )
-    codec = Codec("DetectionResult", settings.schema_registry_url, _auth(settings))
+    codec = avro_codec(settings, "DetectionResult")
     consumer = Consumer(conf)
     consumer.subscribe([settings.topic_detections])
     idle = 0.0
@@ -71,11 +71,6 @@ def follow(
                 )
     finally:
         consumer.close()
-
-
-def _auth(settings: Settings) -> str | None:
-    secret = settings.schema_registry_basic_auth
-    return secret.get_secret_value() if secret is not None else None
 
 
 def compact_line(result: dict[str, Any]) -> str:
