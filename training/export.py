@@ -52,6 +52,8 @@ def export_onnx(
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         _torch_export(wrapper, dummy, tmp)
     proto = onnx.load(str(tmp))
+    # the tracer leaves the channel axis symbolic; it is 4 + nc (Ultralytics exports fix it)
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4 + model.nc
     meta = {
         "description": description,
         "author": "qrsight",
