@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-torch = pytest.importorskip("torch", reason="needs the `train` extra (pip install '.[train]')")
-
-from training import train  # noqa: E402
-from training.synth import make_sample  # noqa: E402
+# needs torch: the `train` extra, which CI installs (pip install -e '.[dev,train]')
+from training import train
+from training.synth import make_sample
 
 
 def test_synthetic_samples_are_reproducible_and_boxed() -> None:
