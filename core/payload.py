@@ -50,9 +50,17 @@ def read_whole(image_bgr: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return [(c.text, c.corners) for c in _read(_gray(image_bgr))]
 
 
-def read_payloads(image_bgr: np.ndarray, detections: Detections) -> Detections:
-    """The same boxes with ``text``/``corners`` filled where a QR code could be read."""
-    if len(detections) == 0:
+def read_payloads(
+    image_bgr: np.ndarray, detections: Detections, *, add_missed_as: int | None = None
+) -> Detections:
+    """The same boxes with ``text``/``corners`` filled where a QR code could be read.
+
+    With ``add_missed_as`` (a class id), the whole image is read once as well and every
+    code found there that lies in no box is appended as a detection of that class, with
+    confidence 1.0 (a decoded code is certain) and its corners' bounding box: the crops
+    then add reads to a plain whole-image read and never lose one.
+    """
+    if len(detections) == 0 and add_missed_as is None:
         return detections
     gray = _gray(image_bgr)
     assert detections.text is not None and detections.corners is not None
@@ -64,15 +72,30 @@ def read_payloads(image_bgr: np.ndarray, detections: Detections) -> Detections:
             if code is not None:
                 texts[i], corners[i] = code.text, code.corners
     unread = [i for i, t in enumerate(texts) if t is None]
-    if unread:
-        _fill_from_whole(gray, detections.xyxy, unread, texts, corners)
+    whole = _read(gray) if unread or add_missed_as is not None else []
+    missed = _fill_from_whole(whole, detections.xyxy, unread, texts, corners)
     logger.debug("payloads boxes=%d read=%d", len(texts), sum(t is not None for t in texts))
-    return Detections(
+    found = Detections(
         xyxy=detections.xyxy,
         confidence=detections.confidence,
         class_id=detections.class_id,
         text=texts,
         corners=corners,
+    )
+    if add_missed_as is None or not missed:
+        return found
+    return _append_codes(found, missed, add_missed_as)
+
+
+def _append_codes(dets: Detections, codes: list[_Code], class_id: int) -> Detections:
+    assert dets.text is not None and dets.corners is not None
+    boxes = np.array([[*c.corners.min(axis=0), *c.corners.max(axis=0)] for c in codes])
+    return Detections(
+        xyxy=np.concatenate([dets.xyxy, boxes.astype(np.float32)]),
+        confidence=np.concatenate([dets.confidence, np.ones(len(codes), np.float32)]),
+        class_id=np.concatenate([dets.class_id, np.full(len(codes), class_id, np.int64)]),
+        text=[*dets.text, *(c.text for c in codes)],
+        corners=[*dets.corners, *(c.corners for c in codes)],
     )
 
 
@@ -185,18 +208,23 @@ def _nearest_inside(codes: list[_Code], box: np.ndarray) -> _Code | None:
 
 
 def _fill_from_whole(
-    gray: np.ndarray,
+    whole: list[_Code],
     boxes: np.ndarray,
     unread: list[int],
     texts: list[str | None],
     corners: list[np.ndarray | None],
-) -> None:
-    """Give each unread box the whole-image code centred in it (each code to one box)."""
+) -> list[_Code]:
+    """Give each unread box the whole-image code centred in it (each code to one box);
+    return the codes that lie in no box at all."""
     known = [c.mean(axis=0) for c in corners if c is not None]
-    for code in _read(gray):
+    missed = []
+    for code in whole:
         size = float(np.linalg.norm(code.corners[0] - code.corners[2]))
         if any(np.linalg.norm(code.center - k) < 0.25 * size for k in known):
             continue  # already read through its own box
+        if not any(_inside(code.center, box) for box in boxes):
+            missed.append(code)
+            continue
         owners = [i for i in unread if texts[i] is None and _inside(code.center, boxes[i])]
         if not owners:
             continue
@@ -204,3 +232,4 @@ def _fill_from_whole(
         best = min(owners, key=lambda i: float(np.linalg.norm(box_centres[i] - code.center)))
         texts[best], corners[best] = code.text, code.corners
         known.append(code.center)
+    return missed

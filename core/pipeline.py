@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -70,6 +70,7 @@ class Pipeline:
         self.settings = settings
         self.detector = detector or Detector.from_settings(settings)
         self.limits = ImageLimits.from_settings(settings)
+        self._missed_as = qr_class(self.detector.info.labels) if settings.read_whole_image else None
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
@@ -169,10 +170,18 @@ class Pipeline:
             )
         return records
 
-    @staticmethod
-    def _payloads(job: ImageJob, image: np.ndarray, dets: Detections) -> Detections:
+    def _payloads(self, job: ImageJob, image: np.ndarray, dets: Detections) -> Detections:
         try:
-            return drop_duplicate_reads(read_payloads(image, dets))
+            return drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as))
         except Exception:  # payload reading is best effort; the boxes still stand
             logger.warning("payload reading failed request_id=%s", job.request_id, exc_info=True)
             return dets
+
+
+def qr_class(labels: Mapping[int, str]) -> int | None:
+    """The class id of QR codes: the label that names them, or the only class; ``None``
+    for a model whose classes are something else (its QR codes are not added)."""
+    named = [cid for cid, label in labels.items() if "qr" in label.lower()]
+    if named:
+        return min(named)
+    return 0 if len(labels) <= 1 else None

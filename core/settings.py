@@ -116,6 +116,11 @@ class Settings(BaseModel):
     )
     max_detections: int = Field(100, ge=1, description="most detections kept per image")
     decode_payloads: bool = Field(True, description="read QR payloads with zxing-cpp")
+    read_whole_image: bool = Field(
+        True,
+        description="when reading payloads, also read the whole image and add the QR codes "
+        "the detector missed (confidence 1.0)",
+    )
 
     # --- workers ----------------------------------------------------------------------
     consumer_group: str = Field("qrsight-workers", description="consumer group of the workers")

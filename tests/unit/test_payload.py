@@ -183,3 +183,28 @@ def test_drop_duplicate_reads(reads: list[tuple[str | None, float]], kept: list[
     out = drop_duplicate_reads(dets)
     assert np.allclose(out.confidence, dets.confidence[kept])
     assert out.text == [reads[i][0] for i in kept]
+
+
+# --- codes the detector missed ---------------------------------------------------------
+@pytest.mark.parametrize("boxes", [[], [0]], ids=["no-box", "one-of-two-boxed"])
+def test_whole_image_codes_the_detector_missed_are_added_once(boxes: list[int]) -> None:
+    specs = [CodeSpec("boxed", (150, 240), 4), CodeSpec("missed", (480, 240), 4, angle=20)]
+    image, codes = scene(specs)
+    given = detections([padded(codes[i]) for i in boxes])
+    assert len(read_payloads(image, given)) == len(boxes)  # off by default: boxes only
+    got = read_payloads(image, given, add_missed_as=3)
+    added = len(got) - len(boxes)
+    missed = [c for i, c in enumerate(codes) if i not in boxes]
+    assert added == len(missed)
+    assert got.text is not None and got.corners is not None
+    for code, box, conf, cid, text in zip(
+        missed,
+        got.xyxy[len(boxes) :],
+        got.confidence[len(boxes) :],
+        got.class_id[len(boxes) :],
+        got.text[len(boxes) :],
+        strict=True,
+    ):
+        assert text == code.text
+        assert conf == 1.0 and cid == 3
+        assert np.abs(box - code.xyxy).max() < 6  # the bounding box of the code's corners

@@ -12,7 +12,7 @@ import pytest
 import segno
 
 from core.errors import CorruptImageError, ModelError
-from core.pipeline import ImageJob, Pipeline
+from core.pipeline import ImageJob, Pipeline, qr_class
 from core.results import TIMING_KEYS, error_record, expired_record, now_ms
 from core.settings import Settings, load_settings
 from tests.unit.onnx_models import (
@@ -185,3 +185,17 @@ def test_error_and_expired_records() -> None:
     expired = expired_record("r2", None, deadline_ms=1, queue_ms=12.5)
     assert expired["status"] == "EXPIRED" and expired["error"]["code"] == "deadline_expired"
     assert expired["timings"]["queue_ms"] == 12.5 and expired["detections"] == []
+
+
+@pytest.mark.parametrize(
+    ("labels", "qr"),
+    [
+        ({0: "qr"}, 0),
+        ({}, 0),
+        ({0: "person", 1: "car"}, None),  # not a QR model: whole-image reads add nothing
+        ({0: "barcode", 1: "QR-code"}, 1),
+        ({0: "text"}, 0),  # the only class of a one-class detector
+    ],
+)
+def test_qr_class_of_a_model(labels: dict[int, str], qr: int | None) -> None:
+    assert qr_class(labels) == qr
