@@ -32,7 +32,12 @@ unit: .installed  ## tests that start nothing
 integration: .installed  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOTSTRAP if set, else one started here)
 	$(PYTHON) -m pytest tests/integration
 
-test: lint unit integration  ## everything CI runs
+test: .test-tools lint unit integration  ## everything CI runs
+
+# Chromium, docker-compose and kustomize for the browser and deploy checks (once).
+.test-tools: deploy/local/test-tools.sh
+	deploy/local/test-tools.sh
+	touch $@
 
 kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft)
 	deploy/local/kafka.sh up
