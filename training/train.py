@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and log")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--imgsz", type=int, default=320, help="training image size")
     p.add_argument("--export-imgsz", type=int, default=640, help="imgsz in the ONNX metadata")
