@@ -9,7 +9,6 @@ Every test in this folder is marked ``integration``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -18,17 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
-from core.kafka import admin_config
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from producer_tools.topics import create_topics
+from tests.integration.kafka_topics import delete_topics, fresh_settings
 
 HERE = Path(__file__).resolve().parent
 KAFKA_SH = HERE.parent.parent / "deploy" / "local" / "kafka.sh"
-# Kafka connection settings that go with an external QRSIGHT_KAFKA_BOOTSTRAP.
-CONNECTION_ENV_PREFIXES = ("QRSIGHT_KAFKA_SECURITY_", "QRSIGHT_KAFKA_SASL_", "QRSIGHT_KAFKA__")
 START_TIMEOUT_S = 900  # a cold start fetches the jars first
 
 
@@ -84,43 +79,6 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         _kafka_sh("down", env, 60)
-
-
-def _connection_env() -> dict[str, str]:
-    """Security settings for an external broker; none for the one started here."""
-    if not os.environ.get("QRSIGHT_KAFKA_BOOTSTRAP"):
-        return {}
-    return {k: v for k, v in os.environ.items() if k.upper().startswith(CONNECTION_ENV_PREFIXES)}
-
-
-def fresh_settings(bootstrap: str, uid: str, **overrides: object) -> Settings:
-    """Settings with topic names and a group id of their own (``uid``)."""
-    values: dict[str, object] = {
-        "kafka_bootstrap": bootstrap,
-        "topic_images": f"qr.images.{uid}",
-        "topic_detections": f"qr.detections.{uid}",
-        "topic_replies": f"qr.replies.{uid}",
-        "topic_dlq": f"qr.images.dlq.{uid}",
-        "consumer_group": f"qrsight-test-{uid}",
-        "topic_partitions": 3,
-        "replies_partitions": 4,
-    }
-    values.update(overrides)
-    return load_settings(_connection_env(), **values)
-
-
-def delete_topics(settings: Settings) -> None:
-    """Best effort: drop a test's topics so a shared broker does not fill up."""
-    admin = AdminClient(admin_config(settings))
-    names = [
-        settings.topic_images,
-        settings.topic_detections,
-        settings.topic_replies,
-        settings.topic_dlq,
-    ]
-    for future in admin.delete_topics(names, operation_timeout=10).values():
-        with contextlib.suppress(KafkaException):
-            future.result(timeout=15)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ reply client.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -31,14 +30,12 @@ import jwt
 import numpy as np
 import pytest
 import requests
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from api import create_app
-from core.kafka import admin_config
 from core.settings import DEFAULT_MODEL, Settings, env_name, load_settings
 from producer_tools.topics import create_topics
+from tests.integration.kafka_topics import delete_topics, fresh_settings
 from tests.unit.onnx_models import make_fixed_output_model
 from tests.unit.qr_factory import CodeSpec, scene
 
@@ -112,20 +109,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        drop_topics(self.settings)
-
-
-def drop_topics(settings: Settings) -> None:
-    admin = AdminClient(admin_config(settings))
-    names = [
-        settings.topic_images,
-        settings.topic_detections,
-        settings.topic_replies,
-        settings.topic_dlq,
-    ]
-    for future in admin.delete_topics(names, operation_timeout=10).values():
-        with contextlib.suppress(KafkaException):
-            future.result(timeout=15)
+        delete_topics(self.settings)
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -179,16 +163,10 @@ def make_stack(
 ) -> Stack:
     uid = uuid.uuid4().hex[:8]
     model, real = model_path(tmp)
-    settings = load_settings(
-        {},
-        kafka_bootstrap=kafka_bootstrap,
-        topic_images=f"qr.images.{uid}",
-        topic_detections=f"qr.detections.{uid}",
-        topic_replies=f"qr.replies.{uid}",
-        topic_dlq=f"qr.images.dlq.{uid}",
+    settings = fresh_settings(
+        kafka_bootstrap,
+        uid,
         topic_partitions=2,
-        replies_partitions=4,
-        consumer_group=f"qrsight-workers-{uid}",
         model_path=model,
         api_host="127.0.0.1",
         api_port=free_port(),
@@ -500,16 +478,8 @@ def test_503_fast_when_the_broker_is_unreachable() -> None:
 
 def test_ready_turns_200_once_the_reply_partition_is_assigned(kafka_bootstrap: str) -> None:
     uid = uuid.uuid4().hex[:8]
-    settings = load_settings(
-        {},
-        kafka_bootstrap=kafka_bootstrap,
-        topic_images=f"qr.images.{uid}",
-        topic_detections=f"qr.detections.{uid}",
-        topic_replies=f"qr.replies.{uid}",
-        topic_dlq=f"qr.images.dlq.{uid}",
-        topic_partitions=1,
-        replies_partitions=2,
-        rate_limit="off",
+    settings = fresh_settings(
+        kafka_bootstrap, uid, topic_partitions=1, replies_partitions=2, rate_limit="off"
     )
     app = create_app(settings)  # its reply topic does not exist yet
     try:
