@@ -25,7 +25,7 @@ import torch
 from training.export import export_onnx
 from training.model import ModelConfig, QRDet
 from training.synth import make_sample
-from training.train import MODEL_NAME, best_operating_point, predict_val
+from training.train import MODEL_NAME, MODEL_VERSION, best_operating_point, predict_val
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[320, 416, 512, 640])
     p.add_argument("--n", type=int, default=160)
     p.add_argument("--canvas", type=int, default=640)
-    p.add_argument("--version", default="1")
+    p.add_argument("--version", default=MODEL_VERSION)
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")

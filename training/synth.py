@@ -7,11 +7,12 @@ axis-aligned bounding box of the code's *symbol area* (the module grid, quiet zo
 excluded) after every geometric distortion — the same thing as the bounding box of the
 four corners zxing-cpp reports, which the evaluation compares against.
 
-Ingredients: segno QR codes (URL/text/digits/binary/kanji payloads, versions 1-25, all
+Ingredients: segno QR codes (URL/text/digits/binary/kanji payloads, versions 1-40, all
 ECC levels, with or without quiet zone, inverted, coloured), perspective, rotation,
-curvature, 1.5 px/module up to most of the frame; backgrounds from procedural textures,
-text, grids and the photos in ``skimage.data``; hard negatives (Data Matrix, Aztec,
-PDF417, 1-D barcodes via zxing-cpp, checkerboards, tiled and random-module patterns);
+curvature, 1 px/module up to the whole frame (close-ups); backgrounds from procedural
+textures, text, grids and the photos in ``skimage.data``; hard negatives (Data Matrix,
+Aztec, PDF417, 1-D barcodes via zxing-cpp, checkerboards, tiled, dot/ring (halftone) and
+random-module patterns);
 blur, noise, JPEG, lighting gradients, glare and partial occlusion.
 """
 
@@ -121,7 +122,11 @@ def _payload(rng: np.random.Generator) -> str | bytes:
 
 
 def _qr_matrix(rng: np.random.Generator) -> np.ndarray:
-    """A random QR module matrix (1 = dark), no quiet zone, version 1-25."""
+    """A random QR module matrix (1 = dark), no quiet zone, version 1-40.
+
+    The payload decides the smallest version (mostly 1-25); 25 % of the codes are forced to
+    a larger version up to 25 and 10 % to one of 26-40 (dense codes, down to 177 modules).
+    """
     error = str(rng.choice(["L", "M", "Q", "H"]))
     mask = int(rng.integers(0, 8))  # a fixed mask skips segno's slow mask search
     for _ in range(10):
@@ -133,7 +138,13 @@ def _qr_matrix(rng: np.random.Generator) -> np.ndarray:
         version = int(qr.version)
         if version > 25:
             continue
-        want = int(rng.integers(version, 26)) if rng.random() < 0.3 else version
+        r = rng.random()
+        if r < 0.25:
+            want = int(rng.integers(version, 26))
+        elif r < 0.35:
+            want = int(rng.integers(26, 41))
+        else:
+            want = version
         if want != version:
             qr = segno.make_qr(payload, error=error, version=want, mask=mask, boost_error=False)
         return np.array([list(row) for row in qr.matrix], dtype=np.uint8)
@@ -161,6 +172,8 @@ def _negative_matrix(rng: np.random.Generator) -> np.ndarray:
         if dark.shape[0] < 4:  # 1-D barcode: give it a height
             dark = np.repeat(dark, int(rng.integers(10, 40)), axis=0)
         return dark
+    if kind == 7:  # dots or rings on a lattice (halftone print, perforations, tiles)
+        return _dot_pattern(rng)
     if kind < 8:  # checkerboard / tiled pattern
         n = int(rng.integers(4, 30))
         tile = rng.integers(0, 2, (int(rng.integers(1, 4)), int(rng.integers(1, 4))))
@@ -170,6 +183,23 @@ def _negative_matrix(rng: np.random.Generator) -> np.ndarray:
         return np.tile(tile, reps)[:n, :n].astype(np.uint8)
     n = int(rng.integers(15, 60))  # random modules, no finder patterns
     return (rng.random((n, n)) < 0.5).astype(np.uint8)
+
+
+def _dot_pattern(rng: np.random.Generator) -> np.ndarray:
+    """A lattice of filled dots or rings, drawn at ``k`` matrix cells per period."""
+    k = int(rng.integers(4, 10))
+    yy, xx = np.mgrid[0:k, 0:k].astype(np.float32) - (k - 1) / 2
+    r = np.hypot(yy, xx)
+    outer = rng.uniform(0.3, 0.5) * k
+    tile = r <= outer
+    if rng.random() < 0.5:  # ring
+        tile &= r >= outer - max(1.0, rng.uniform(0.15, 0.3) * k)
+    n = int(rng.integers(3, 14))
+    pattern = np.tile(tile, (n, n))
+    if rng.random() < 0.3:  # staggered rows
+        for row in range(1, n, 2):
+            pattern[row * k : (row + 1) * k] = np.roll(pattern[row * k : (row + 1) * k], k // 2, 1)
+    return pattern.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- backgrounds
@@ -255,9 +285,12 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _target_quad(
-    rng: np.random.Generator, size: float, cx: float, cy: float, persp: float
+    rng: np.random.Generator, size: float, cx: float, cy: float, *, persp: float, upright: bool
 ) -> np.ndarray:
-    theta = rng.uniform(0, 2 * np.pi) if rng.random() < 0.6 else rng.normal(0, 0.15)
+    if upright:  # close-up: the code was framed by hand, nearly square to the camera
+        theta = rng.normal(0, 0.04)
+    else:
+        theta = rng.uniform(0, 2 * np.pi) if rng.random() < 0.6 else rng.normal(0, 0.15)
     half = size / 2
     sq = np.array([[-half, -half], [half, -half], [half, half], [-half, half]], np.float32)
     if rng.random() < 0.3:  # aspect squash (oblique view)
@@ -293,6 +326,7 @@ def _paste(
     quiet: int,
     size: float,
     center: tuple[float, float],
+    closeup: bool = False,
 ) -> np.ndarray | None:
     """Warp a module matrix onto the canvas; return the symbol area's bbox or None."""
     n_r, n_c = dark.shape
@@ -311,10 +345,11 @@ def _paste(
     sym = np.zeros((th, tw), np.uint8)
     q = quiet * ppm
     sym[q : th - q, q : tw - q] = 255
-    if rng.random() < 0.15:
+    if not closeup and rng.random() < 0.15:
         _curve(rng, tex, [alpha, sym])
     # map the symbol area (not the quiet zone) to the target quad
-    quad = _target_quad(rng, size, center[0], center[1], persp=float(rng.uniform(0, 0.12)))
+    persp = float(rng.uniform(0, 0.03 if closeup else 0.12))
+    quad = _target_quad(rng, size, center[0], center[1], persp=persp, upright=closeup)
     src = np.array([[q, q], [tw - q, q], [tw - q, th - q], [q, th - q]], np.float32)
     mat = cv2.getPerspectiveTransform(src, quad)
     h, w = canvas.shape[:2]
@@ -337,12 +372,30 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _place(
-    rng: np.random.Generator, canvas: np.ndarray, dark: np.ndarray, quiet: int, taken: list
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    dark: np.ndarray,
+    quiet: int,
+    taken: list,
+    *,
+    closeup: bool = False,
 ) -> np.ndarray | None:
     h, w = canvas.shape[:2]
     side = min(h, w)
     n = max(dark.shape)
-    lo = max(1.5 * n, 14.0)
+    if closeup:  # the symbol fills (almost) the whole frame, as in a screenshot or scan
+        size = float(rng.uniform(0.9, 1.0)) * side
+        if size < n:
+            return None
+        center = (
+            w / 2 + float(rng.uniform(-0.02, 0.02)) * w,
+            h / 2 + float(rng.uniform(-0.02, 0.02)) * h,
+        )
+        box = _paste(rng, canvas, dark, quiet=quiet, size=size, center=center, closeup=True)
+        if box is not None:
+            taken.append(box)
+        return box
+    lo = max((1.0 if rng.random() < 0.2 else 1.5) * n, 14.0)
     hi = 0.92 * side
     if lo >= hi:
         return None
@@ -450,6 +503,10 @@ def make_sample(seed: int, index: int, imgsz: int = 320) -> Sample:
         _place(rng, canvas, _negative_matrix(rng), int(rng.integers(0, 4)), taken)
     negatives = len(taken)
     n_qr = int(rng.choice([0, 1, 2, 3, 4], p=[0.28, 0.5, 0.12, 0.06, 0.04]))
+    if n_qr == 1 and negatives == 0 and rng.random() < 0.15:  # close-up of one code
+        quiet = 0 if rng.random() < 0.6 else int(rng.integers(1, 3))
+        _place(rng, canvas, _qr_matrix(rng), quiet, taken, closeup=True)
+        n_qr = 0
     for _ in range(n_qr):
         quiet = 0 if rng.random() < 0.25 else int(rng.integers(1, 5))
         _place(rng, canvas, _qr_matrix(rng), quiet, taken)

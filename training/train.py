@@ -4,7 +4,7 @@
 ``--smoke`` runs a few steps of a tiny model, exports it and loads it in ONNX Runtime.
 Checkpoints, the log and intermediate exports go to ``--run-dir`` (default ``runs/train``);
 the best checkpoint by the *synthetic* validation set is exported to
-``<out>/qrsight-qr-v1.onnx`` every time it improves, so a run can be stopped at any time.
+``<out>/qrsight-qr-v2.onnx`` every time it improves, so a run can be stopped at any time.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from training.synth import make_sample
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "qrsight-qr-v1.onnx"
+MODEL_VERSION = "2"
+MODEL_NAME = f"qrsight-qr-v{MODEL_VERSION}.onnx"
 VAL_SEED_OFFSET = 1_000_003
 
 
@@ -211,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and log")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--imgsz", type=int, default=320, help="training image size")
     p.add_argument("--export-imgsz", type=int, default=640, help="imgsz in the ONNX metadata")
@@ -221,7 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-size", type=int, default=192)
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
-    p.add_argument("--version", default="1")
+    p.add_argument("--version", default=MODEL_VERSION)
     p.add_argument("--no-select", action="store_true", help="skip the imgsz selection")
     args = p.parse_args(argv)
     if args.smoke:

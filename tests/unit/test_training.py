@@ -9,7 +9,7 @@ import numpy as np
 
 # needs torch: the `train` extra, which CI installs (pip install -e '.[dev,train]')
 from training import train
-from training.synth import make_sample
+from training.synth import _dot_pattern, _qr_matrix, make_sample
 
 
 def test_synthetic_samples_are_reproducible_and_boxed() -> None:
@@ -26,11 +26,31 @@ def test_synthetic_samples_are_reproducible_and_boxed() -> None:
     assert (boxes <= 160).all()
 
 
+def test_recipe_covers_qr_versions_1_to_40() -> None:
+    rng = np.random.default_rng(11)
+    sides = [_qr_matrix(rng).shape[0] for _ in range(150)]
+    versions = {(side - 17) // 4 for side in sides}
+    assert min(versions) <= 3
+    assert max(versions) >= 33, f"no dense code in 150 draws: {sorted(versions)}"
+    assert max(versions) <= 40
+
+
+def test_dot_patterns_are_not_readable_as_codes() -> None:
+    import zxingcpp
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        dots = _dot_pattern(rng)
+        img = np.kron(1 - dots, np.ones((3, 3), np.uint8)) * 255
+        assert set(np.unique(dots)) <= {0, 1}
+        assert not zxingcpp.read_barcodes(np.pad(img, 12, constant_values=255))
+
+
 def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     assert train.main(["--smoke", "--out", str(tmp_path)]) == 0
-    path = tmp_path / "qrsight-qr-v1.onnx"
+    path = tmp_path / train.MODEL_NAME
     assert path.stat().st_size > 0
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
