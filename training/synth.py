@@ -72,6 +72,28 @@ FONTS = (
 
 
 @dataclass(frozen=True)
+class Mix:
+    """The shares of the rarer situations in a stream (the rest of the recipe is fixed).
+
+    ``closeup``: share of single-code images that are a close-up (the code fills the frame);
+    ``dense``: share of codes forced to version 26-40 (``closeup_dense`` for close-ups);
+    ``lattice_bg``: share of backgrounds that are a dot/ring lattice over the whole frame;
+    ``lowres``: share of images rendered at a lower resolution and upscaled, as the
+    detector's letterbox upscales a photo or screenshot smaller than its input size.
+    """
+
+    closeup: float = 0.15
+    dense: float = 0.10
+    closeup_dense: float = 0.10
+    lattice_bg: float = 0.0
+    lowres: float = 0.0
+
+
+BASE = Mix()  # the main schedule (recipe v2)
+FINETUNE = Mix(closeup=0.35, dense=0.15, closeup_dense=0.5, lattice_bg=0.1, lowres=0.15)
+
+
+@dataclass(frozen=True)
 class Sample:
     """One synthetic image (RGB, square ``imgsz``) and its QR boxes (x1, y1, x2, y2)."""
 
@@ -121,11 +143,11 @@ def _payload(rng: np.random.Generator) -> str | bytes:
     return bytes(rng.integers(0, 256, n, dtype=np.uint8).tolist())
 
 
-def _qr_matrix(rng: np.random.Generator) -> np.ndarray:
+def _qr_matrix(rng: np.random.Generator, dense: float = 0.10) -> np.ndarray:
     """A random QR module matrix (1 = dark), no quiet zone, version 1-40.
 
     The payload decides the smallest version (mostly 1-25); 25 % of the codes are forced to
-    a larger version up to 25 and 10 % to one of 26-40 (dense codes, down to 177 modules).
+    a larger version up to 25 and ``dense`` to one of 26-40 (dense codes, up to 177 modules).
     """
     error = str(rng.choice(["L", "M", "Q", "H"]))
     mask = int(rng.integers(0, 8))  # a fixed mask skips segno's slow mask search
@@ -141,7 +163,7 @@ def _qr_matrix(rng: np.random.Generator) -> np.ndarray:
         r = rng.random()
         if r < 0.25:
             want = int(rng.integers(version, 26))
-        elif r < 0.35:
+        elif r < 0.25 + dense:
             want = int(rng.integers(26, 41))
         else:
             want = version
@@ -254,9 +276,34 @@ def _grid_bg(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _lattice_bg(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Dots or rings over the whole frame (printed fabric, wallpaper, perforated metal)."""
+    pattern = _dot_pattern(rng).astype(np.float32)
+    k = pattern.shape[0] / max(1, int(np.ceil(pattern.shape[0] / 10)))  # cells per period
+    period = float(rng.uniform(8, 28))  # pixels per lattice period
+    scale = period / max(k, 4.0)
+    reps = (int(h / (pattern.shape[0] * scale)) + 1, int(w / (pattern.shape[1] * scale)) + 1)
+    tiled = np.tile(pattern, reps)
+    big = cv2.resize(
+        tiled, (int(tiled.shape[1] * scale), int(tiled.shape[0] * scale)), cv2.INTER_AREA
+    )[:h, :w]
+    big = np.pad(big, ((0, max(0, h - big.shape[0])), (0, max(0, w - big.shape[1]))))
+    ink = rng.integers(0, 140, 3).astype(np.float32)
+    paper = rng.integers(150, 256, 3).astype(np.float32)
+    img = paper * (1 - big[..., None]) + ink * big[..., None]
+    for _ in range(int(rng.integers(0, 4))):  # large flat shapes printed over it
+        centre = tuple(int(v) for v in rng.integers(0, max(h, w), 2))
+        pts = cv2.ellipse2Poly(centre, (int(rng.integers(20, 120)),) * 2, 0, 0, 360, 30)
+        pts = pts + rng.integers(-15, 16, pts.shape)
+        cv2.fillPoly(img, [pts.astype(np.int32)], tuple(float(c) for c in rng.integers(60, 230, 3)))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _background(rng: np.random.Generator, h: int, w: int, lattice: float = 0.0) -> np.ndarray:
     r = rng.random()
-    if r < 0.45:
+    if r >= 1 - lattice:
+        img = _lattice_bg(rng, h, w)
+    elif r < 0.45:
         img = _photo_bg(rng, h, w)
     elif r < 0.7:
         img = _noise_texture(rng, h, w)
@@ -489,31 +536,41 @@ def _letterbox(img: np.ndarray, boxes: np.ndarray, imgsz: int) -> tuple[np.ndarr
     return out, boxes
 
 
-def make_sample(seed: int, index: int, imgsz: int = 320) -> Sample:
-    """The ``index``-th sample of the stream ``seed`` (deterministic)."""
+def _lowres(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Render at a lower resolution and upscale back (a small photo or screenshot)."""
+    h, w = img.shape[:2]
+    f = float(rng.uniform(0.4, 0.8))
+    small = cv2.resize(img, (max(8, int(w * f)), max(8, int(h * f))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def make_sample(seed: int, index: int, imgsz: int = 320, mix: Mix = BASE) -> Sample:
+    """The ``index``-th sample of the stream ``seed`` (deterministic for a given ``mix``)."""
     rng = np.random.default_rng([seed, index])
     if rng.random() < 0.3:
         other = int(rng.uniform(0.6, 1.0) * imgsz)
         h, w = (imgsz, other) if rng.random() < 0.5 else (other, imgsz)
     else:
         h, w = imgsz, imgsz
-    canvas = _background(rng, h, w)
+    canvas = _background(rng, h, w, mix.lattice_bg)
     taken: list[np.ndarray] = []
     for _ in range(int(rng.choice([0, 1, 2, 3], p=[0.45, 0.35, 0.12, 0.08]))):
         _place(rng, canvas, _negative_matrix(rng), int(rng.integers(0, 4)), taken)
     negatives = len(taken)
     n_qr = int(rng.choice([0, 1, 2, 3, 4], p=[0.28, 0.5, 0.12, 0.06, 0.04]))
-    if n_qr == 1 and negatives == 0 and rng.random() < 0.15:  # close-up of one code
+    if n_qr == 1 and negatives == 0 and rng.random() < mix.closeup:  # close-up of one code
         quiet = 0 if rng.random() < 0.6 else int(rng.integers(1, 3))
-        _place(rng, canvas, _qr_matrix(rng), quiet, taken, closeup=True)
+        _place(rng, canvas, _qr_matrix(rng, mix.closeup_dense), quiet, taken, closeup=True)
         n_qr = 0
     for _ in range(n_qr):
         quiet = 0 if rng.random() < 0.25 else int(rng.integers(1, 5))
-        _place(rng, canvas, _qr_matrix(rng), quiet, taken)
+        _place(rng, canvas, _qr_matrix(rng, mix.dense), quiet, taken)
     boxes = np.array(taken[negatives:], np.float32).reshape(-1, 4)
     for box in boxes:
         if rng.random() < 0.2:
             _occlude(rng, canvas, box)
+    if mix.lowres and rng.random() < mix.lowres:
+        canvas = _lowres(rng, canvas)
     canvas = _degrade(rng, canvas)
     image, boxes = _letterbox(canvas, boxes, imgsz)
     return Sample(image=image, boxes=boxes)

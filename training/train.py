@@ -2,9 +2,13 @@
 
 ``python -m training.train --out models/`` reproduces the shipped model (seeded);
 ``--smoke`` runs a few steps of a tiny model, exports it and loads it in ONNX Runtime.
-Checkpoints, the log and intermediate exports go to ``--run-dir`` (default ``runs/train``);
-the best checkpoint by the *synthetic* validation set is exported to
-``<out>/qrsight-qr-v2.onnx`` every time it improves, so a run can be stopped at any time.
+Two phases: ``--steps`` of the main recipe at ``--imgsz``, then ``--finetune-steps`` of the
+fine-tune mix (more close-ups, dense codes, lattice backgrounds, low-resolution sources)
+alternating between ``--finetune-sizes``, so codes larger than the training canvas are seen
+at the sizes the detector runs at. Checkpoints, the log and intermediate exports go to
+``--run-dir`` (default ``runs/train-seed<seed>``); the best checkpoint of the current phase
+by its *synthetic* validation set is exported to ``<out>/qrsight-qr-v<version>.onnx`` every
+time it improves, so a run can be stopped at any time.
 """
 
 from __future__ import annotations
@@ -27,27 +31,37 @@ from torch.utils.data import DataLoader, Dataset
 from training.export import export_onnx
 from training.loss import detection_loss
 from training.model import ModelConfig, QRDet, anchor_points, count_macs, n_params
-from training.synth import make_sample
+from training.synth import BASE, FINETUNE, Mix, make_sample
 
 logger = logging.getLogger(__name__)
 
-MODEL_VERSION = "2"
+MODEL_VERSION = "3"
 MODEL_NAME = f"qrsight-qr-v{MODEL_VERSION}.onnx"
 VAL_SEED_OFFSET = 1_000_003
 
 
 class SynthDataset(Dataset):
-    """Map-style view of the synthetic stream: item ``i`` is ``make_sample(seed, i)``."""
+    """Map-style view of the synthetic stream: item ``i`` is ``make_sample(seed, i, ...)``.
 
-    def __init__(self, seed: int, length: int, imgsz: int) -> None:
-        self.seed, self.length, self.imgsz = seed, length, imgsz
+    Item ``i`` belongs to step ``i // batch``: the first ``steps`` steps use the main recipe
+    at ``imgsz``; the fine-tune steps after them use :data:`FINETUNE` at
+    ``ft_sizes[step % len(ft_sizes)]`` (one size per batch).
+    """
+
+    def __init__(
+        self, seed: int, *, batch: int, steps: int, ft_steps: int, imgsz: int, ft_sizes: list[int]
+    ) -> None:
+        self.seed, self.batch, self.steps, self.imgsz = seed, batch, steps, imgsz
+        self.ft_sizes, self.length = ft_sizes, (steps + ft_steps) * batch
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        s = make_sample(self.seed, i, self.imgsz)
-        return s.image, s.boxes
+        step = i // self.batch
+        if step < self.steps:
+            return dataset_item(self.seed, i, self.imgsz)
+        return dataset_item(self.seed, i, self.ft_sizes[step % len(self.ft_sizes)], FINETUNE)
 
 
 def collate(batch: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -109,11 +123,16 @@ NMS_IOU = 0.7  # the core detector's default for the YOLOv8 layout
 def predict_val(
     model: torch.nn.Module, val: list[tuple[np.ndarray, np.ndarray]]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Raw ``(boxes xyxy, logits)`` of every validation image."""
+    """Raw ``(boxes xyxy, logits)`` of every validation image (runs of equal size batched)."""
     model.eval()
-    out = []
-    for start in range(0, len(val), 32):
-        chunk = val[start : start + 32]
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    start = 0
+    while start < len(val):
+        shape = val[start][0].shape
+        end = start + 1
+        while end < len(val) and end - start < 32 and val[end][0].shape == shape:
+            end += 1
+        chunk, start = val[start:end], end
         x = torch.from_numpy(np.stack([c[0] for c in chunk])).permute(0, 3, 1, 2).float() / 255
         boxes, logits = model(x)
         out += list(zip(boxes.numpy(), logits[..., 0].numpy(), strict=True))
@@ -217,6 +236,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--imgsz", type=int, default=320, help="training image size")
     p.add_argument("--export-imgsz", type=int, default=640, help="imgsz in the ONNX metadata")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--finetune-steps", type=int, default=1200)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--finetune-sizes", type=int, nargs="+", default=[320, 416], help="canvas sizes, /32"
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--val-every", type=int, default=100)
@@ -227,6 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.imgsz, args.export_imgsz = 6, 4, 128, 128
+        args.finetune_steps, args.finetune_sizes = 2, [128, 160]
         args.val_every, args.val_size, args.workers = 6, 8, 0
     if args.run_dir is None:
         args.run_dir = args.out if args.smoke else Path("runs") / f"train-seed{args.seed}"
@@ -273,18 +298,30 @@ def run(args: argparse.Namespace) -> int:
     )
     ema = EMA(model, decay=0.998, tau=200)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.99))
-    start_step, best = 0, -math.inf
+    start_step, best, phase = 0, -math.inf, 1
+    history: list[dict] = []
     if args.resume:
         ck = torch.load(args.resume, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         ema.updates = ck["step"]
         opt.load_state_dict(ck["opt"])
-        start_step, best = ck["step"], ck.get("best", -1.0)
+        start_step, best, phase = ck["step"], ck.get("best", -1.0), ck.get("phase", 1)
+        logged = args.run_dir / "history.json"
+        if logged.is_file():  # keep the curve of the steps already done
+            history = [h for h in json.loads(logged.read_text()) if h["step"] <= start_step]
         logger.info("resumed path=%s step=%d best=%.4f", args.resume, start_step, best)
 
-    dataset = SynthDataset(args.seed, args.steps * args.batch, args.imgsz)
-    indices = list(range(start_step * args.batch, args.steps * args.batch))
+    total = args.steps + args.finetune_steps
+    dataset = SynthDataset(
+        args.seed,
+        batch=args.batch,
+        steps=args.steps,
+        ft_steps=args.finetune_steps,
+        imgsz=args.imgsz,
+        ft_sizes=args.finetune_sizes,
+    )
+    indices = list(range(start_step * args.batch, total * args.batch))
     loader = DataLoader(
         dataset,
         batch_size=args.batch,
@@ -294,23 +331,25 @@ def run(args: argparse.Namespace) -> int:
         persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None,
     )
-    val_seed = args.seed + VAL_SEED_OFFSET
-    t0 = time.time()
-    val = [dataset_item(val_seed, i, args.imgsz) for i in range(args.val_size)]
-    logger.info("val set n=%d seed=%d secs=%.1f", len(val), val_seed, time.time() - t0)
-    points, strides = anchor_points(args.imgsz)
-    history: list[dict] = []
+    val = validation_set(args, finetune=start_step >= args.steps)
+    if start_step >= args.steps and phase == 1:  # a new phase: its own validation and best
+        best = begin_finetune(args)
+    points = {size: anchor_points(size) for size in {args.imgsz, *args.finetune_sizes}}
     t_start = time.time()
     seen = 0
     step = start_step
     model.train()
     for images, targets in loader:
-        lr = lr_at(step, args.steps, args.lr, warmup=min(150, args.steps // 10 + 1))
+        if step < args.steps:
+            lr = lr_at(step, args.steps, args.lr, warmup=min(150, args.steps // 10 + 1))
+        else:
+            ft_warmup = min(50, args.finetune_steps // 10 + 1)
+            lr = lr_at(step - args.steps, args.finetune_steps, args.finetune_lr, ft_warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         x = (images.float() / 255).contiguous(memory_format=torch.channels_last)
         boxes, logits = model(x)
-        loss, parts = detection_loss(boxes, logits, targets, points, strides)
+        loss, parts = detection_loss(boxes, logits, targets, *points[int(images.shape[-1])])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -318,15 +357,15 @@ def run(args: argparse.Namespace) -> int:
         ema.update(model)
         step += 1
         seen += len(targets)
-        if step % 10 == 0 or step == args.steps:
+        if step % 10 == 0 or step == total:
             el = time.time() - t_start
             ips = seen / max(el, 1e-6)
-            eta = (args.steps - step) * args.batch / max(ips, 1e-6)
+            eta = (total - step) * args.batch / max(ips, 1e-6)
             logger.info(
                 "step=%d/%d loss=%.4f cls=%.4f box=%.4f iou=%.3f pos=%d lr=%.2e img_s=%.1f "
                 "eta_min=%.1f",
                 step,
-                args.steps,
+                total,
                 float(loss.detach()),
                 parts["cls"],
                 parts["box"],
@@ -336,11 +375,23 @@ def run(args: argparse.Namespace) -> int:
                 ips,
                 eta / 60,
             )
-        if step % args.val_every == 0 or step == args.steps:
+        if step % args.val_every == 0 or step in (args.steps, total):
+            phase = 1 if step <= args.steps else 2
             best = checkpoint(
-                args, model, ema=ema, opt=opt, step=step, val=val, best=best, history=history
+                args,
+                model,
+                ema=ema,
+                opt=opt,
+                step=step,
+                val=val,
+                best=best,
+                history=history,
+                phase=phase,
             )
             model.train()
+            if step == args.steps and args.finetune_steps:
+                val = validation_set(args, finetune=True)
+                best = begin_finetune(args)
     logger.info("done steps=%d minutes=%.1f best=%.4f", step, (time.time() - t_start) / 60, best)
     final = args.out / MODEL_NAME
     if args.smoke:
@@ -355,9 +406,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def dataset_item(seed: int, i: int, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
-    s = make_sample(seed, i, imgsz)
+def dataset_item(seed: int, i: int, imgsz: int, mix: Mix = BASE) -> tuple[np.ndarray, np.ndarray]:
+    s = make_sample(seed, i, imgsz, mix)
     return s.image, s.boxes
+
+
+def validation_set(args: argparse.Namespace, *, finetune: bool) -> list:
+    """The main recipe at ``--imgsz``; in the fine-tune phase also its mix at each size."""
+    t0 = time.time()
+    seed = args.seed + VAL_SEED_OFFSET
+    val = [dataset_item(seed, i, args.imgsz) for i in range(args.val_size)]
+    if finetune:
+        n = max(1, args.val_size // 2)
+        for k, size in enumerate(args.finetune_sizes):
+            first = args.val_size + k * n
+            val += [dataset_item(seed, i, size, FINETUNE) for i in range(first, first + n)]
+    logger.info(
+        "val set n=%d seed=%d finetune=%s secs=%.1f", len(val), seed, finetune, time.time() - t0
+    )
+    return val
+
+
+def begin_finetune(args: argparse.Namespace) -> float:
+    """Keep the main phase's best checkpoint aside; the fine-tune phase picks its own."""
+    if (args.run_dir / "best.pt").is_file():
+        shutil.copy(args.run_dir / "best.pt", args.run_dir / "best-main.pt")
+    logger.info("fine-tune phase steps=%d sizes=%s", args.finetune_steps, args.finetune_sizes)
+    return -math.inf
 
 
 def checkpoint(
@@ -370,17 +445,19 @@ def checkpoint(
     val: list,
     best: float,
     history: list[dict],
+    phase: int = 1,
 ) -> float:
     """Validate the EMA weights, save a checkpoint, export when the score improves."""
     t0 = time.time()
     score, bias, metrics = best_operating_point(predict_val(ema.model, val), val)
-    history.append({"step": step, "score": score, "score_bias": bias, **metrics})
+    history.append({"step": step, "phase": phase, "score": score, "score_bias": bias, **metrics})
     (args.run_dir / "history.json").write_text(json.dumps(history, indent=1))
     state = {
         "model": model.state_dict(),
         "ema": ema.model.state_dict(),
         "opt": opt.state_dict(),
         "step": step,
+        "phase": phase,
         "best": max(best, score),
         "score_bias": bias,
         "cfg": ema.model.cfg.__dict__,

@@ -9,7 +9,7 @@ import numpy as np
 
 # needs torch: the `train` extra, which CI installs (pip install -e '.[dev,train]')
 from training import train
-from training.synth import _dot_pattern, _qr_matrix, make_sample
+from training.synth import BASE, FINETUNE, Mix, _dot_pattern, _lattice_bg, _qr_matrix, make_sample
 
 
 def test_synthetic_samples_are_reproducible_and_boxed() -> None:
@@ -46,6 +46,46 @@ def test_dot_patterns_are_not_readable_as_codes() -> None:
         assert not zxingcpp.read_barcodes(np.pad(img, 12, constant_values=255))
 
 
+def test_lattice_backgrounds_are_not_readable_as_codes() -> None:
+    import zxingcpp
+
+    rng = np.random.default_rng(8)
+    for _ in range(10):
+        img = _lattice_bg(rng, 200, 240)
+        assert img.shape == (200, 240, 3) and img.dtype == np.uint8
+        assert img.std() > 10, "a lattice background came out flat"
+        assert not zxingcpp.read_barcodes(img)
+
+
+def test_finetune_steps_show_codes_larger_than_the_main_canvas() -> None:
+    data = train.SynthDataset(3, batch=2, steps=1, ft_steps=12, imgsz=128, ft_sizes=[128, 192])
+    assert len(data) == 26
+    assert data[0][0].shape == (128, 128, 3)  # main phase
+    sizes = {data[i][0].shape[0] for i in range(2, 26)}
+    assert sizes == {128, 192}
+    # one batch, one size: items 2k and 2k+1 share step k
+    assert data[4][0].shape == data[5][0].shape
+    big = [
+        b
+        for i in range(2, 26)
+        if data[i][0].shape[0] == 192
+        for b in data[i][1]
+        if max(b[2] - b[0], b[3] - b[1]) > 128
+    ]
+    assert big, "no code larger than the 128 px main canvas in the 192 px fine-tune steps"
+
+
+def test_finetune_mix_has_more_closeups_than_the_main_recipe() -> None:
+    def closeups(mix: Mix) -> int:
+        n = 0
+        for i in range(300):
+            boxes = make_sample(21, i, 160, mix).boxes
+            n += int(any(b[2] - b[0] > 0.85 * 160 for b in boxes))
+        return n
+
+    assert closeups(FINETUNE) > closeups(BASE)
+
+
 def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -67,4 +107,6 @@ def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
     assert json.loads(meta["imgsz"]) == [128, 128]
     assert meta["stride"] == "32"
     history = json.loads((tmp_path / "history.json").read_text())
-    assert history[-1]["step"] == 6
+    # 6 main steps, then 2 fine-tune steps; each phase keeps its best checkpoint
+    assert [(h["step"], h["phase"]) for h in history] == [(6, 1), (8, 2)]
+    assert (tmp_path / "best-main.pt").is_file()
