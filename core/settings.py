@@ -25,7 +25,7 @@ from core.errors import ConfigError
 ENV_PREFIX = "QRSIGHT_"
 KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v2.onnx"
+DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v3.onnx"
 
 logger = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ class Mix:
 
 
 BASE = Mix()  # the main schedule (recipe v2)
-FINETUNE = Mix(closeup=0.35, dense=0.15, closeup_dense=0.5, lattice_bg=0.1, lowres=0.15)
+FINETUNE = Mix(closeup=0.35, dense=0.15, closeup_dense=0.5, lattice_bg=0.25, lowres=0.15)
 
 
 @dataclass(frozen=True)
