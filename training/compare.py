@@ -7,6 +7,10 @@ that is then letterboxed to ``--imgsz``, as the detector sees photos and screens
 any size (down- and up-scaled). Each checkpoint is scored at its own best threshold of
 the grid (image recall - FP-image rate + 0.1 precision, as in training). The decision
 rule for replacing the shipped model: the candidate must score higher here.
+
+``--families N`` also shows, per hard-negative family, the share of N code-free images
+(two symbols of that family each, seed 4,000,037) with a detection at ``--conf`` (the
+threshold before the exported ``score_bias``; 0.45 for the shipped model).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import numpy as np
 import torch
 
 from training.select import load_ema
-from training.synth import make_sample
-from training.train import best_operating_point, predict_val
+from training.synth import NEG_FAMILIES, family_sample, make_sample
+from training.train import best_operating_point, predict_val, score_predictions
 
 logger = logging.getLogger(__name__)
 
 COMPARE_SEED = 3_000_017
+FAMILY_SEED = 4_000_037
 
 
 def native_sample(i: int, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,20 +50,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("--imgsz", type=int, default=416)
     p.add_argument("--n", type=int, default=400)
+    p.add_argument("--families", type=int, default=0, help="images per negative family")
+    p.add_argument("--conf", type=float, default=0.45, help="threshold for --families")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     torch.set_num_threads(2)
     test = [native_sample(i, args.imgsz) for i in range(args.n)]
     positives = sum(len(b) > 0 for _, b in test)
     logger.info("test n=%d positives=%d imgsz=%d", len(test), positives, args.imgsz)
+    none = np.zeros((0, 4), np.float32)
+    families = {
+        f: [(family_sample(FAMILY_SEED, i, args.imgsz, f), none) for i in range(args.families)]
+        for f in (NEG_FAMILIES if args.families else ())
+    }
     for path in args.checkpoints:
-        score, _, m = best_operating_point(predict_val(load_ema(path), test), test)
+        model = load_ema(path)
+        score, _, m = best_operating_point(predict_val(model, test), test)
         logger.info(
             "checkpoint=%s score=%.4f %s",
             path,
             score,
             " ".join(f"{k}={v:.4f}" for k, v in m.items()),
         )
+        for family, images in families.items():
+            fp = score_predictions(predict_val(model, images), images, args.conf)["fp_images"]
+            logger.info("checkpoint=%s family=%s fp_images=%.2f", path, family, fp)
     return 0
 
 

@@ -177,33 +177,47 @@ def _negative_matrix(rng: np.random.Generator) -> np.ndarray:
     """A hard negative as a 0/1 'dark' matrix (quiet zone already included where usual)."""
     kind = int(rng.integers(0, 10))
     if kind < 6:
-        fmt = NEG_FORMATS[int(rng.integers(0, len(NEG_FORMATS)))]
-        content = {
-            "EAN13": "".join(rng.choice(list(string.digits), 12)),
-            "ITF": "".join(rng.choice(list(string.digits), 2 * int(rng.integers(3, 10)))),
-            "Code39": "".join(rng.choice(list(string.ascii_uppercase + string.digits), 8)),
-        }.get(fmt, "".join(rng.choice(list(string.ascii_letters), int(rng.integers(3, 80)))))
-        try:
-            bc = zxingcpp.create_barcode(content, getattr(zxingcpp.BarcodeFormat, fmt))
-            img = np.asarray(zxingcpp.write_barcode_to_image(bc, scale=1))
-        except Exception:
-            img = np.full((20, 20), 255, np.uint8)
-        if img.ndim == 3:
-            img = img[..., 0]
-        dark = (img < 128).astype(np.uint8)
-        if dark.shape[0] < 4:  # 1-D barcode: give it a height
-            dark = np.repeat(dark, int(rng.integers(10, 40)), axis=0)
-        return dark
+        return _zxing_negative(rng, NEG_FORMATS[int(rng.integers(0, len(NEG_FORMATS)))])
     if kind == 7:  # dots or rings on a lattice (halftone print, perforations, tiles)
         return _dot_pattern(rng)
-    if kind < 8:  # checkerboard / tiled pattern
-        n = int(rng.integers(4, 30))
-        tile = rng.integers(0, 2, (int(rng.integers(1, 4)), int(rng.integers(1, 4))))
-        if rng.random() < 0.5:
-            tile = np.array([[1, 0], [0, 1]])
-        reps = (n // tile.shape[0] + 1, n // tile.shape[1] + 1)
-        return np.tile(tile, reps)[:n, :n].astype(np.uint8)
-    n = int(rng.integers(15, 60))  # random modules, no finder patterns
+    if kind < 8:
+        return _tiled(rng)
+    return _random_modules(rng)
+
+
+def _zxing_negative(rng: np.random.Generator, fmt: str) -> np.ndarray:
+    """A Data Matrix, Aztec, PDF417 or 1-D barcode (``fmt`` of NEG_FORMATS) by zxing-cpp."""
+    content = {
+        "EAN13": "".join(rng.choice(list(string.digits), 12)),
+        "ITF": "".join(rng.choice(list(string.digits), 2 * int(rng.integers(3, 10)))),
+        "Code39": "".join(rng.choice(list(string.ascii_uppercase + string.digits), 8)),
+    }.get(fmt, "".join(rng.choice(list(string.ascii_letters), int(rng.integers(3, 80)))))
+    try:
+        bc = zxingcpp.create_barcode(content, getattr(zxingcpp.BarcodeFormat, fmt))
+        img = np.asarray(zxingcpp.write_barcode_to_image(bc, scale=1))
+    except Exception:
+        img = np.full((20, 20), 255, np.uint8)
+    if img.ndim == 3:
+        img = img[..., 0]
+    dark = (img < 128).astype(np.uint8)
+    if dark.shape[0] < 4:  # 1-D barcode: give it a height
+        dark = np.repeat(dark, int(rng.integers(10, 40)), axis=0)
+    return dark
+
+
+def _tiled(rng: np.random.Generator) -> np.ndarray:
+    """A checkerboard or a small random tile repeated."""
+    n = int(rng.integers(4, 30))
+    tile = rng.integers(0, 2, (int(rng.integers(1, 4)), int(rng.integers(1, 4))))
+    if rng.random() < 0.5:
+        tile = np.array([[1, 0], [0, 1]])
+    reps = (n // tile.shape[0] + 1, n // tile.shape[1] + 1)
+    return np.tile(tile, reps)[:n, :n].astype(np.uint8)
+
+
+def _random_modules(rng: np.random.Generator) -> np.ndarray:
+    """A grid of random modules without finder patterns."""
+    n = int(rng.integers(15, 60))
     return (rng.random((n, n)) < 0.5).astype(np.uint8)
 
 
@@ -574,3 +588,30 @@ def make_sample(seed: int, index: int, imgsz: int = 320, mix: Mix = BASE) -> Sam
     canvas = _degrade(rng, canvas)
     image, boxes = _letterbox(canvas, boxes, imgsz)
     return Sample(image=image, boxes=boxes)
+
+
+NEG_FAMILIES = (*NEG_FORMATS, "dots", "tiled", "random-modules", "background", "lattice")
+
+
+def family_sample(seed: int, index: int, imgsz: int, family: str) -> np.ndarray:
+    """An image without any QR code showing one hard-negative ``family`` (NEG_FAMILIES).
+
+    Two symbols of that family on an ordinary background, or ("background") no symbol,
+    or ("lattice") a full-frame dot/ring lattice; degraded like the training images. For
+    measuring which families the detector confuses with QR codes.
+    """
+    rng = np.random.default_rng([seed, NEG_FAMILIES.index(family), index])
+    if family == "lattice":
+        canvas = _lattice_bg(rng, imgsz, imgsz)
+    else:
+        canvas = _background(rng, imgsz, imgsz)
+    make = {
+        "dots": _dot_pattern,
+        "tiled": _tiled,
+        "random-modules": _random_modules,
+        **{fmt: (lambda r, f=fmt: _zxing_negative(r, f)) for fmt in NEG_FORMATS},
+    }.get(family)
+    taken: list[np.ndarray] = []
+    for _ in range(2 if make else 0):
+        _place(rng, canvas, make(rng), int(rng.integers(0, 4)), taken)
+    return _degrade(rng, canvas)

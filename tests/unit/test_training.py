@@ -9,7 +9,17 @@ import numpy as np
 
 # needs torch: the `train` extra, which CI installs (pip install -e '.[dev,train]')
 from training import train
-from training.synth import BASE, FINETUNE, Mix, _dot_pattern, _lattice_bg, _qr_matrix, make_sample
+from training.synth import (
+    BASE,
+    FINETUNE,
+    NEG_FAMILIES,
+    Mix,
+    _dot_pattern,
+    _lattice_bg,
+    _qr_matrix,
+    family_sample,
+    make_sample,
+)
 
 
 def test_synthetic_samples_are_reproducible_and_boxed() -> None:
@@ -44,6 +54,21 @@ def test_dot_patterns_are_not_readable_as_codes() -> None:
         img = np.kron(1 - dots, np.ones((3, 3), np.uint8)) * 255
         assert set(np.unique(dots)) <= {0, 1}
         assert not zxingcpp.read_barcodes(np.pad(img, 12, constant_values=255))
+
+
+def test_negative_family_images_show_their_family_and_never_a_qr_code() -> None:
+    import zxingcpp
+
+    read: dict[str, set[str]] = {}
+    for family in NEG_FAMILIES:
+        for i in range(3):
+            img = family_sample(4, i, 256, family)
+            assert img.shape == (256, 256, 3)
+            formats = {c.format.name for c in zxingcpp.read_barcodes(img)}
+            assert "QRCode" not in formats, (family, i)
+            read.setdefault(family, set()).update(formats)
+    # the symbols are real: zxing-cpp reads the 2-D ones it wrote in some of the images
+    assert "DataMatrix" in read["DataMatrix"] or "Aztec" in read["Aztec"], read
 
 
 def test_lattice_backgrounds_are_not_readable_as_codes() -> None:
