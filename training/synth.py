@@ -293,7 +293,9 @@ def _grid_bg(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def _lattice_bg(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Dots or rings over the whole frame (printed fabric, wallpaper, perforated metal)."""
     pattern = _dot_pattern(rng).astype(np.float32)
-    k = pattern.shape[0] / max(1, int(np.ceil(pattern.shape[0] / 10)))  # cells per period
+    # a rough stand-in for the cells per period (6-10; the pattern is 3-13 periods of 4-9
+    # cells); kept as is because the shipped model's fine-tune stream depends on it
+    k = pattern.shape[0] / max(1, int(np.ceil(pattern.shape[0] / 10)))
     period = float(rng.uniform(8, 28))  # pixels per lattice period
     scale = period / max(k, 4.0)
     reps = (int(h / (pattern.shape[0] * scale)) + 1, int(w / (pattern.shape[1] * scale)) + 1)

@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     )
     ema = EMA(model, decay=0.998, tau=200)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.99))
-    start_step, best, phase = 0, -math.inf, 1
+    start_step, best = 0, -math.inf
     history: list[dict] = []
     if args.resume:
         ck = torch.load(args.resume, map_location="cpu", weights_only=False)
@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         ema.model.load_state_dict(ck["ema"])
         ema.updates = ck["step"]
         opt.load_state_dict(ck["opt"])
-        start_step, best, phase = ck["step"], ck.get("best", -1.0), ck.get("phase", 1)
+        start_step, best = ck["step"], ck.get("best", -1.0)
         logged = args.run_dir / "history.json"
         if logged.is_file():  # keep the curve of the steps already done
             history = [h for h in json.loads(logged.read_text()) if h["step"] <= start_step]
@@ -331,15 +331,16 @@ def run(args: argparse.Namespace) -> int:
         persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None,
     )
-    val = validation_set(args, finetune=start_step >= args.steps)
-    if start_step >= args.steps and phase == 1:  # a new phase: its own validation and best
-        best = begin_finetune(args)
+    val = validation_set(args, finetune=start_step > args.steps)
     points = {size: anchor_points(size) for size in {args.imgsz, *args.finetune_sizes}}
     t_start = time.time()
     seen = 0
     step = start_step
     model.train()
     for images, targets in loader:
+        if step == args.steps:  # the fine-tune phase: its own validation set and best
+            val = validation_set(args, finetune=True)
+            best = begin_finetune(args)
         if step < args.steps:
             lr = lr_at(step, args.steps, args.lr, warmup=min(150, args.steps // 10 + 1))
         else:
@@ -376,22 +377,10 @@ def run(args: argparse.Namespace) -> int:
                 eta / 60,
             )
         if step % args.val_every == 0 or step in (args.steps, total):
-            phase = 1 if step <= args.steps else 2
             best = checkpoint(
-                args,
-                model,
-                ema=ema,
-                opt=opt,
-                step=step,
-                val=val,
-                best=best,
-                history=history,
-                phase=phase,
+                args, model, ema=ema, opt=opt, step=step, val=val, best=best, history=history
             )
             model.train()
-            if step == args.steps and args.finetune_steps:
-                val = validation_set(args, finetune=True)
-                best = begin_finetune(args)
     logger.info("done steps=%d minutes=%.1f best=%.4f", step, (time.time() - t_start) / 60, best)
     final = args.out / MODEL_NAME
     if args.smoke:
@@ -445,10 +434,10 @@ def checkpoint(
     val: list,
     best: float,
     history: list[dict],
-    phase: int = 1,
 ) -> float:
     """Validate the EMA weights, save a checkpoint, export when the score improves."""
     t0 = time.time()
+    phase = 1 if step <= args.steps else 2
     score, bias, metrics = best_operating_point(predict_val(ema.model, val), val)
     history.append({"step": step, "phase": phase, "score": score, "score_bias": bias, **metrics})
     (args.run_dir / "history.json").write_text(json.dumps(history, indent=1))
