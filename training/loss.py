@@ -6,6 +6,8 @@ range (small codes to stride 8, large ones to stride 32; overlapping ranges). A 
 claimed by several boxes takes the smallest. A box no level claims gets its nearest
 stride-8 point. The class target of a positive is the IoU of its predicted box with the truth
 (so scores rank by localisation quality and NMS keeps the best box); negatives target 0.
+Negative points on a *hard* region (a symbol that is not a QR code, a lattice background)
+and outside every code can weigh ``hard_weight`` times as much in the class loss.
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def assign(
     return torch.where(torch.isfinite(best_area), best, torch.full_like(best, -1))
 
 
+def _inside(points: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the point lies inside at least one of the xyxy ``regions``."""
+    if regions.numel() == 0:
+        return torch.zeros(points.shape[0], dtype=torch.bool)
+    x, y = points[:, :1], points[:, 1:2]
+    r = regions.reshape(-1, 4)[None]
+    return ((x > r[..., 0]) & (y > r[..., 1]) & (x < r[..., 2]) & (y < r[..., 3])).any(1)
+
+
+def hard_weights(
+    points: torch.Tensor, targets: list[torch.Tensor], hard: list[torch.Tensor], weight: float
+) -> torch.Tensor:
+    """``[B, N]`` class-loss weights: ``weight`` on a hard region outside every code, else 1."""
+    out = torch.ones(len(targets), points.shape[0])
+    for i, (gt, h) in enumerate(zip(targets, hard, strict=True)):
+        out[i, _inside(points, h) & ~_inside(points, gt)] = weight
+    return out
+
+
 def detection_loss(
     boxes: torch.Tensor,
     logits: torch.Tensor,
@@ -72,8 +93,13 @@ def detection_loss(
     strides: torch.Tensor,
     *,
     box_weight: float = 2.0,
+    hard: list[torch.Tensor] | None = None,
+    hard_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of a batch: ``boxes [B,N,4]`` xyxy, ``logits [B,N,1]``, targets per image."""
+    """Loss of a batch: ``boxes [B,N,4]`` xyxy, ``logits [B,N,1]``, targets per image.
+
+    ``hard`` (xyxy regions per image) and ``hard_weight``: see the module docstring.
+    """
     cls_target = torch.zeros_like(logits)
     pred_pos, gt_pos = [], []
     pos_index = []
@@ -102,7 +128,10 @@ def detection_loss(
         mean_iou = 0.0
     prob = logits.sigmoid()
     qfl = F.binary_cross_entropy_with_logits(logits, cls_target, reduction="none")
-    loss_cls = (qfl * (prob - cls_target).abs().pow(2)).sum() / max(n_pos, 1)
+    qfl = qfl * (prob - cls_target).abs().pow(2)
+    if hard is not None and hard_weight != 1.0:
+        qfl = qfl * hard_weights(points, targets, hard, hard_weight)[..., None]
+    loss_cls = qfl.sum() / max(n_pos, 1)
     total = loss_cls + box_weight * loss_box
     return total, {
         "cls": float(loss_cls.detach()),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import cv2
@@ -95,10 +95,16 @@ FINETUNE = Mix(closeup=0.35, dense=0.15, closeup_dense=0.5, lattice_bg=0.25, low
 
 @dataclass(frozen=True)
 class Sample:
-    """One synthetic image (RGB, square ``imgsz``) and its QR boxes (x1, y1, x2, y2)."""
+    """One synthetic image (RGB, square ``imgsz``) and its QR boxes (x1, y1, x2, y2).
+
+    ``hard`` are the regions that look most like a code and are not one: the boxes of the
+    hard-negative symbols placed in the image, and the whole frame when the background is
+    a dot/ring lattice (the training can weigh false positives there more).
+    """
 
     image: np.ndarray
     boxes: np.ndarray
+    hard: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
 
 # --------------------------------------------------------------------------- sources
@@ -315,9 +321,13 @@ def _lattice_bg(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _background(rng: np.random.Generator, h: int, w: int, lattice: float = 0.0) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, h: int, w: int, lattice: float = 0.0
+) -> tuple[np.ndarray, bool]:
+    """A background image and whether it is a full-frame lattice."""
     r = rng.random()
-    if r >= 1 - lattice:
+    is_lattice = r >= 1 - lattice
+    if is_lattice:
         img = _lattice_bg(rng, h, w)
     elif r < 0.45:
         img = _photo_bg(rng, h, w)
@@ -332,7 +342,7 @@ def _background(rng: np.random.Generator, h: int, w: int, lattice: float = 0.0) 
         img = np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)
     if rng.random() < 0.3:
         _draw_text(rng, img, int(rng.integers(1, 6)))
-    return np.ascontiguousarray(img)
+    return np.ascontiguousarray(img), is_lattice
 
 
 # --------------------------------------------------------------------------- placement
@@ -542,14 +552,13 @@ def _degrade(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- sample
-def _letterbox(img: np.ndarray, boxes: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+def _letterbox(img: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` centred on a square ``imgsz`` canvas of PAD_VALUE, and the xyxy offset."""
     h, w = img.shape[:2]
     out = np.full((imgsz, imgsz, 3), PAD_VALUE, np.uint8)
     top, left = (imgsz - h) // 2, (imgsz - w) // 2
     out[top : top + h, left : left + w] = img
-    if len(boxes):
-        boxes = boxes + np.array([left, top, left, top], np.float32)
-    return out, boxes
+    return out, np.array([left, top, left, top], np.float32)
 
 
 def _lowres(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
@@ -568,7 +577,7 @@ def make_sample(seed: int, index: int, imgsz: int = 320, mix: Mix = BASE) -> Sam
         h, w = (imgsz, other) if rng.random() < 0.5 else (other, imgsz)
     else:
         h, w = imgsz, imgsz
-    canvas = _background(rng, h, w, mix.lattice_bg)
+    canvas, lattice = _background(rng, h, w, mix.lattice_bg)
     taken: list[np.ndarray] = []
     for _ in range(int(rng.choice([0, 1, 2, 3], p=[0.45, 0.35, 0.12, 0.08]))):
         _place(rng, canvas, _negative_matrix(rng), int(rng.integers(0, 4)), taken)
@@ -582,14 +591,16 @@ def make_sample(seed: int, index: int, imgsz: int = 320, mix: Mix = BASE) -> Sam
         quiet = 0 if rng.random() < 0.25 else int(rng.integers(1, 5))
         _place(rng, canvas, _qr_matrix(rng, mix.dense), quiet, taken)
     boxes = np.array(taken[negatives:], np.float32).reshape(-1, 4)
+    hard = np.array(taken[:negatives] + ([[0, 0, w, h]] if lattice else []), np.float32)
+    hard = hard.reshape(-1, 4)
     for box in boxes:
         if rng.random() < 0.2:
             _occlude(rng, canvas, box)
     if mix.lowres and rng.random() < mix.lowres:
         canvas = _lowres(rng, canvas)
     canvas = _degrade(rng, canvas)
-    image, boxes = _letterbox(canvas, boxes, imgsz)
-    return Sample(image=image, boxes=boxes)
+    image, offset = _letterbox(canvas, imgsz)
+    return Sample(image=image, boxes=boxes + offset, hard=hard + offset)
 
 
 NEG_FAMILIES = (*NEG_FORMATS, "dots", "tiled", "random-modules", "background", "lattice")
@@ -606,7 +617,7 @@ def family_sample(seed: int, index: int, imgsz: int, family: str) -> np.ndarray:
     if family == "lattice":
         canvas = _lattice_bg(rng, imgsz, imgsz)
     else:
-        canvas = _background(rng, imgsz, imgsz)
+        canvas, _ = _background(rng, imgsz, imgsz)
     make = {
         "dots": _dot_pattern,
         "tiled": _tiled,

@@ -57,16 +57,23 @@ class SynthDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         step = i // self.batch
         if step < self.steps:
-            return dataset_item(self.seed, i, self.imgsz)
-        return dataset_item(self.seed, i, self.ft_sizes[step % len(self.ft_sizes)], FINETUNE)
+            s = make_sample(self.seed, i, self.imgsz)
+        else:
+            s = make_sample(self.seed, i, self.ft_sizes[step % len(self.ft_sizes)], FINETUNE)
+        return s.image, s.boxes, s.hard
 
 
-def collate(batch: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def collate(batch: list) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Images ``[B, 3, H, W]`` uint8, QR boxes per image, hard-negative regions per image."""
     images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
-    return images.contiguous(), [torch.from_numpy(b[1]) for b in batch]
+    return (
+        images.contiguous(),
+        [torch.from_numpy(b[1]) for b in batch],
+        [torch.from_numpy(b[2]) for b in batch],
+    )
 
 
 class EMA:
@@ -241,6 +248,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--finetune-sizes", type=int, nargs="+", default=[320, 416], help="canvas sizes, /32"
     )
+    p.add_argument(
+        "--finetune-hard-weight",
+        type=float,
+        default=1.0,
+        help="class-loss weight of false positives on hard negatives in the fine-tune phase "
+        "(1 = the shipped recipe; see models/README.md for 2 and 4)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--val-every", type=int, default=100)
@@ -337,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     seen = 0
     step = start_step
     model.train()
-    for images, targets in loader:
+    for images, targets, hard in loader:
         if step == args.steps:  # the fine-tune phase: its own validation set and best
             val = validation_set(args, finetune=True)
             best = begin_finetune(args)
@@ -350,7 +364,14 @@ def run(args: argparse.Namespace) -> int:
             g["lr"] = lr
         x = (images.float() / 255).contiguous(memory_format=torch.channels_last)
         boxes, logits = model(x)
-        loss, parts = detection_loss(boxes, logits, targets, *points[int(images.shape[-1])])
+        loss, parts = detection_loss(
+            boxes,
+            logits,
+            targets,
+            *points[int(images.shape[-1])],
+            hard=hard,
+            hard_weight=1.0 if step < args.steps else args.finetune_hard_weight,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

@@ -111,6 +111,58 @@ def test_finetune_mix_has_more_closeups_than_the_main_recipe() -> None:
     assert closeups(FINETUNE) > closeups(BASE)
 
 
+def test_hard_regions_mark_the_negative_symbols_and_lattice_frames() -> None:
+    import zxingcpp
+
+    symbols = frames = 0
+    for i in range(60):
+        s = make_sample(5, i, 192, FINETUNE)
+        assert s.hard.shape[1:] == (4,) and s.hard.dtype == np.float32
+        image = s.image.copy()
+        for x1, y1, x2, y2 in s.boxes.round().astype(int):  # a code may sit on a big symbol
+            image[max(y1 - 2, 0) : y2 + 2, max(x1 - 2, 0) : x2 + 2] = 128
+        for x1, y1, x2, y2 in s.hard.round().astype(int):
+            if min(x1, y1) == 0 and abs(x1 + x2 - 192) <= 1 and abs(y1 + y2 - 192) <= 1:
+                frames += 1  # a lattice background: the whole (letterboxed) canvas
+            else:
+                symbols += 1
+            crop = image[max(y1, 0) : y2, max(x1, 0) : x2]
+            found = zxingcpp.read_barcodes(crop, formats=zxingcpp.BarcodeFormat.QRCode)
+            assert not found, f"sample {i}: a hard-negative region reads as a QR code"
+    assert symbols >= 10 and frames >= 3, (symbols, frames)
+
+
+def test_false_positives_on_hard_regions_weigh_more_in_the_class_loss() -> None:
+    import torch
+
+    from training.loss import detection_loss
+    from training.model import anchor_points
+
+    points, strides = anchor_points(128)
+    code = torch.tensor([[8.0, 8.0, 48.0, 48.0]])
+    hard = torch.tensor([[64.0, 64.0, 120.0, 120.0]])
+    boxes = torch.zeros(1, len(points), 4)
+    boxes[0, :, :2], boxes[0, :, 2:] = points - 20, points + 20
+    on_hard = int(((points - 92).abs().sum(1)).argmin())
+    elsewhere = int(((points - torch.tensor([100.0, 20.0])).abs().sum(1)).argmin())
+
+    def cost_of_fp(fp: int, weight: float) -> float:
+        """What one confident false positive at point ``fp`` adds to the class loss."""
+        logits = torch.full((1, len(points), 1), -8.0)
+        without = detection_loss(
+            boxes, logits, [code], points, strides, hard=[hard], hard_weight=weight
+        )[1]["cls"]
+        logits[0, fp, 0] = 2.0
+        with_fp = detection_loss(
+            boxes, logits, [code], points, strides, hard=[hard], hard_weight=weight
+        )[1]["cls"]
+        return with_fp - without
+
+    assert cost_of_fp(on_hard, 1.0) > 0
+    assert abs(cost_of_fp(on_hard, 4.0) / cost_of_fp(on_hard, 1.0) - 4.0) < 0.01
+    assert abs(cost_of_fp(elsewhere, 4.0) / cost_of_fp(elsewhere, 1.0) - 1.0) < 0.01
+
+
 def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
     import onnxruntime as ort
 
