@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import cv2
@@ -104,7 +104,7 @@ class Sample:
 
     image: np.ndarray
     boxes: np.ndarray
-    hard: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    hard: np.ndarray
 
 
 # --------------------------------------------------------------------------- sources
