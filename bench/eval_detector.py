@@ -246,17 +246,11 @@ def ort_ms(path: Path, imgsz: int, runs: int = 20, threads: int = 2) -> float:
 
 def speed_table(model: Path) -> list[str]:
     """ms/img at 320/640 and GFLOPs of the model and of a YOLOv8n-sized graph."""
-    import torch
-
-    from training.export import _torch_export
     from training.model import count_macs
-    from training.yolov8n_ref import YOLOv8n
+    from training.yolov8n_ref import YOLOv8n, export_reference
 
-    ref = YOLOv8n().eval()
-    macs_ref = count_macs(ref, 640)
-    tmp = Path(tempfile.mkdtemp()) / "yolov8n_ref.onnx"
-    with torch.no_grad():
-        _torch_export(ref, torch.zeros(1, 3, 640, 640), tmp)
+    macs_ref = count_macs(YOLOv8n().eval(), 640)
+    tmp = export_reference(Path(tempfile.mkdtemp()) / "yolov8n_ref.onnx")
     rows = [
         "| graph | GFLOPs @640 (2 x MACs) | ms/img @320 | ms/img @640 |",
         "|---|---|---|---|",

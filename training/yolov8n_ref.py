@@ -7,6 +7,8 @@ Ultralytics ``yolov8n.onnx`` without downloading anything. Nothing here is train
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -113,3 +115,12 @@ class YOLOv8n(nn.Module):
         o4 = self.h3(torch.cat([self.d1(o3), t4], 1))
         o5 = self.h4(torch.cat([self.d2(o4), p5], 1))
         return self.detect([o3, o4, o5])
+
+
+def export_reference(path: Path) -> Path:
+    """Write the YOLOv8n-sized graph (dynamic batch and size, like the model) to ``path``."""
+    from training.export import _torch_export
+
+    with torch.no_grad():
+        _torch_export(YOLOv8n().eval(), torch.zeros(1, 3, 640, 640), path)
+    return path
