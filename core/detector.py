@@ -35,6 +35,7 @@ __all__ = ["Detector", "ModelInfo", "choose_providers"]
 
 logger = logging.getLogger(__name__)
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",
@@ -104,6 +105,12 @@ class Detector:
     ``predict(images)`` = ``postprocess(infer(preprocess(images)))``; the stages are
     public so callers can time them. Thresholds: per call, else the constructor's,
     else the layout's defaults (YOLOv5 0.25/0.45, YOLOv8/11 0.25/0.7, end-to-end 0.25).
+
+    ``pad_to``: run every batch as exactly that many images (padded with blanks, longer
+    ones split) when ``pad`` is true — by default when the session runs on CUDA or
+    TensorRT, where each new input shape costs a cuDNN algorithm search or an engine
+    build (0.5 to 3 s, measured in ``bench/README.md``) and micro-batches vary in size. The
+    padded shape is run once at load (warm-up).
     """
 
     def __init__(
@@ -117,6 +124,8 @@ class Detector:
         conf: float | None = None,
         iou: float | None = None,
         max_det: int = 100,
+        pad_to: int | None = None,
+        pad: bool | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -139,6 +148,10 @@ class Detector:
                 self.model_path,
                 self.fixed_batch,
             )
+        self.on_gpu = self.providers[0] in GPU_PROVIDERS
+        if pad is None:  # CUDA searches kernels, TensorRT builds an engine, per input shape
+            pad = self.on_gpu
+        self.run_batch = self.fixed_batch or (pad_to if pad else None)
         labels = parse_names(meta.get("names"))
         self.layout = self._find_layout(meta, len(labels) or None)
         if not labels:
@@ -160,6 +173,8 @@ class Detector:
             len(labels),
             ",".join(self.providers),
         )
+        if self.run_batch is not None and self.on_gpu:
+            self._warm_up()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Detector:
@@ -172,6 +187,8 @@ class Detector:
             conf=settings.conf_threshold,
             iou=settings.iou_threshold,
             max_det=settings.max_detections,
+            pad_to=settings.max_batch,
+            pad=settings.pad_batch,
         )
 
     # --- loading -------------------------------------------------------------------------
@@ -221,17 +238,21 @@ class Detector:
         return batch.astype(self.input_dtype, copy=False), metas
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """The raw ``output0`` of a batch (one run, or one per image for a fixed batch)."""
+        """The raw ``output0`` of a batch.
+
+        One run, or — for a model with a fixed batch, or when padding (``pad_to``) — runs
+        of exactly ``run_batch`` images, the last one padded, so the session sees one shape.
+        """
         if len(batch) == 0:
             return np.empty((0, *self._output_shape[1:]), np.float32)
-        size = self.fixed_batch
+        size = self.run_batch
         if size is None or len(batch) == size:
             return self._run(batch)
         outs = []
         for start in range(0, len(batch), size):
             chunk = batch[start : start + size]
             n = len(chunk)
-            if n < size:  # pad the last chunk up to the model's fixed batch
+            if n < size:  # pad the last chunk up to the run size
                 chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
             outs.append(self._run(chunk)[:n])
         return np.concatenate(outs)
@@ -265,6 +286,14 @@ class Detector:
             conf if self.conf is None else self.conf,
             iou if self.iou is None or self.layout == "end2end" else self.iou,
         )
+
+    def _warm_up(self) -> None:
+        """One blank run of the padded shape, so the first real batch is not the slow one."""
+        start = time.perf_counter()
+        assert self.run_batch is not None
+        self._run(np.full((self.run_batch, 3, *self.input_hw), 114 / 255, self.input_dtype))
+        ms = (time.perf_counter() - start) * 1000
+        logger.info("detector warmed up batch=%d ms=%.0f", self.run_batch, ms)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         start = time.perf_counter()

@@ -105,6 +105,12 @@ class Settings(BaseModel):
         0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT default: one per core)"
     )
     ort_inter_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
+    pad_batch: bool | None = Field(
+        None,
+        description="pad every inference batch to `QRSIGHT_MAX_BATCH` images, so the model "
+        "sees one input shape (unset: on for CUDA/TensorRT, where each new batch size costs "
+        "a kernel search or engine build of 0.5 to 3 s; off on CPU)",
+    )
     imgsz: int | None = Field(
         None, description="inference size (default: the model's metadata, else 640)"
     )

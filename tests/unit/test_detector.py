@@ -14,7 +14,7 @@ from core.detections import Detections, ModelInfo
 from core.detector import Detector, choose_providers, parse_imgsz, parse_names
 from core.errors import ConfigError, ModelError
 from core.settings import load_settings
-from tests.unit.onnx_models import make_fixed_output_model
+from tests.unit.onnx_models import make_dark_cell_model, make_fixed_output_model
 
 NAMES = {0: "qr", 1: "micro_qr"}
 
@@ -85,6 +85,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         {},
         metadata={"description": "", "version": ""},
     )
+    paths["dark"] = make_dark_cell_model(root / "dark.onnx")
     return paths
 
 
@@ -128,6 +129,59 @@ def test_golden_boxes_of_a_fixed_batch_model_run_one_by_one(
     assert len(results) == 3
     assert_boxes(results[1], AFTER_NMS, scale=2.0)
     assert_boxes(results[2], AFTER_NMS)
+
+
+def dark_squares(n: int) -> list[np.ndarray]:
+    """``n`` white 320x240 images, each with a black square somewhere else."""
+    images = []
+    for i in range(n):
+        image = np.full((240, 320, 3), 255, np.uint8)
+        x, y = 20 + 37 * i % 240, 10 + 23 * i % 160
+        image[y : y + 64, x : x + 64] = 0
+        images.append(image)
+    return images
+
+
+def batch_sizes(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """The batch sizes the ONNX session ran, from the detector's debug log."""
+    return [
+        int(r.getMessage().split("batch=")[1].split()[0])
+        for r in caplog.records
+        if r.getMessage().startswith("inference batch=")
+    ]
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 6])
+def test_padded_batches_run_one_shape_and_give_the_same_boxes(
+    models: dict[str, Path], caplog: pytest.LogCaptureFixture, count: int
+) -> None:
+    images = dark_squares(count)
+    plain = Detector(models["dark"]).predict(images)
+    padded = Detector(models["dark"], pad_to=4, pad=True)
+    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+        result = padded.predict(images)
+    assert batch_sizes(caplog) == [4] * ((count + 3) // 4)
+    assert len(result) == count
+    for got, want in zip(result, plain, strict=True):
+        assert len(want.xyxy) > 0
+        assert np.allclose(got.xyxy, want.xyxy) and np.allclose(got.confidence, want.confidence)
+
+
+def test_batches_are_not_padded_on_cpu_by_default(
+    models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings({"QRSIGHT_MAX_BATCH": "8"}, model_path=models["dark"])
+    detector = Detector.from_settings(settings)
+    assert detector.providers == ["CPUExecutionProvider"]
+    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+        detector.predict(dark_squares(3))
+    assert batch_sizes(caplog) == [3]
+    forced = {"QRSIGHT_MAX_BATCH": "8", "QRSIGHT_PAD_BATCH": "true"}
+    detector = Detector.from_settings(load_settings(forced, model_path=models["dark"]))
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+        detector.predict(dark_squares(3))
+    assert batch_sizes(caplog) == [8]
 
 
 def test_conf_per_call_per_image_and_from_settings(models: dict[str, Path]) -> None:
