@@ -18,9 +18,10 @@ host→device copies and the provider choice a worker makes. One run measures:
    score difference and the smallest IoU of matched boxes. A GPU path that is fast and
    wrong shows here.
 4. **End to end** (``core.pipeline.Pipeline.run`` over the JPEG/PNG bytes: decode →
-   letterbox → inference → NMS → payload reading) per configuration and ``max_batch``:
-   images/s and the mean per-image stage times, i.e. where the time goes once
-   inference is cheap.
+   letterbox → inference → NMS → payload reading, built from settings as a worker does)
+   per configuration and ``max_batch``: images/s and the mean stage times, i.e. where
+   the time goes once inference is cheap. GPU FP32 runs twice, with the default batch
+   padding (``QRSIGHT_PAD_BATCH`` unset) and without it.
 
 Configurations: ``cpu`` always; ``cuda`` and ``cuda-fp16`` (the model converted with
 ``onnxruntime.transformers.float16``, float16 input and output, written to ``--out``)
@@ -117,11 +118,8 @@ def configs(model: Path, out: Path) -> list[Config]:
         found.append(Config("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], model))
         found.append(Config("cuda-fp16", ["CUDAExecutionProvider", "CPUExecutionProvider"], fp16))
     if "TensorrtExecutionProvider" in available:
-        cache = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(out / "trt")}
-        rest = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        found.append(Config("tensorrt", [("TensorrtExecutionProvider", cache), *rest], model))
-        half = {**cache, "trt_fp16_enable": True}
-        found.append(Config("tensorrt-fp16", [("TensorrtExecutionProvider", half), *rest], model))
+        trt = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        found.append(Config("tensorrt", trt, model))
     return found
 
 
@@ -239,17 +237,21 @@ def agreement_rows(cfgs: Sequence[Config], images: Sequence[np.ndarray]) -> list
 def pipeline_rows(
     cfgs: Sequence[Config], blobs: Sequence[bytes], batches: Sequence[int], rounds: int
 ) -> list[dict[str, Any]]:
+    """``Pipeline(settings)`` as a worker builds it; GPU FP32 also without batch padding."""
     rows = []
     jobs = [ImageJob(f"p-{i}", data) for i, data in enumerate(blobs)]
-    for cfg in cfgs:
+    runs = [(cfg, None) for cfg in cfgs]
+    runs += [(cfg, False) for cfg in cfgs if cfg.name in ("cuda", "tensorrt")]
+    for cfg, pad in runs:
+        name = cfg.name if pad is None else f"{cfg.name} (pad off)"
         for size in batches:
             settings = load_settings(
                 model_path=cfg.model,
                 onnx_providers=[p if isinstance(p, str) else p[0] for p in cfg.providers],
                 max_batch=size,
+                pad_batch=pad,
             )
-            det = Detector(cfg.model, providers=cfg.providers)
-            with Pipeline(settings, det) as pipeline:
+            with Pipeline(settings) as pipeline:
                 pipeline.run(jobs[:size])  # warm-up
                 best, timings = 0.0, []
                 for _ in range(rounds):
@@ -260,14 +262,14 @@ def pipeline_rows(
             mean = {k: float(np.mean([t[k] for t in timings])) for k in timings[0]}
             rows.append(
                 {
-                    "config": cfg.name,
+                    "config": name,
                     "max_batch": size,
                     "img_s": round(best, 1),
                     **{k: round(v, 2) for k, v in mean.items() if k != "queue_ms"},
                 }
             )
             print(
-                f"  {cfg.name:14s} max_batch {size:3d}: {best:7.1f} img/s  "
+                f"  {name:20s} max_batch {size:3d}: {best:7.1f} img/s  "
                 f"decode {mean['decode_ms']:.1f} ms/img, "
                 f"letterbox+infer {mean['infer_ms']:.1f} ms/batch, "
                 f"post {mean['post_ms']:.1f} ms/img (means)",
