@@ -10,7 +10,7 @@ layout ``[B, 4 + nc, N]`` (``cx, cy, w, h`` in input pixels, then sigmoid scores
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -30,6 +30,7 @@ class ModelConfig:
     c5: int = 160
     neck: int = 64
     depth: tuple[int, int, int] = (1, 2, 2)
+    context: bool = False  # dilated context blocks on P4 and P3 (see QRDet.grow)
 
     @classmethod
     def tiny(cls) -> ModelConfig:
@@ -38,10 +39,19 @@ class ModelConfig:
 
 class ConvBN(nn.Sequential):
     def __init__(
-        self, c_in: int, c_out: int, k: int = 1, s: int = 1, *, groups: int = 1, pad: int = -1
+        self,
+        c_in: int,
+        c_out: int,
+        k: int = 1,
+        s: int = 1,
+        *,
+        groups: int = 1,
+        pad: int = -1,
+        dilation: int = 1,
     ) -> None:
+        pad = dilation * (k // 2) if pad < 0 else pad
         super().__init__(
-            nn.Conv2d(c_in, c_out, k, s, k // 2 if pad < 0 else pad, groups=groups, bias=False),
+            nn.Conv2d(c_in, c_out, k, s, pad, dilation=dilation, groups=groups, bias=False),
             nn.BatchNorm2d(c_out),
             nn.ReLU(inplace=True),
         )
@@ -60,6 +70,25 @@ class Block(nn.Module):
     def __init__(self, c: int, k: int) -> None:
         super().__init__()
         self.body = DWSep(c, c, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ContextBlock(nn.Module):
+    """Residual dilated depthwise 5x5 (dilation 2: a 9x9-cell window) then pointwise.
+
+    The pointwise BatchNorm starts at scale ``init_scale`` (0.1): a block added to a
+    trained network perturbs its features a little, and every weight of the block gets
+    gradients from the first step (at scale 0 only that scale would, and in a 1,200-step
+    fine-tune it stayed near 0 — the blocks learned nothing).
+    """
+
+    def __init__(self, c: int, dilation: int = 2, init_scale: float = 0.1) -> None:
+        super().__init__()
+        self.body = DWSep(c, c, 5)
+        self.body[0] = ConvBN(c, c, 5, groups=c, dilation=dilation)
+        nn.init.constant_(self.body[1][1].weight, init_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -117,6 +146,24 @@ class QRDet(nn.Module):
         self.smooth4 = DWSep(n, n, 5)
         self.smooth3 = DWSep(n, n, 5)
         self.heads = nn.ModuleList([Head(n, nc) for _ in STRIDES])
+        if cfg.context:
+            self.ctx4, self.ctx3 = ContextBlock(n), ContextBlock(n)
+
+    def grow(self) -> list[nn.Parameter]:
+        """Add the context blocks to a trained base model; returns their new parameters.
+
+        They widen what each P4/P3 cell sees (9x9 cells: 144 px at stride 16, 72 px at
+        stride 8) so a point can take in all three finder patterns of its code.
+        """
+        if self.cfg.context:
+            return []
+        self.cfg = replace(self.cfg, context=True)
+        n = self.cfg.neck
+        self.ctx4, self.ctx3 = ContextBlock(n), ContextBlock(n)
+        device = next(self.heads.parameters()).device
+        for block in (self.ctx4, self.ctx3):
+            block.to(device=device, memory_format=torch.channels_last).train(self.training)
+        return [*self.ctx4.parameters(), *self.ctx3.parameters()]
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         c3 = self.s8(self.stem(x))
@@ -124,7 +171,11 @@ class QRDet(nn.Module):
         c5 = self.s32(c4)
         p5 = self.lat5(c5)
         p4 = self.smooth4(self.lat4(c4) + F.interpolate(p5, scale_factor=2.0, mode="nearest"))
+        if self.cfg.context:
+            p4 = self.ctx4(p4)
         p3 = self.smooth3(self.lat3(c3) + F.interpolate(p4, scale_factor=2.0, mode="nearest"))
+        if self.cfg.context:
+            p3 = self.ctx3(p3)
         return [p3, p4, p5]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +237,7 @@ def fuse_bn(model: nn.Module) -> nn.Module:
                 conv.kernel_size,
                 conv.stride,
                 conv.padding,
+                dilation=conv.dilation,
                 groups=conv.groups,
                 bias=True,
             )

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_VERSION = "3"
 MODEL_NAME = f"qrsight-qr-v{MODEL_VERSION}.onnx"
+WEIGHT_DECAY = 0.05
 VAL_SEED_OFFSET = 1_000_003
 
 
@@ -225,11 +226,40 @@ def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
     return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim == 4 else no_decay).append(p)
+def _split(params: list[torch.nn.Parameter], wd: float) -> list[dict]:
+    decay = [p for p in params if p.ndim == 4]
+    no_decay = [p for p in params if p.ndim != 4]
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
+    """Conv weights with weight decay, the rest without; the context blocks (added when the
+    fine-tune grows the model) in two groups of their own, after the others — the order
+    in which :func:`grow` adds them, so a grown run resumes with the same groups."""
+    named = list(model.named_parameters())
+    base = [p for name, p in named if not name.startswith("ctx")]
+    ctx = [p for name, p in named if name.startswith("ctx")]
+    return _split(base, wd) + (_split(ctx, wd) if ctx else [])
+
+
+def grow(model: QRDet, ema: EMA, opt: torch.optim.Optimizer, seed: int) -> None:
+    """Add the context blocks to the model, its EMA copy and the optimizer (fine-tune).
+
+    Their initial weights come from ``seed`` alone, so a fresh run and one resumed at the
+    phase switch grow the same blocks.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        new = model.grow()
+    ema.model.grow()
+    for name in ("ctx4", "ctx3"):
+        getattr(ema.model, name).load_state_dict(getattr(model, name).state_dict())
+    for p in ema.model.parameters():
+        p.requires_grad_(False)
+    for group in _split(new, WEIGHT_DECAY):
+        opt.add_param_group(group)
+    macs = count_macs(model, 640)
+    logger.info("grew context blocks params=%d macs640=%.3fG", n_params(model), macs / 1e9)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -254,6 +284,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         help="class-loss weight of false positives on hard negatives in the fine-tune phase "
         "(1 = the shipped recipe; see models/README.md for 2 and 4)",
+    )
+    p.add_argument(
+        "--finetune-context",
+        action="store_true",
+        help="grow dilated context blocks on P4/P3 at the start of the fine-tune phase",
     )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -311,11 +346,13 @@ def run(args: argparse.Namespace) -> int:
         cfg,
     )
     ema = EMA(model, decay=0.998, tau=200)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=args.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=args.lr, betas=(0.9, 0.99))
     start_step, best = 0, -math.inf
     history: list[dict] = []
     if args.resume:
         ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+        if ck["cfg"].get("context") and not model.cfg.context:  # resuming a grown fine-tune
+            grow(model, ema, opt, args.seed)
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         ema.updates = ck["step"]
@@ -355,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
         if step == args.steps:  # the fine-tune phase: its own validation set and best
             val = validation_set(args, finetune=True)
             best = begin_finetune(args)
+            if args.finetune_context and not model.cfg.context:
+                grow(model, ema, opt, args.seed)
         if step < args.steps:
             lr = lr_at(step, args.steps, args.lr, warmup=min(150, args.steps // 10 + 1))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,51 @@ def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
     # 6 main steps, then 2 fine-tune steps; each phase keeps its best checkpoint
     assert [(h["step"], h["phase"]) for h in history] == [(6, 1), (8, 2)]
     assert (tmp_path / "best-main.pt").is_file()
+
+
+def test_grown_context_blocks_start_small_learn_and_export() -> None:
+    import torch
+
+    from training.export import check_export, export_onnx
+    from training.model import ModelConfig, QRDet
+
+    torch.manual_seed(0)
+    model = QRDet(ModelConfig.tiny()).eval()
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        _, logits = model(x)
+    new = model.grow()
+    assert new and model.cfg.context and model.grow() == []
+    with torch.no_grad():
+        _, grown_logits = model(x)
+    change = float((grown_logits - logits).abs().max())
+    assert 0 < change < 0.5  # a small perturbation of the trained function
+    model.train()
+    boxes, grown_logits = model(x)
+    (boxes.mean() + grown_logits.mean()).backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in new)
+    rebuilt = QRDet(ModelConfig(**model.cfg.__dict__))
+    rebuilt.load_state_dict(model.state_dict())  # a grown checkpoint loads from its cfg
+    # the dilated depthwise conv survives BatchNorm folding: ONNX Runtime matches torch
+    path = export_onnx(model.eval(), Path(tempfile.mkdtemp()) / "grown.onnx", 128, check=False)
+    assert check_export(model, path, 128) < 1e-3
+
+
+def test_context_fine_tune_grows_the_model_and_resumes(tmp_path: Path) -> None:
+    import torch
+
+    assert train.main(["--smoke", "--finetune-context", "--out", str(tmp_path)]) == 0
+    ck = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    assert ck["cfg"]["context"] and ck["step"] == 8
+    assert len(ck["opt"]["param_groups"]) == 4  # base decay/no-decay, then the blocks'
+    assert any(k.startswith("ctx3.") for k in ck["ema"])
+    best_main = torch.load(tmp_path / "best-main.pt", map_location="cpu", weights_only=False)
+    assert not best_main["cfg"].get("context")
+    # a run stopped inside the fine-tune resumes into the grown model and its 4 groups
+    ck["step"] = 7
+    torch.save(ck, tmp_path / "stopped.pt")
+    resume = ["--resume", str(tmp_path / "stopped.pt")]
+    assert train.main(["--smoke", "--finetune-context", "--out", str(tmp_path), *resume]) == 0
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history][-1] == 8
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["cfg"]["context"]
