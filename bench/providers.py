@@ -25,8 +25,9 @@ host→device copies and the provider choice a worker makes. One run measures:
 
 Configurations: ``cpu`` always; ``cuda`` and ``cuda-fp16`` (the model converted with
 ``onnxruntime.transformers.float16``, float16 input and output, written to ``--out``)
-when ``CUDAExecutionProvider`` is available; ``tensorrt`` (FP32) and ``tensorrt-fp16``
-(``trt_fp16_enable``) when ``TensorrtExecutionProvider`` is. ``--reference`` adds the
+when ``CUDAExecutionProvider`` is available; ``tensorrt`` when
+``TensorrtExecutionProvider`` is (and its libraries load: a configuration whose session
+falls back to another provider is reported and skipped). ``--reference`` adds the
 YOLOv8n-sized graph of ``training/yolov8n_ref.py`` (needs torch) to section 2.
 Writes ``providers.md`` and ``providers.json`` to ``--out``.
 """
@@ -64,10 +65,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 
 @dataclass
 class Config:
-    """One way to run the model: providers (with options) and the .onnx file."""
+    """One way to run the model: providers in order and the .onnx file."""
 
     name: str
-    providers: list[Any]
+    providers: list[str]
     model: Path
     got: list[str] = field(default_factory=list)
 
@@ -100,7 +101,7 @@ def usable(cfgs: Sequence[Config]) -> tuple[list[Config], dict[str, list[str]]]:
     kept, fell_back = [], {}
     for cfg in cfgs:
         cfg.got = Detector(cfg.model, providers=cfg.providers).providers
-        first = cfg.providers[0] if isinstance(cfg.providers[0], str) else cfg.providers[0][0]
+        first = cfg.providers[0]
         if first in cfg.got:
             kept.append(cfg)
         else:
@@ -247,7 +248,7 @@ def pipeline_rows(
         for size in batches:
             settings = load_settings(
                 model_path=cfg.model,
-                onnx_providers=[p if isinstance(p, str) else p[0] for p in cfg.providers],
+                onnx_providers=cfg.providers,
                 max_batch=size,
                 pad_batch=pad,
             )
