@@ -220,11 +220,12 @@ class Detector:
         return parse_imgsz(meta.get("imgsz")) or (DEFAULT_IMGSZ, DEFAULT_IMGSZ)
 
     def _find_layout(self, meta: Mapping[str, str], nc_hint: int | None) -> Layout:
-        """Layout from the output shape; runs one blank image if its dims are symbolic."""
+        """Layout from the output shape; runs one blank image (padded like every run) if its
+        dims are symbolic."""
         shape = list(self.session.get_outputs()[0].shape)
         if not all(_fixed(d) for d in shape[1:]):
             blank = np.full((1, 3, *self.input_hw), 114 / 255, self.input_dtype)
-            shape = list(self._run(blank).shape)
+            shape = list(self.infer(blank).shape)  # padded on a GPU: warms that shape up
         self._output_shape = [int(d) if _fixed(d) else 1 for d in shape]
         if parse_literal(meta.get("end2end")) is True:
             return "end2end"

@@ -13,7 +13,7 @@ import pytest
 from core.detections import Detections, ModelInfo
 from core.detector import Detector, choose_providers, parse_imgsz, parse_names
 from core.errors import ConfigError, ModelError
-from core.settings import load_settings
+from core.settings import DEFAULT_MODEL, load_settings
 from tests.unit.onnx_models import make_dark_cell_model, make_fixed_output_model
 
 NAMES = {0: "qr", 1: "micro_qr"}
@@ -165,6 +165,17 @@ def test_padded_batches_run_one_shape_and_give_the_same_boxes(
     for got, want in zip(result, plain, strict=True):
         assert len(want.xyxy) > 0
         assert np.allclose(got.xyxy, want.xyxy) and np.allclose(got.confidence, want.confidence)
+
+
+@pytest.mark.parametrize(("pad", "probe"), [(True, [4]), (False, [1])])
+def test_loading_probes_symbolic_outputs_with_the_run_shape(
+    caplog: pytest.LogCaptureFixture, pad: bool, probe: list[int]
+) -> None:
+    # the shipped model's anchor axis is symbolic, so loading runs one blank batch; when
+    # padding, that batch has the padded shape (on a GPU: the one kernel search it needs)
+    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+        Detector(DEFAULT_MODEL, pad_to=4, pad=pad)
+    assert batch_sizes(caplog) == probe
 
 
 def test_batches_are_not_padded_on_cpu_by_default(
