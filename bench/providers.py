@@ -38,6 +38,7 @@ import argparse
 import json
 import logging
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -50,16 +51,16 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.eval_detector import LIMITS, load_manifest
 from core.detections import Detections
 from core.detector import Detector, choose_providers
-from core.images import ImageLimits, decode
+from core.images import decode
 from core.pipeline import ImageJob, Pipeline
 from core.settings import DEFAULT_MODEL, load_settings
 
 logger = logging.getLogger("bench.providers")
 
 DEFAULT_IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "qr-real-dev"
-LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_side=16384, max_pixels=100_000_000)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
@@ -75,14 +76,10 @@ class Config:
 
 # --- inputs -------------------------------------------------------------------------------------
 def image_files(source: Path) -> list[Path]:
-    """The photos of a folder, or of a ``manifest.jsonl`` (its ``path`` fields)."""
-    manifest = source / "manifest.jsonl" if source.is_dir() else source
-    if manifest.is_file() and manifest.suffix == ".jsonl":
-        rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-        return [manifest.parent / row["path"] for row in rows]
-    if source.is_dir():
+    """The photos of a ``manifest.jsonl`` (or a folder holding one), else of a folder."""
+    if source.is_dir() and not (source / "manifest.jsonl").is_file():
         return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    raise SystemExit(f"no images: {source} is neither a folder nor a manifest.jsonl")
+    return [item.path for item in load_manifest(source)]
 
 
 def to_fp16(model: Path, out: Path) -> Path:
@@ -113,11 +110,10 @@ def usable(cfgs: Sequence[Config]) -> tuple[list[Config], dict[str, list[str]]]:
 def configs(model: Path, out: Path) -> list[Config]:
     available = ort.get_available_providers()
     found = [Config("cpu", ["CPUExecutionProvider"], model)]
-    fp16: Path | None = None
     if "CUDAExecutionProvider" in available:
-        fp16 = to_fp16(model, out)
-        found.append(Config("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], model))
-        found.append(Config("cuda-fp16", ["CUDAExecutionProvider", "CPUExecutionProvider"], fp16))
+        cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        found.append(Config("cuda", cuda, model))
+        found.append(Config("cuda-fp16", cuda, to_fp16(model, out)))
     if "TensorrtExecutionProvider" in available:
         trt = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
         found.append(Config("tensorrt", trt, model))
@@ -298,8 +294,6 @@ def environment() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
     }
     try:
-        import subprocess
-
         gpu = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
             capture_output=True,
