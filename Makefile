@@ -54,7 +54,7 @@ down:
 demo:  ## with `make up` running: publish the samples and print their detections
 	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.publish samples/ --wait --compact
 
-train:  ## reproduce the shipped detector from scratch (seeded)
+train:  ## reproduce the shipped detector and its crop verifier from scratch (seeded)
 	$(PYTHON) -m training.train --out models/
 
 train-smoke:

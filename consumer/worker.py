@@ -57,7 +57,9 @@ def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
         "providers": ",".join(detector.providers),
         "path": str(settings.model_path),
     }
-    return Pipeline(settings, detector), facts
+    pipeline = Pipeline(settings, detector)
+    facts["verifier"] = str(settings.verifier_path) if pipeline.verifier else "off"
+    return pipeline, facts
 
 
 class Worker:

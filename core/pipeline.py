@@ -1,14 +1,17 @@
 """The one path from image bytes to ``DetectionResult`` dicts.
 
 decode (thread pool) → letterbox → one ONNX run per chunk of ``max_batch`` → NMS and
-rescale → payload reading → records. The workers, ``qrsight-detect`` and the
-benchmarks all call :meth:`Pipeline.run`, so their boxes are identical.
+rescale → payload reading → crop verifier (``core.verifier``: QR boxes whose payload was
+not read are kept only if it confirms them; ``QRSIGHT_VERIFIER_PATH``, used with the
+detector it was trained for) → records. The
+workers, ``qrsight-detect`` and the benchmarks all call :meth:`Pipeline.run`, so their
+boxes are identical.
 
 Timings per image: ``queue_ms`` from ``submitted_at_ms`` to the start of the run;
 ``decode_ms`` the image's own decode; ``infer_ms`` letterbox + ONNX run of its chunk
 (the same for every image of the chunk); ``post_ms`` its share of the chunk's
-NMS/rescale plus its own payload reading; ``total_ms`` queue time plus the time from
-the start of the run until its record was built.
+NMS/rescale plus its own payload reading and verification; ``total_ms`` queue time plus
+the time from the start of the run until its record was built.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from core.images import ImageLimits, decode
 from core.payload import drop_duplicate_reads, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
+from core.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +70,18 @@ class Pipeline:
     A model failure raises :class:`core.errors.ModelError` (not the input's fault).
     """
 
-    def __init__(self, settings: Settings, detector: Detector | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        detector: Detector | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.settings = settings
         self.detector = detector or Detector.from_settings(settings)
         self.limits = ImageLimits.from_settings(settings)
-        self._missed_as = qr_class(self.detector.info.labels) if settings.read_whole_image else None
+        self._qr_id = qr_class(self.detector.info.labels)
+        self._missed_as = self._qr_id if settings.read_whole_image else None
+        self.verifier = verifier or load_verifier(settings, self.detector.model_path)
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
@@ -150,6 +161,8 @@ class Pipeline:
             t_pay = time.perf_counter()
             read = self.settings.decode_payloads if job.decode is None else job.decode
             dets = self._payloads(job, image, found) if read else found
+            if self.verifier is not None:
+                dets = self.verifier.filter(image, dets, self._qr_id)
             timing = {
                 "queue_ms": queue_ms[i],
                 "decode_ms": intakes[i].decode_ms,

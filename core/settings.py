@@ -26,6 +26,7 @@ ENV_PREFIX = "QRSIGHT_"
 KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v3.onnx"
+DEFAULT_VERIFIER = REPO_ROOT / "models" / "qrsight-qrverify-v1.onnx"
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ class Settings(BaseModel):
 
     # --- model ------------------------------------------------------------------------
     model_path: Path = Field(DEFAULT_MODEL, description="ONNX detector to load")
+    verifier_path: Path | None = Field(
+        DEFAULT_VERIFIER,
+        description="ONNX crop verifier: a QR box whose payload was not read is kept only "
+        "if it confirms it; used with the detector it was trained for (`off` = none)",
+    )
     onnx_providers: list[str] | None = Field(
         None,
         description="ONNX Runtime providers in order, comma-separated "
@@ -186,6 +192,13 @@ class Settings(BaseModel):
     @classmethod
     def _expand_model_path(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("verifier_path", mode="before")
+    @classmethod
+    def _verifier_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return None
+        return Path(value).expanduser() if isinstance(value, str) else value
 
     @property
     def max_message_bytes(self) -> int:

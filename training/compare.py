@@ -11,6 +11,11 @@ rule for replacing the shipped model: the candidate must score higher here.
 ``--families N`` also shows, per hard-negative family, the share of N code-free images
 (two symbols of that family each, seed 4,000,037) with a detection at ``--conf`` (the
 threshold before the exported ``score_bias``; 0.45 for the shipped model).
+
+``--verifier V.onnx`` scores the exported detector (``--detector``, through
+``core.detector``) on the same images without and with the crop verifier at its own
+threshold, at the detector's default threshold and at the best one of the grid (and,
+with ``--families``, the family rates at the default threshold).
 """
 
 from __future__ import annotations
@@ -24,9 +29,18 @@ import cv2
 import numpy as np
 import torch
 
+from core.detector import Detector
+from core.settings import DEFAULT_MODEL
+from core.verifier import Verifier
 from training.select import load_ema
 from training.synth import NEG_FAMILIES, family_sample, make_sample
-from training.train import best_operating_point, predict_val, score_predictions
+from training.train import (
+    CONF_GRID,
+    best_operating_point,
+    operating_score,
+    predict_val,
+    score_predictions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +59,53 @@ def native_sample(i: int, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
     return img, s.boxes * scale
 
 
+def compare_verifier(
+    detector: Detector, verifier: Verifier, test: list, families: dict[str, list]
+) -> None:
+    """Log the detector alone and with ``verifier`` on ``test`` (see the module doc)."""
+    from training.verify import image_metrics
+
+    def run(images: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        out = []
+        for img, _ in images:
+            bgr = np.ascontiguousarray(img[..., ::-1])
+            d = detector.predict([bgr], conf=0.05)[0]
+            out.append((d.xyxy, d.confidence, verifier.scores(bgr, d.xyxy)))
+        return out
+
+    def at(preds: list, conf: float, vt: float, gts: list) -> dict[str, float]:
+        kept = [(b[c >= conf], v[c >= conf]) for b, c, v in preds]
+        return image_metrics(kept, gts, vt)
+
+    gts = [b for _, b in test]
+    preds = run(test)
+    default = detector.default_thresholds[0]
+    for name, vt in (("detector alone", 0.0), ("with verifier", verifier.threshold)):
+        for label, conf in (
+            ("default", default),
+            ("best", max(CONF_GRID, key=lambda c: operating_score(at(preds, c, vt, gts)))),
+        ):
+            m = at(preds, conf, vt, gts)
+            logger.info(
+                "%s conf=%s(%.2f) score=%.4f %s",
+                name,
+                label,
+                conf,
+                operating_score(m),
+                " ".join(f"{k}={v:.4f}" for k, v in m.items()),
+            )
+    for family, images in families.items():
+        fp = run(images)
+        none = [b for _, b in images]
+        rates = [at(fp, default, vt, none)["fp_images"] for vt in (0.0, verifier.threshold)]
+        logger.info("family=%s fp_images alone=%.2f verified=%.2f", family, *rates)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", type=Path, nargs="+")
+    p.add_argument("checkpoints", type=Path, nargs="*")
+    p.add_argument("--detector", type=Path, default=DEFAULT_MODEL, help="for --verifier")
+    p.add_argument("--verifier", type=Path, default=None, help="an exported crop verifier")
     p.add_argument("--imgsz", type=int, default=416)
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--families", type=int, default=0, help="images per negative family")
@@ -63,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         f: [(family_sample(FAMILY_SEED, i, args.imgsz, f), none) for i in range(args.families)]
         for f in (NEG_FAMILIES if args.families else ())
     }
+    if args.verifier is not None:
+        detector = Detector(args.detector, ["CPUExecutionProvider"], intra_threads=2)
+        compare_verifier(detector, Verifier(args.verifier, intra_threads=2), test, families)
     for path in args.checkpoints:
         model = load_ema(path)
         score, _, m = best_operating_point(predict_val(model, test), test)

@@ -8,7 +8,10 @@ alternating between ``--finetune-sizes``, so codes larger than the training canv
 at the sizes the detector runs at. Checkpoints, the log and intermediate exports go to
 ``--run-dir`` (default ``runs/train-seed<seed>``); the best checkpoint of the current phase
 by its *synthetic* validation set is exported to ``<out>/qrsight-qr-v<version>.onnx`` every
-time it improves, so a run can be stopped at any time.
+time it improves, so a run can be stopped at any time. At the end ``training.select``
+picks the inference size and threshold, and ``training.verify`` trains the crop verifier
+on the exported detector's boxes (``<out>/qrsight-qrverify-v1.onnx``; ``--no-verifier``
+skips it).
 """
 
 from __future__ import annotations
@@ -297,6 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
     p.add_argument("--version", default=MODEL_VERSION)
     p.add_argument("--no-select", action="store_true", help="skip the imgsz selection")
+    p.add_argument("--no-verifier", action="store_true", help="skip the crop verifier")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.imgsz, args.export_imgsz = 6, 4, 128, 128
@@ -452,6 +456,11 @@ def run(args: argparse.Namespace) -> int:
         select_main(
             [str(args.run_dir / "best.pt"), "--out", str(args.out), "--version", args.version]
         )
+    if args.smoke or not (args.no_select or args.no_verifier):
+        from training.verify import main as verify_main
+
+        # the crop verifier learns from the exported detector's boxes (core/verifier.py)
+        verify_main(["--detector", str(final), "--out", str(args.out)] + ["--smoke"] * args.smoke)
     return 0
 
 

@@ -188,6 +188,16 @@ def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
     # 6 main steps, then 2 fine-tune steps; each phase keeps its best checkpoint
     assert [(h["step"], h["phase"]) for h in history] == [(6, 1), (8, 2)]
     assert (tmp_path / "best-main.pt").is_file()
+    # the crop verifier is trained on this detector's boxes and names it
+    from core.verifier import Verifier, file_sha256
+    from training import verify
+
+    verifier = Verifier(tmp_path / verify.MODEL_NAME)
+    assert verifier.detector_sha256 == file_sha256(path)
+    assert verifier.size == verify.SIZE and 0 < verifier.threshold < 1
+    image = np.full((240, 320, 3), 255, np.uint8)
+    scores = verifier.scores(image, np.array([[10, 10, 90, 90], [100, 50, 300, 230]]))
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
 
 
 def test_grown_context_blocks_start_small_learn_and_export() -> None:

@@ -1,0 +1,161 @@
+"""The crop verifier: geometry of its crops, the shipped model's verdicts, the keep rule,
+and which detector it is used with."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from core.detections import Detections
+from core.errors import ConfigError
+from core.pipeline import ImageJob, Pipeline
+from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
+from core.verifier import Verifier, crop_patches, file_sha256, load_verifier
+from tests.unit.onnx_models import make_dark_cell_model
+from tests.unit.qr_factory import CodeSpec, scene
+
+
+@pytest.fixture(scope="module")
+def verifier() -> Verifier:
+    return Verifier(DEFAULT_VERIFIER, intra_threads=1)
+
+
+@pytest.fixture(scope="module")
+def dark_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dark_cell_model(tmp_path_factory.mktemp("m") / "dark.onnx")
+
+
+def png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    return buf.tobytes()
+
+
+def symbol(fmt: str, content: str, module_px: int = 6) -> np.ndarray:
+    """A zxing-cpp symbol (Data Matrix, Aztec...) on white as BGR, 4 px margin."""
+    import zxingcpp
+
+    bc = zxingcpp.create_barcode(content, getattr(zxingcpp.BarcodeFormat, fmt))
+    img = np.asarray(zxingcpp.write_barcode_to_image(bc, scale=module_px))
+    gray = img if img.ndim == 2 else img[..., 0]
+    return cv2.cvtColor(np.pad(gray, 24, constant_values=255), cv2.COLOR_GRAY2BGR)
+
+
+def test_crops_are_squares_around_the_box_with_grey_outside_the_image() -> None:
+    gray = np.zeros((100, 200), np.uint8)
+    gray[40:60, 90:110] = 255  # a white 20 px square in the middle
+    (centre, corner) = crop_patches(
+        gray, np.array([[90, 40, 110, 60], [-10, -10, 10, 10]], np.float32), size=50, margin=2.0
+    )
+    # margin 2: a 40 px window, the square is its middle half
+    assert centre[13:37, 13:37].min() == 255 and centre[:10].max() == 0
+    # the part of the window outside the image is the letterbox grey
+    assert corner[:18, :18].min() == 114 == corner[:18, :18].max()
+    assert corner[30:, 30:].max() == 0
+
+
+def test_shipped_verifier_confirms_qr_codes(verifier: Verifier) -> None:
+    image, codes = scene(
+        [
+            CodeSpec("https://example.org/ticket/4711", center=(150, 140), module_px=4),
+            CodeSpec("GATE 7 ROW 12", center=(460, 150), module_px=3.2, angle=25),
+            CodeSpec("x" * 90, center=(320, 350), module_px=2.5, angle=-60),
+        ]
+    )
+    boxes = np.array([c.xyxy for c in codes])
+    assert (verifier.scores(image, boxes) >= verifier.threshold).all()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content"), [("Aztec", "AZTEC 0123456789"), ("DataMatrix", "DM-42")]
+)
+def test_shipped_verifier_rejects_other_2d_symbols(
+    verifier: Verifier, fmt: str, content: str
+) -> None:
+    image = symbol(fmt, content)
+    h, w = image.shape[:2]
+    box = np.array([[24, 24, w - 24, h - 24]], np.float32)
+    assert verifier.scores(image, box)[0] < verifier.threshold
+
+
+def test_filter_keeps_read_codes_and_other_classes(verifier: Verifier) -> None:
+    image = np.full((200, 200, 3), 255, np.uint8)
+    image[50:150, 50:150] = 0  # a black square: no QR code
+    box = [50.0, 50.0, 150.0, 150.0]
+    dets = Detections(
+        xyxy=np.array([box, box, box], np.float32),
+        confidence=np.array([0.9, 0.8, 0.7], np.float32),
+        class_id=np.array([0, 0, 1]),
+        text=[None, "read by zxing", None],
+    )
+    assert verifier.scores(image, dets.xyxy[:1])[0] < verifier.threshold
+    kept = verifier.filter(image, dets, qr_id=0)
+    assert kept.text == ["read by zxing", None] and kept.class_id.tolist() == [0, 1]
+    assert len(verifier.filter(image, dets, qr_id=None)) == 3  # a model without a QR class
+
+
+def test_a_detector_model_is_not_a_verifier(dark_model: Path) -> None:
+    with pytest.raises(ConfigError, match="QRSIGHT_VERIFIER_PATH"):
+        Verifier(dark_model)
+    with pytest.raises(ConfigError, match="QRSIGHT_VERIFIER_PATH"):
+        Verifier(dark_model.parent / "missing.onnx")
+
+
+def test_the_verifier_goes_with_the_detector_it_was_trained_for(
+    verifier: Verifier, dark_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert verifier.detector_sha256 == file_sha256(DEFAULT_MODEL)
+    assert load_verifier(load_settings({}), DEFAULT_MODEL) is not None
+    assert load_verifier(load_settings({"QRSIGHT_VERIFIER_PATH": "off"}), DEFAULT_MODEL) is None
+    # another detector: the default verifier is left out (and says so) ...
+    with caplog.at_level(logging.INFO, logger="core.verifier"):
+        assert load_verifier(load_settings({}, model_path=dark_model), dark_model) is None
+    assert "verifier off" in caplog.text
+    # ... and one named explicitly is refused
+    explicit = load_settings({"QRSIGHT_VERIFIER_PATH": str(DEFAULT_VERIFIER)})
+    with pytest.raises(ConfigError, match="trained for another detector"):
+        load_verifier(explicit, dark_model)
+
+
+def test_pipeline_drops_boxes_the_verifier_rejects(
+    dark_model: Path, tmp_path: Path, verifier: Verifier
+) -> None:
+    """The dark-cell model boxes a black square; a verifier for any detector (no
+    ``detector_sha256``) drops those unread boxes, and without it they stay."""
+    proto = onnx.load(str(DEFAULT_VERIFIER))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != "detector_sha256"]
+    del proto.metadata_props[:]
+    for k, v in kept:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    any_detector = tmp_path / "verifier.onnx"
+    onnx.save(proto, str(any_detector))
+    image = np.full((320, 320, 3), 255, np.uint8)
+    image[64:128, 64:128] = 0
+    job = [ImageJob("r", png(image))]
+    counts = []
+    for path in (str(any_detector), "off"):
+        settings = load_settings(
+            {"QRSIGHT_VERIFIER_PATH": path}, model_path=dark_model, decode_payloads=False
+        )
+        with Pipeline(settings) as pipeline:
+            assert (pipeline.verifier is None) == (path == "off")
+            (result,) = pipeline.run(job)
+        assert result["status"] == "OK"
+        counts.append(len(result["detections"]))
+    assert counts == [0, 16]
+
+
+def test_verifier_scores_follow_the_crop_not_the_batch(verifier: Verifier) -> None:
+    image, codes = scene([CodeSpec("batch", center=(200, 200), module_px=4)])
+    box = codes[0].xyxy[None]
+    empty = np.array([[400, 300, 500, 400]], np.float32)
+    alone = verifier.scores(image, box)
+    together = verifier.scores(image, np.concatenate([empty, box, empty]))
+    assert np.allclose(alone, together[1], atol=1e-5)
+    assert verifier.scores(image, np.zeros((0, 4), np.float32)).shape == (0,)
