@@ -212,15 +212,16 @@ def instruction_problems(instr: str, args: str, where: str) -> list[str]:
     return problems
 
 
-def model_copy(text: str) -> tuple[str, str] | None:
-    """The (source, destination) of the final stage's COPY of an ``.onnx`` model."""
+def model_copies(text: str) -> dict[str, str]:
+    """Source → destination of the final stage's COPYs of ``.onnx`` models."""
     final = stages(dockerfile_instructions(text))[-1]
+    copies = {}
     for instr, args in final:
         words = args.split()
         local = not any(w.startswith("--from") for w in words)
         if instr == "COPY" and local and words and words[0].endswith(".onnx"):
-            return words[0], words[-1]
-    return None
+            copies[words[0]] = words[-1]
+    return copies
 
 
 def final_env(text: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ import yaml
 from flask import Flask
 
 from core.kafka import consumer_config
-from core.settings import DEFAULT_MODEL, Settings, load_settings
+from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, Settings, load_settings
 from tests.unit import deploy_checks as dc
 
 COMPOSE_FILE = dc.ROOT / "docker-compose.yml"
@@ -544,12 +544,15 @@ def test_dockerfile_passes_the_lint_checks(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_bakes_in_the_default_model_where_the_setting_points(path: Path) -> None:
+def test_dockerfile_bakes_in_the_default_models_where_the_settings_point(path: Path) -> None:
     text = path.read_text()
-    source, dest = dc.model_copy(text) or ("", "")
-    assert source == DEFAULT_MODEL.relative_to(dc.ROOT).as_posix()
-    assert dc.final_env(text)["QRSIGHT_MODEL_PATH"] == dest
-    assert load_settings(dc.final_env(text)).model_path == Path(dest)
+    copies = dc.model_copies(text)
+    detector = copies[DEFAULT_MODEL.relative_to(dc.ROOT).as_posix()]
+    verifier = copies[DEFAULT_VERIFIER.relative_to(dc.ROOT).as_posix()]
+    assert dc.final_env(text)["QRSIGHT_MODEL_PATH"] == detector
+    assert dc.final_env(text)["QRSIGHT_VERIFIER_PATH"] == verifier
+    settings = load_settings(dc.final_env(text))
+    assert (settings.model_path, settings.verifier_path) == (Path(detector), Path(verifier))
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -619,7 +622,7 @@ def test_dockerfile_lint_catches_mistakes(snippet: str, problem: str) -> None:
 def test_dockerignore_keeps_what_the_images_copy() -> None:
     patterns = dc.dockerignore_patterns((dc.ROOT / ".dockerignore").read_text())
     sources = {s for path in DOCKERFILES for s in dc.copy_sources(path.read_text())}
-    assert "models/qrsight-qr-v3.onnx" in sources
+    assert {"models/qrsight-qr-v3.onnx", "models/qrsight-qrverify-v1.onnx"} <= sources
     for source in sources:
         assert not dc.dockerignored(source, patterns), source
         assert (dc.ROOT / source).exists() or source.endswith(".onnx") or source == "README.md", (
