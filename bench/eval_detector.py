@@ -7,7 +7,9 @@ Reads ``manifest.jsonl`` (one JSON per image: ``path``, ``texts``, ``kind`` =
 the same decoded images (``core.images.decode``, BGR):
 
 - **qrsight**: ``core.detector.Detector`` at its default threshold, then
-  ``core.payload.read_payloads`` (crops, then the whole image) for the texts;
+  ``core.payload.read_payloads`` (crops, then the whole image) for the texts, then the
+  crop verifier (``core.verifier``; ``--verifier off`` = without), as the pipeline does;
+  a row of the detector alone (crops read, no verifier) is added when a verifier is on;
 - **zxing-cpp**: ``core.payload.read_whole`` on the whole image (its corners give boxes);
 - **OpenCV**: ``cv2.QRCodeDetectorAruco().detectAndDecodeMulti``.
 
@@ -16,7 +18,9 @@ bounding box of a ``corners_ref`` quad) has a detection with IoU ≥ 0.5; images
 ``corners_ref`` is null count as found with ≥ 1 detection anywhere. *FP images* —
 negatives with ≥ 1 detection. *Mean IoU* — best IoU per reference box, 0 when missed.
 *Decode rate* — QR images where every expected text was read. *ms/img* — wall time per
-image of the method (qrsight: detection + payload reading). Writes ``eval.md``,
+image of the method (qrsight: detection + payload reading + verification). The recall /
+FP curve over the detector's threshold is given for the detector alone and with the
+verifier (its own threshold; there no payload read overrides it). Writes ``eval.md``,
 ``eval.json`` and ``recall_vs_conf.png`` to ``--out``. ``--speed`` adds ORT timings at
 320 and 640 (2 threads, batch 1) of the model and of a YOLOv8n-sized reference graph.
 """
@@ -42,7 +46,8 @@ from core.detector import Detector
 from core.images import ImageLimits, decode
 from core.payload import read_payloads, read_whole
 from core.pipeline import qr_class
-from core.settings import DEFAULT_MODEL
+from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER
+from core.verifier import Verifier, file_sha256
 
 logger = logging.getLogger("eval_detector")
 
@@ -115,9 +120,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- methods
 def run_qrsight(
-    det: Detector, img: np.ndarray, add_missed_as: int | None = None
-) -> tuple[Outcome, Detections]:
-    """Default-threshold outcome (timed) and the low-threshold detections for the curve.
+    det: Detector,
+    img: np.ndarray,
+    add_missed_as: int | None = None,
+    verifier: Verifier | None = None,
+) -> Outcome:
+    """Default-threshold outcome (timed), as ``core.pipeline`` makes it.
 
     ``add_missed_as`` is what the pipeline does by default (``QRSIGHT_READ_WHOLE_IMAGE``):
     codes a whole-image read finds outside every box are added as detections.
@@ -125,10 +133,23 @@ def run_qrsight(
     t0 = time.perf_counter()
     d = det.predict([img])[0]
     d = read_payloads(img, d, add_missed_as=add_missed_as)
+    if verifier is not None:
+        d = verifier.filter(img, d, qr_class(det.info.labels))
     ms = (time.perf_counter() - t0) * 1000
     texts = [t for t in (d.text or []) if t is not None]
+    return Outcome(d.xyxy, d.confidence, texts, ms)
+
+
+def low_detections(
+    det: Detector, img: np.ndarray, verifier: Verifier | None
+) -> tuple[Detections, np.ndarray]:
+    """Detections at conf 0.01 for the curve, and which of them the verifier confirms
+    (all without a verifier)."""
     low = det.predict([img], conf=0.01)[0]
-    return Outcome(d.xyxy, d.confidence, texts, ms), low
+    ok = np.ones(len(low), bool)
+    if verifier is not None and len(low):
+        ok = verifier.scores(img, low.xyxy) >= verifier.threshold
+    return low, ok
 
 
 def run_zxing(img: np.ndarray) -> Outcome:
@@ -182,12 +203,19 @@ def summarize(name: str, items: list[Item], outs: list[Outcome]) -> Summary:
     return s
 
 
-def curve(items: list[Item], lows: list[Detections]) -> tuple[list[float], list[int]]:
+def curve(
+    items: list[Item], lows: list[tuple[Detections, np.ndarray]], verified: bool = False
+) -> tuple[list[float], list[int]]:
+    """Image recall and FP images at each detector threshold (``verified``: only the
+    boxes the verifier confirms)."""
     recalls, fps = [], []
     for t in THRESHOLDS:
         hit = n = fp = 0
-        for item, d in zip(items, lows, strict=True):
-            boxes = d.xyxy[d.confidence >= t]
+        for item, (d, ok) in zip(items, lows, strict=True):
+            keep = d.confidence >= t
+            if verified:
+                keep &= ok
+            boxes = d.xyxy[keep]
             if item.kind == "negative":
                 fp += int(len(boxes) > 0)
             else:
@@ -317,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", type=Path, help="manifest.jsonl or the folder holding it")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument(
+        "--verifier", default=str(DEFAULT_VERIFIER), help="crop verifier .onnx (off = none)"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--imgsz", type=int, default=None, help="override the model's imgsz")
@@ -331,34 +362,50 @@ def main(argv: list[str] | None = None) -> int:
         args.model, ["CPUExecutionProvider"], intra_threads=args.threads, imgsz=args.imgsz
     )
     conf = det.default_thresholds[0]
+    if args.verifier == "off":
+        args.verifier = ""
+    ver = Verifier(args.verifier, intra_threads=args.threads) if args.verifier else None
+    if ver is not None and ver.detector_sha256 not in (None, file_sha256(args.model)):
+        logger.warning("%s was trained for another detector; left out", args.verifier)
+        ver = None
+    qr_id = qr_class(det.info.labels)
     cvdet = cv2.QRCodeDetectorAruco()
-    ours, piped, zx, ocv, lows = [], [], [], [], []
+    ours, piped, alone, zx, ocv, lows = [], [], [], [], [], []
     for item in items:
         img = decode(item.path.read_bytes(), LIMITS)
-        o, low = run_qrsight(det, img)
-        ours.append(o)
-        lows.append(low)
-        piped.append(run_qrsight(det, img, add_missed_as=qr_class(det.info.labels))[0])
+        ours.append(run_qrsight(det, img, verifier=ver))
+        piped.append(run_qrsight(det, img, add_missed_as=qr_id, verifier=ver))
+        if ver is not None:
+            alone.append(run_qrsight(det, img))
+        lows.append(low_detections(det, img, ver))
         zx.append(run_zxing(img))
         ocv.append(run_opencv(cvdet, img))
+    what = f"{args.model.name} + {Path(args.verifier).name}" if ver else args.model.name
     rows = [
-        summarize(
-            f"qrsight ({args.model.name}, conf {conf:g}, imgsz {det.input_hw[0]})", items, ours
-        ),
+        summarize(f"qrsight ({what}, conf {conf:g}, imgsz {det.input_hw[0]})", items, ours),
         summarize("qrsight pipeline default (+ whole-image reads)", items, piped),
+    ]
+    if ver is not None:
+        rows.append(summarize("qrsight detector alone (no verifier)", items, alone))
+    others = [
         summarize("zxing-cpp (whole image)", items, zx),
         summarize("OpenCV QRCodeDetectorAruco", items, ocv),
     ]
-    recalls, fps = curve(items, lows)
+    rows += others
+    recalls, fps = curve(items, lows, verified=ver is not None)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(args.out / "recall_vs_conf.png", recalls, fps, rows[2:], conf)
+    plot(args.out / "recall_vs_conf.png", recalls, fps, others, conf)
     lines = [f"Data: `{args.data}` ({rows[0].n_qr} QR images, {rows[0].n_neg} negatives)", ""]
     lines += table(rows)
-    lines += ["", "Recall / FP images of qrsight by threshold:", ""]
+    lines += ["", "Recall / FP images of qrsight by the detector's threshold:", ""]
     lines += ["| conf | " + " | ".join(f"{t:g}" for t in THRESHOLDS) + " |"]
     lines += ["|---" * (len(THRESHOLDS) + 1) + "|"]
-    lines += ["| recall | " + " | ".join(f"{r:.3f}" for r in recalls) + " |"]
-    lines += ["| FP images | " + " | ".join(str(f) for f in fps) + " |"]
+    curves = [("", curve(items, lows))]
+    if ver is not None:
+        curves = [(" (detector alone)", curves[0][1]), (" (+ verifier)", (recalls, fps))]
+    for label, (rec, fp) in curves:
+        lines += [f"| recall{label} | " + " | ".join(f"{r:.3f}" for r in rec) + " |"]
+        lines += [f"| FP images{label} | " + " | ".join(str(f) for f in fp) + " |"]
     for s in rows:
         if s.missed or s.fp_paths:
             missed = [
@@ -383,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 "thresholds": THRESHOLDS.tolist(),
                 "recall": recalls,
                 "fp_images": fps,
+                "verifier": args.verifier or None,
             },
             indent=1,
         )
