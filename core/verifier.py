@@ -14,8 +14,7 @@ untouched.
 A verifier learns the mistakes of one detector (its training crops are that detector's
 boxes), so its metadata names the detector file it was trained for (``detector_sha256``)
 and :func:`load_verifier` uses it only with that detector: with another model (a
-drop-in Ultralytics export, say) the default verifier is left out, and one set
-explicitly with ``QRSIGHT_VERIFIER_PATH`` is refused.
+drop-in Ultralytics export, say) it is left out, with a warning that names the setting.
 
 The verifier always runs on the CPU: it costs about 15 M multiply-adds per crop, and
 the number of crops changes with every image (on a GPU each new shape costs a kernel
@@ -137,22 +136,17 @@ def file_sha256(path: str | Path) -> str:
 
 def load_verifier(settings: Settings, model_path: str | Path) -> Verifier | None:
     """The verifier of ``settings`` for the detector at ``model_path``, or ``None``
-    (turned off, or the default verifier and a detector it was not trained for)."""
+    (turned off, or trained for another detector: then a warning says so)."""
     if settings.verifier_path is None:
         return None
     verifier = Verifier(settings.verifier_path, intra_threads=settings.ort_intra_threads)
     trained_for = verifier.detector_sha256
     if trained_for is None or trained_for == file_sha256(model_path):
         return verifier
-    if "verifier_path" in settings.model_fields_set:
-        raise ConfigError(
-            f"the verifier {settings.verifier_path} was trained for another detector than "
-            f"{model_path} (detector_sha256 {trained_for[:12]}…); train one for this model "
-            "with `python -m training.verify --detector MODEL`, or set QRSIGHT_VERIFIER_PATH "
-            "to off"
-        )
-    logger.info(
-        "verifier off: the default verifier belongs to the default detector, model=%s",
+    logger.warning(
+        "verifier off: %s was trained for another detector than model=%s (train one with "
+        "`python -m training.verify --detector MODEL`, or set QRSIGHT_VERIFIER_PATH=off)",
+        settings.verifier_path,
         model_path,
     )
     return None

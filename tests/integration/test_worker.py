@@ -217,6 +217,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
                 env["QRSIGHT_KAFKA__" + prop.upper().replace(".", "_")] = str(val)
             continue
         if value is None:
+            if name == "verifier_path":  # None is "off" here, not "the default"
+                env["QRSIGHT_VERIFIER_PATH"] = "off"
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
