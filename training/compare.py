@@ -41,6 +41,7 @@ from training.train import (
     predict_val,
     score_predictions,
 )
+from training.verify import image_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ def compare_verifier(
     detector: Detector, verifier: Verifier, test: list, families: dict[str, list]
 ) -> None:
     """Log the detector alone and with ``verifier`` on ``test`` (see the module doc)."""
-    from training.verify import image_metrics
 
     def run(images: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         out = []

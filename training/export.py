@@ -23,6 +23,11 @@ from training.model import ExportWrapper, QRDet, fuse_bn
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+# the dynamic axes of a detector export: batch, height and width in, batch and points out
+DETECTOR_AXES = {
+    "images": {0: "batch", 2: "height", 3: "width"},
+    "output0": {0: "batch", 2: "anchors"},
+}
 
 
 class ExportCheckError(RuntimeError):
@@ -45,12 +50,14 @@ def export_onnx(
     dummy = torch.rand(1, 3, imgsz, imgsz)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings():
-        # the TorchScript exporter is chosen on purpose (dynamo=False): it handles the
-        # dynamic batch/height/width of this graph reliably
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        _torch_export(wrapper, dummy, tmp)
+    torch_export(
+        wrapper,
+        dummy,
+        tmp,
+        inputs=["images"],
+        outputs=["output0"],
+        dynamic_axes=DETECTOR_AXES,
+    )
     proto = onnx.load(str(tmp))
     # the tracer leaves the channel axis symbolic; it is 4 + nc (Ultralytics exports fix it)
     proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4 + model.nc
@@ -66,12 +73,7 @@ def export_onnx(
         "names": "{0: 'qr'}",
         "score_bias": f"{score_bias:.6f}",
     }
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    save_with_metadata(proto, path, meta)
     tmp.unlink(missing_ok=True)
     if check:
         check_export(model, path, imgsz, score_bias)
@@ -79,21 +81,41 @@ def export_onnx(
     return path
 
 
-def _torch_export(wrapper: torch.nn.Module, dummy: torch.Tensor, path: Path) -> None:
-    torch.onnx.export(
-        wrapper,
-        (dummy,),
-        str(path),
-        opset_version=OPSET,
-        input_names=["images"],
-        output_names=["output0"],
-        dynamic_axes={
-            "images": {0: "batch", 2: "height", 3: "width"},
-            "output0": {0: "batch", 2: "anchors"},
-        },
-        do_constant_folding=True,
-        dynamo=False,
-    )
+def torch_export(
+    wrapper: torch.nn.Module,
+    dummy: torch.Tensor,
+    path: Path,
+    *,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """``torch.onnx.export`` at :data:`OPSET`, constants folded, with the TorchScript
+    exporter (``dynamo=False``, chosen on purpose: it handles dynamic axes reliably)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            str(path),
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def save_with_metadata(proto: onnx.ModelProto, path: Path, meta: dict[str, str]) -> None:
+    """Replace the metadata of ``proto`` by ``meta``, check the graph and save it."""
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
 
 
 def check_export(model: QRDet, path: Path, imgsz: int, score_bias: float = 0.0) -> float:

@@ -119,8 +119,15 @@ class YOLOv8n(nn.Module):
 
 def export_reference(path: Path) -> Path:
     """Write the YOLOv8n-sized graph (dynamic batch and size, like the model) to ``path``."""
-    from training.export import _torch_export
+    from training.export import DETECTOR_AXES, torch_export
 
     with torch.no_grad():
-        _torch_export(YOLOv8n().eval(), torch.zeros(1, 3, 640, 640), path)
+        torch_export(
+            YOLOv8n().eval(),
+            torch.zeros(1, 3, 640, 640),
+            path,
+            inputs=["images"],
+            outputs=["output0"],
+            dynamic_axes=DETECTOR_AXES,
+        )
     return path
