@@ -3,9 +3,8 @@
 decode (thread pool) → letterbox → one ONNX run per chunk of ``max_batch`` → NMS and
 rescale → payload reading → crop verifier (``core.verifier``: QR boxes whose payload was
 not read are kept only if it confirms them; ``QRSIGHT_VERIFIER_PATH``, used with the
-detector it was trained for) → records. The
-workers, ``qrsight-detect`` and the benchmarks all call :meth:`Pipeline.run`, so their
-boxes are identical.
+detector it was trained for) → records. The workers, ``qrsight-detect`` and the
+benchmarks all call :meth:`Pipeline.run`, so their boxes are identical.
 
 Timings per image: ``queue_ms`` from ``submitted_at_ms`` to the start of the run;
 ``decode_ms`` the image's own decode; ``infer_ms`` letterbox + ONNX run of its chunk
