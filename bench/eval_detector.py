@@ -46,8 +46,8 @@ from core.detector import Detector
 from core.images import ImageLimits, decode
 from core.payload import read_payloads, read_whole
 from core.pipeline import qr_class
-from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER
-from core.verifier import Verifier, file_sha256
+from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
+from core.verifier import Verifier, load_verifier
 
 logger = logging.getLogger("eval_detector")
 
@@ -362,12 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model, ["CPUExecutionProvider"], intra_threads=args.threads, imgsz=args.imgsz
     )
     conf = det.default_thresholds[0]
-    if args.verifier == "off":
-        args.verifier = ""
-    ver = Verifier(args.verifier, intra_threads=args.threads) if args.verifier else None
-    if ver is not None and ver.detector_sha256 not in (None, file_sha256(args.model)):
-        logger.warning("%s was trained for another detector; left out", args.verifier)
-        ver = None
+    # the pipeline's rule: "off" = none; left out (with a warning) for another detector
+    settings = load_settings({}, verifier_path=args.verifier, ort_intra_threads=args.threads)
+    ver = load_verifier(settings, args.model)
     qr_id = qr_class(det.info.labels)
     cvdet = cv2.QRCodeDetectorAruco()
     ours, piped, alone, zx, ocv, lows = [], [], [], [], [], []
@@ -380,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         lows.append(low_detections(det, img, ver))
         zx.append(run_zxing(img))
         ocv.append(run_opencv(cvdet, img))
-    what = f"{args.model.name} + {Path(args.verifier).name}" if ver else args.model.name
+    what = f"{args.model.name} + {ver.model_path.name}" if ver else args.model.name
     rows = [
         summarize(f"qrsight ({what}, conf {conf:g}, imgsz {det.input_hw[0]})", items, ours),
         summarize("qrsight pipeline default (+ whole-image reads)", items, piped),
@@ -392,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         summarize("OpenCV QRCodeDetectorAruco", items, ocv),
     ]
     rows += others
-    recalls, fps = curve(items, lows, verified=ver is not None)
+    alone_curve = curve(items, lows)
+    recalls, fps = curve(items, lows, verified=True) if ver is not None else alone_curve
     args.out.mkdir(parents=True, exist_ok=True)
     plot(args.out / "recall_vs_conf.png", recalls, fps, others, conf)
     lines = [f"Data: `{args.data}` ({rows[0].n_qr} QR images, {rows[0].n_neg} negatives)", ""]
@@ -400,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Recall / FP images of qrsight by the detector's threshold:", ""]
     lines += ["| conf | " + " | ".join(f"{t:g}" for t in THRESHOLDS) + " |"]
     lines += ["|---" * (len(THRESHOLDS) + 1) + "|"]
-    curves = [("", curve(items, lows))]
+    curves = [("", alone_curve)]
     if ver is not None:
-        curves = [(" (detector alone)", curves[0][1]), (" (+ verifier)", (recalls, fps))]
+        curves = [(" (detector alone)", alone_curve), (" (+ verifier)", (recalls, fps))]
     for label, (rec, fp) in curves:
         lines += [f"| recall{label} | " + " | ".join(f"{r:.3f}" for r in rec) + " |"]
         lines += [f"| FP images{label} | " + " | ".join(str(f) for f in fp) + " |"]
@@ -430,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 "thresholds": THRESHOLDS.tolist(),
                 "recall": recalls,
                 "fp_images": fps,
-                "verifier": args.verifier or None,
+                "verifier": str(ver.model_path) if ver else None,
             },
             indent=1,
         )

@@ -34,11 +34,11 @@ import onnxruntime as ort
 from core.detections import Detections
 from core.detector import parse_literal
 from core.errors import ConfigError, ModelError
+from core.postprocess import PAD_VALUE
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-PAD_VALUE = 114  # the letterbox grey, for the part of a crop outside the image
 DEFAULT_MARGIN = 1.25
 
 
@@ -46,7 +46,7 @@ def crop_patches(
     gray: np.ndarray, boxes: np.ndarray, size: int, margin: float = DEFAULT_MARGIN
 ) -> np.ndarray:
     """``(N, size, size)`` uint8 crops of ``gray``: a square of ``margin`` times the box's
-    longer side around its centre (outside the image filled with 114), resized."""
+    longer side around its centre (outside the image: the letterbox grey), resized."""
     out = np.empty((len(boxes), size, size), np.uint8)
     h, w = gray.shape[:2]
     for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, np.float64).tolist()):

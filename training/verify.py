@@ -68,21 +68,19 @@ def _jitter(rng: np.random.Generator, box: np.ndarray, amount: float = 0.12) -> 
     return np.array([cx - s * w / 2, cy - s * h / 2, cx + s * w / 2, cy + s * h / 2], np.float32)
 
 
-def verify_sample(
-    seed: int, i: int, lo: int = 224, hi: int = 640
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sample ``i`` of ``seed`` as a BGR image of a native size in [lo, hi], its QR boxes
-    and its hard-negative regions."""
+def verify_sample(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample ``i`` of ``seed`` as a BGR image of a native size of 224-640 px, its QR
+    boxes and its hard-negative regions."""
     rng = np.random.default_rng([seed, i, 7])
-    native = int(rng.integers(lo // 32, hi // 32 + 1)) * 32
+    native = int(rng.integers(224 // 32, 640 // 32 + 1)) * 32
     s = make_sample(seed, i, native, FINETUNE if i % 2 else BASE)
     return np.ascontiguousarray(s.image[..., ::-1]), s.boxes, s.hard
 
 
-def sample_crops(seed: int, i: int, size: int = SIZE, lo: int = 224, hi: int = 640) -> Crops:
+def sample_crops(seed: int, i: int, size: int = SIZE) -> Crops:
     """The labelled crops of sample ``i`` (see the module docstring)."""
     detector = _worker["detector"]
-    bgr, gt, hard = verify_sample(seed, i, lo, hi)
+    bgr, gt, hard = verify_sample(seed, i)
     rng = np.random.default_rng([seed, i, 11])
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     h, w = gray.shape
