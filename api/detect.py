@@ -19,6 +19,7 @@ from core.errors import (
     BadRequestError,
     QrsightError,
     ReplyTimeoutError,
+    error_for_code,
 )
 from core.images import probe
 from core.settings import Settings
@@ -114,22 +115,7 @@ def read_image() -> bytes:
 
 def error_for(code: str, message: str, request_id: str | None) -> QrsightError:
     """The QrsightError whose stable code a worker put into an ERROR result."""
-    for cls in all_error_classes():
-        if cls.code == code:
-            return cls(message, request_id=request_id)
-    error = QrsightError(message, request_id=request_id)
-    error.code = code
-    return error
-
-
-def all_error_classes() -> list[type[QrsightError]]:
-    found: list[type[QrsightError]] = []
-    pending: list[type[QrsightError]] = [QrsightError]
-    while pending:
-        cls = pending.pop()
-        found.append(cls)
-        pending.extend(cls.__subclasses__())
-    return found
+    return error_for_code(code, message, request_id)
 
 
 def check_result(result: dict[str, Any]) -> None:

@@ -386,7 +386,7 @@ def bad_inputs(settings: Settings) -> list[tuple[str, bytes | None, list[tuple[s
         raw("bad-gif", b"GIF89a\x10\x00\x10\x00\x00\x00\x00;", "unsupported_type"),
         raw("bad-corrupt-png", bytes(corrupt_png), "corrupt_image"),
         raw("bad-deadline-header", good, "bad_message", (names.H_DEADLINE_MS, b"soon")),
-        raw("bad-reply-partition", good, "bad_message", (names.H_REPLY_PARTITION, b"\x01")),
+        raw("bad-reply-partition", good, "bad_reply_route", (names.H_REPLY_PARTITION, b"\x01")),
         (
             "bad-request-not-image",
             image_request(settings, "bad-request-not-image", b"just some text"),

@@ -57,8 +57,18 @@ def message(value: bytes | None, *headers: tuple[str, bytes], offset: int = 42) 
     )
 
 
+REPLY_PARTITIONS = 16
+
+
 def parse(msg: Message) -> Intake:
-    return parse_message(msg, CODEC, LIMITS, default_replies_topic="qr.replies", now_ms=NOW_MS)
+    return parse_message(
+        msg,
+        CODEC,
+        LIMITS,
+        default_replies_topic="qr.replies",
+        reply_partitions=lambda _asked: REPLY_PARTITIONS,
+        now_ms=NOW_MS,
+    )
 
 
 CID = names.H_CORRELATION_ID
@@ -96,7 +106,12 @@ def test_request_id_is_header_then_record_then_position(msg: Message, request_id
         (request(b""), (), "empty_image"),
         (request(b"not an image"), (), "unsupported_type"),
         (jpeg(), ((names.H_DEADLINE_MS, b"later"),), "bad_message"),
-        (jpeg(), ((names.H_REPLY_PARTITION, b"\x01\x02"),), "bad_message"),
+        (jpeg(), ((names.H_REPLY_PARTITION, b"\x01\x02"),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_PARTITION, names.encode_partition(16)),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_PARTITION, names.encode_partition(-1)),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_TOPIC, b"qr.detections"),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_TOPIC, b"\xff\xfe"),), "bad_reply_route"),
+        (b"", ((names.H_CONTENT_TYPE, b"image/png"),), "empty_image"),
     ],
     ids=[
         "null",
@@ -111,6 +126,11 @@ def test_request_id_is_header_then_record_then_position(msg: Message, request_id
         "request-not-image",
         "bad-deadline",
         "bad-reply-partition",
+        "reply-partition-out-of-range",
+        "reply-partition-negative",
+        "reply-topic-not-the-replies-topic",
+        "reply-topic-not-utf8",
+        "empty-value-claiming-png",
     ],
 )
 def test_bad_input_is_reported_not_raised(
@@ -162,12 +182,12 @@ def test_deadline(deadline: int, expired: bool) -> None:
     [
         ((), None, None),
         (
-            ((names.H_REPLY_TOPIC, b"my.replies"), (names.H_REPLY_PARTITION, b"\x00\x00\x00\x07")),
-            "my.replies",
-            7,
+            ((names.H_REPLY_TOPIC, b"qr.replies"), (names.H_REPLY_PARTITION, b"\x00\x00\x00\x0f")),
+            "qr.replies",
+            15,
         ),
         (((names.H_REPLY_PARTITION, names.encode_partition(3)),), "qr.replies", 3),
-        (((names.H_REPLY_TOPIC, b"my.replies"),), "my.replies", None),
+        (((names.H_REPLY_TOPIC, b"qr.replies"),), "qr.replies", None),
     ],
     ids=["none", "topic-and-partition", "partition-only", "topic-only"],
 )
@@ -182,6 +202,35 @@ def test_traceparent_is_passed_through_and_nothing_else() -> None:
     trace = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     item = parse(message(jpeg(), (names.H_TRACEPARENT, trace), ("x-other", b"1")))
     assert item.passthrough == [(names.H_TRACEPARENT, trace)]
+
+
+@pytest.mark.parametrize(
+    "trace", [b"x" * 100_000, b"not-a-trace", b"00-0af7651916cd43dd8448eb211c80319c-b7ad-01"]
+)
+def test_a_traceparent_that_is_not_w3c_is_dropped_not_copied_into_results(trace: bytes) -> None:
+    item = parse(message(jpeg(), (names.H_TRACEPARENT, trace)))
+    assert item.error is None and item.job is not None
+    assert item.passthrough == []
+
+
+def test_a_non_utf8_id_is_refused_but_echoed_so_the_caller_can_match_the_error() -> None:
+    raw = b"id-\xff\xfe"
+    item = parse(message(jpeg(), (CID, raw)))
+    assert item.error is not None and item.error.code == "bad_message"
+    assert item.result_key == raw
+    assert item.request_id == "id-\\xff\\xfe"
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [message(jpeg(), (CID, b"i" * 100_000)), message(request(jpeg(), "r" * 300))],
+    ids=["header", "record"],
+)
+def test_an_oversized_id_is_refused_and_the_result_keyed_by_position(msg: Message) -> None:
+    item = parse(msg)
+    assert item.error is not None and item.error.code == "bad_message"
+    assert item.request_id == f"{TOPIC}-2-42"
+    assert item.result_key == item.request_id.encode()
 
 
 def test_next_offsets_is_highest_plus_one_per_partition() -> None:
