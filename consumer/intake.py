@@ -21,11 +21,17 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from core.errors import BadMessageError, BadReplyRouteError, EmptyImageError, QrsightError
-from core.images import ImageLimits, probe
+from core.errors import (
+    BadMessageError,
+    BadReplyRouteError,
+    EmptyImageError,
+    QrsightError,
+    UnsupportedTypeError,
+)
+from core.images import ImageLimits, probe, refused_kind
 from core.pipeline import ImageJob
 from schemas import names
-from schemas.codec import Codec, WireFormatError
+from schemas.codec import Codec, RegistryError, WireFormatError
 
 # Magic bytes of the image formats a raw value may carry (core.images decides what it accepts).
 IMAGE_MAGIC: tuple[bytes, ...] = (
@@ -223,7 +229,15 @@ def _fill(
 def _decode_request(codec: Codec, value: bytes, topic: str) -> dict:
     try:
         record = codec.decode(value, topic)
+    except RegistryError:
+        raise  # the registry is away: not the message's fault
     except WireFormatError as exc:
+        kind = refused_kind(value)
+        if kind:
+            raise UnsupportedTypeError(
+                f"{kind} is not supported (send JPEG, PNG, WebP or BMP bytes, or an "
+                "ImageRequest carrying them)"
+            ) from exc
         raise BadMessageError(
             f"value is neither an Avro ImageRequest nor JPEG/PNG/WebP/BMP bytes: {exc}"
         ) from exc

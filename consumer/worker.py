@@ -71,6 +71,7 @@ from core.pipeline import Pipeline
 from core.results import error_record, expired_record
 from core.settings import Settings
 from schemas import names
+from schemas.codec import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ TXN_TIMEOUT_S = 30.0
 TXN_COMMIT_TRIES = 5
 DELIVERY_ROUNDS = 3  # first try, then records rebuilt after permanent refusals
 REPLY_METADATA_REFRESH_S = 10.0
+REGISTRY_TRIES = 10
 
 Key = tuple[str, int]
 
@@ -332,6 +334,28 @@ class Worker:
             self.metrics.observe_result(result)
 
     def _parse(self, msgs: Sequence[Message]) -> list[Intake]:
+        """Parse the batch; while the Schema Registry is away (not the messages' fault),
+        back off and try again, then give up (exit without committing) after
+        REGISTRY_TRIES."""
+        for attempt in range(1, REGISTRY_TRIES + 1):
+            try:
+                return self._parse_once(msgs)
+            except RegistryError as exc:
+                if attempt == REGISTRY_TRIES:
+                    raise
+                delay = self._recovery.policy.delay_s(attempt)
+                logger.warning(
+                    "schema registry unavailable, retrying attempt=%d backoff_s=%.2f error=%s",
+                    attempt,
+                    delay,
+                    exc,
+                )
+                self.metrics.retries.inc()
+                if self._stop.wait(delay):
+                    raise Stopping("stopped while the schema registry was away") from exc
+        raise AssertionError("unreachable")
+
+    def _parse_once(self, msgs: Sequence[Message]) -> list[Intake]:
         items: list[Intake] = []
         for msg in msgs:
             err = msg.error()

@@ -225,6 +225,11 @@ def sniff(data: bytes) -> str:
     )
 
 
+def refused_kind(data: bytes) -> str | None:
+    """The name of a known non-image (or unsupported image) type, from its magic bytes."""
+    return _refused_kind(bytes(data[:1024]))
+
+
 def _refused_kind(head: bytes) -> str | None:
     for magic, offset, kind in REFUSED_KINDS:
         if head[offset : offset + len(magic)] == magic:

@@ -301,5 +301,5 @@ def dlq_filler(name: str, max_message_bytes: int) -> Case:
     """Garbage as large as the topic takes, with 12 KB of headers: its DLQ copy (original
     plus error headers) cannot fit and must arrive truncated, saying so."""
     headers = [(CID, name.encode()), ("x-padding", b"p" * 12_000)]
-    value = b"x" * (max_message_bytes - 14_000)
+    value = b"x" * (max_message_bytes - 12_600)
     return Case(name, value, headers, "ERROR", "bad_message", request_id=name)

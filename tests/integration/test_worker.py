@@ -142,7 +142,7 @@ def read_topic(
                 continue
             decoded = None if topic == settings.topic_dlq else codec.decode(msg.value(), topic)
             seen.append((msg, decoded))
-            keys.add((msg.key() or b"").decode())
+            keys.add((msg.key() or b"").decode("utf-8", "backslashreplace"))
             if done_at is None and expected <= keys:
                 done_at = time.monotonic() + linger_s
     finally:
@@ -185,8 +185,10 @@ def settings(kafka_settings: Settings, model_path: Path) -> Settings:
 
 
 @contextmanager
-def worker_thread(settings: Settings, index: int = 0) -> Iterator[Worker]:
-    worker = Worker(settings, index)
+def worker_thread(
+    settings: Settings, index: int = 0, worker: Worker | None = None
+) -> Iterator[Worker]:
+    worker = worker or Worker(settings, index)
     failures: list[BaseException] = []
 
     def run() -> None:
