@@ -82,6 +82,12 @@ class WorkerMetrics:
             "the fetch (the new owner processes them)",
             registry=reg,
         )
+        self.transactions_aborted = Counter(
+            PREFIX + "transactions_aborted",
+            "exactly-once batches whose transaction was aborted and given back (the group "
+            "moved on during the batch); their partitions' owner redoes them",
+            registry=reg,
+        )
         self.commit_failures = Counter(
             PREFIX + "commit_failures",
             "offset commits that failed (the next commit covers them)",

@@ -13,11 +13,12 @@ were already waiting does the worker top the batch up for at most
 messages of partitions still owned, by the same assignment, when it ends.
 
 **Offsets.** At-least-once: after every record of a batch is acknowledged the worker
-commits the batch's offsets (synchronously), so a kill re-delivers at most the batch in
-hand. Exactly-once: records and offsets commit in one transaction per batch, under a
-``transactional.id`` built from the worker's stable identity (``QRSIGHT_GROUP_INSTANCE_ID``,
-else the host name), so a restarted worker fences and aborts its predecessor's open
-transaction at once.
+commits the batch's offsets (asynchronously: one OffsetCommit per batch, never blocking
+the loop during an outage), so a kill re-delivers about the batch in hand. Exactly-once:
+records and offsets commit in one transaction per batch, under a ``transactional.id``
+built from the worker's stable identity (``QRSIGHT_GROUP_INSTANCE_ID``, else the host
+name), so a restarted worker fences and aborts its predecessor's open transaction at once;
+a transaction the group's rebalance makes abortable is aborted and the batch given back.
 
 **Failures.** Bad input becomes an ``ERROR`` result plus a DLQ copy. A record the broker
 refuses for good (too large) does too. Any other exception from the pipeline is retried,
@@ -324,7 +325,9 @@ class Worker:
         results = self._results(items, plan.doomed)
         started = time.perf_counter()
         if self.exactly_once:
-            self._deliver_transaction(items, results, consumer, producer)
+            if not self._deliver_transaction(items, results, consumer, producer):
+                self.journal.done(ids)  # given back (rewound), not a death
+                return
         else:
             self._deliver(items, results, producer)
             self._commit_batch(items, consumer)
@@ -374,8 +377,8 @@ class Worker:
         return items
 
     def _consume_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            raise KafkaException(err)
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            raise KafkaException(err)  # e.g. fenced: this consumer is done, restart it
         if err.code() != KafkaError._PARTITION_EOF:
             logger.warning("consume error code=%s error=%s", err.name(), err.str())
 
@@ -517,20 +520,24 @@ class Worker:
         raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} rounds")
 
     def _commit_batch(self, items: list[Intake], consumer: Consumer) -> None:
-        """Store and commit the batch's offsets (bounds re-delivery after a kill to it)."""
+        """Store the batch's offsets and commit them at once, asynchronously: a kill then
+        re-delivers at most the batch in hand (not 5 s of auto-commit interval), and a
+        broker outage never blocks the worker in a commit (the next commit, or the one on
+        revoke or at close, covers a failed one)."""
         nxt = next_offsets(items)
         offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
         try:
             consumer.store_offsets(offsets=offsets)
+            consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # e.g. the partition was lost meanwhile
-            logger.warning("store_offsets failed error=%s", exc)
+            logger.warning("storing or committing offsets failed error=%s", exc)
             return
         self._stored.update(nxt)
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:  # the auto-commit of stored offsets retries it
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
             self.metrics.commit_failures.inc()
-            logger.warning("commit failed (stored offsets commit later) error=%s", exc)
+            logger.warning("commit failed (the next commit covers it) error=%s", err.str())
 
     def _deliver_transaction(
         self,
@@ -538,15 +545,21 @@ class Worker:
         results: list[dict[str, Any]],
         consumer: Consumer,
         producer: Producer,
-    ) -> None:
+    ) -> bool:
+        """Records and offsets in one transaction. False when the transaction had to be
+        aborted for a reason that is nobody's fault (a rebalance moved the group on): the
+        consumer is rewound to the batch and whoever owns its partitions next redoes it."""
         caps: dict[int, int] = {}
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets(items).items()]
         for _round in range(DELIVERY_ROUNDS):
             tracker = DeliveryTracker()
-            self._transaction(self._records(items, results, caps), offsets, tracker, consumer)
+            records = self._records(items, results, caps)
+            if not self._transaction(records, offsets, tracker, consumer):
+                self._rewind(items, consumer)
+                return False
             if not tracker.failures:
                 self._log_outcomes(items, results)
-                return
+                return True
             self._absorb(items, results, tracker.failures, caps)
         raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} transactions")
 
@@ -556,9 +569,10 @@ class Worker:
         offsets: list[TopicPartition],
         tracker: DeliveryTracker,
         consumer: Consumer,
-    ) -> None:
-        """One transaction: records + offsets. Returns with ``tracker.failures`` set (and
-        the transaction aborted) when records were refused; raises for anything else."""
+    ) -> bool:
+        """One transaction: records + offsets. True when committed, or aborted because
+        records were refused for good (``tracker.failures`` says which); False when it
+        was aborted because the group moved on; raises for anything else."""
         producer = self._producer
         assert producer is not None
         producer.begin_transaction()
@@ -568,18 +582,51 @@ class Worker:
             if tracker.failures:
                 raise_unrecoverable(tracker.failures)
                 producer.abort_transaction(TXN_TIMEOUT_S)
-                return
+                return True
             producer.send_offsets_to_transaction(
                 offsets, consumer.consumer_group_metadata(), TXN_TIMEOUT_S
             )
             _commit_transaction(producer)
-        except (KafkaException, DeliveryError) as exc:
-            logger.error("transaction failed, aborting error=%s", exc)
-            try:
-                producer.abort_transaction(TXN_TIMEOUT_S)
-            except KafkaException as abort_exc:
-                logger.error("abort_transaction failed error=%s", abort_exc)
+            return True
+        except KafkaException as exc:
+            err = exc.args[0]
+            abortable = not err.fatal() and (err.txn_requires_abort() or err.retriable())
+            self._abort(producer, err)
+            if abortable:
+                self.metrics.transactions_aborted.inc()
+                logger.warning(
+                    "transaction aborted, batch given back error=%s (a rebalance moved the "
+                    "group on: the partitions' owner redoes it)",
+                    err.str(),
+                )
+                return False
             raise DeliveryError(f"transaction of {len(records)} record(s) failed: {exc}") from exc
+        except DeliveryError as exc:
+            self._abort(producer, exc)
+            raise
+
+    @staticmethod
+    def _abort(producer: Producer, reason: object) -> None:
+        logger.warning("aborting transaction reason=%s", reason)
+        try:
+            producer.abort_transaction(TXN_TIMEOUT_S)
+        except KafkaException as abort_exc:
+            logger.error("abort_transaction failed error=%s", abort_exc)
+
+    def _rewind(self, items: list[Intake], consumer: Consumer) -> None:
+        """Seek the batch's partitions back to its first offsets (what the last committed
+        transaction left), so no message of an aborted transaction is skipped."""
+        first: dict[Key, int] = {}
+        for item in items:
+            key = (item.topic, item.partition)
+            first[key] = min(first.get(key, item.offset), item.offset)
+        for (topic, partition), offset in first.items():
+            if (topic, partition) not in self._assigned:
+                continue
+            try:
+                consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # revoked meanwhile: the new owner starts there
+                logger.info("rewind skipped partition=%s[%d] error=%s", topic, partition, exc)
 
     def _final_commit(self, consumer: Consumer) -> None:
         if self.exactly_once or not self._stored:
@@ -685,14 +732,18 @@ class Worker:
 
     # --- client configs ---------------------------------------------------------------
     def _consumer_config(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"partition.assignment.strategy": "cooperative-sticky"}
+        extra: dict[str, Any] = {
+            "partition.assignment.strategy": "cooperative-sticky",
+            "on_commit": self._on_commit,
+        }
         if self.group_instance_id:
             extra["group.instance.id"] = self.group_instance_id
+        # Offsets are committed by the worker: per batch, on revoke and at close. No auto
+        # commit: librdkafka's revoke-time auto commit after a session timeout goes out with
+        # a reset member id, which fences a static member for good (librdkafka PR #5585).
+        extra["enable.auto.commit"] = False
         if self.exactly_once:
-            extra.update({"enable.auto.commit": False, "isolation.level": "read_committed"})
-        else:
-            # each batch commits its offsets; auto commit of stored offsets is the backstop
-            extra["enable.auto.commit"] = True
+            extra["isolation.level"] = "read_committed"
         return consumer_config(
             self.settings, self.settings.consumer_group, role=f"worker-{self.index}", **extra
         )
