@@ -7,7 +7,7 @@ LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
 export QRSIGHT_KAFKA_PORT
 
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
-        train train-smoke bench eval
+        train train-smoke bench eval chaos chaos-ci soak
 
 install: .installed  ## install qrsight with its dev and training tools (editable)
 
@@ -32,7 +32,17 @@ unit: .installed  ## tests that start nothing
 integration: .installed  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOTSTRAP if set, else one started here)
 	$(PYTHON) -m pytest tests/integration
 
-test: .test-tools lint unit integration  ## everything CI runs
+test: .test-tools lint unit integration chaos-ci  ## everything CI runs
+
+chaos-ci: .installed  ## the chaos suite at CI size (1,000 images per scenario, ~5 min)
+	$(PYTHON) -m pytest tests/chaos
+
+chaos: .installed  ## the chaos suite at full size (10,000 images per scenario); prints the table
+	CHAOS_IMAGES=$${CHAOS_IMAGES:-10000} CHAOS_REPORT=runs/chaos.md \
+	  $(PYTHON) -m pytest tests/chaos --timeout 3600 -p no:cacheprovider
+
+soak: .installed  ## workers at 80 % of capacity, mixed input, SOAK_MINUTES (5); plot in runs/soak
+	$(PYTHON) -m tests.chaos.soak --minutes $${SOAK_MINUTES:-5} --out runs/soak
 
 # Chromium, docker-compose and kustomize for the browser and deploy checks (once).
 .test-tools: deploy/local/test-tools.sh

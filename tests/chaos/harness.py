@@ -117,10 +117,21 @@ class Pod:
 
 
 # --- the stream -------------------------------------------------------------------------------
-class Publisher(threading.Thread):
-    """Sends ``count`` raw JPEGs at ``rate`` per second; keeps each one's source partition."""
+Message = tuple[bytes | None, list[tuple[str, bytes]]]
 
-    def __init__(self, settings: Settings, count: int, rate: float, prefix: str) -> None:
+
+class Publisher(threading.Thread):
+    """Sends ``count`` messages at ``rate`` per second (raw JPEGs unless ``make(i, rid)``
+    says otherwise); keeps each one's source partition."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        count: int,
+        rate: float,
+        prefix: str,
+        make: Callable[[int, str], Message] | None = None,
+    ) -> None:
         super().__init__(name="publisher", daemon=True)
         self.settings, self.count, self.rate, self.prefix = settings, count, rate, prefix
         self.ids = [f"{prefix}-{i}" for i in range(count)]
@@ -128,6 +139,10 @@ class Publisher(threading.Thread):
         self.sent = 0
         self.errors: list[str] = []
         self._images = [jpeg(i) for i in range(50)]
+        self._make = make or self._jpeg
+
+    def _jpeg(self, i: int, rid: str) -> Message:
+        return self._images[i % len(self._images)], [(names.H_CORRELATION_ID, rid.encode())]
 
     def run(self) -> None:
         producer = Producer(producer_config(self.settings, role="chaos-publisher"))
@@ -143,13 +158,14 @@ class Publisher(threading.Thread):
                 else:
                     self.partition[rid] = msg.partition()
 
+            value, headers = self._make(i, rid)
             while True:
                 try:
                     producer.produce(
                         self.settings.topic_images,
                         key=rid.encode(),
-                        value=self._images[i % len(self._images)],
-                        headers=[(names.H_CORRELATION_ID, rid.encode())],
+                        value=value,
+                        headers=headers,
                         on_delivery=done,
                     )
                     break
