@@ -32,6 +32,7 @@ from core.images import ImageLimits, decode
 from core.payload import drop_duplicate_reads, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
+from core.telemetry import StageLog
 from core.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class _Intake:
     image: np.ndarray | None
     decode_ms: float
     error: QrsightError | None = None
+    started: float = 0.0  # perf_counter() at the decode's start
 
 
 def _ms(start: float) -> float:
@@ -99,13 +101,17 @@ class Pipeline:
     ) -> None:
         self.close()
 
-    def run(self, jobs: Sequence[ImageJob]) -> list[dict[str, Any]]:
+    def run(self, jobs: Sequence[ImageJob], stages: StageLog | None = None) -> list[dict[str, Any]]:
+        """``stages`` (tracing on) receives each job's stage intervals for its spans."""
         start, start_ms = time.perf_counter(), now_ms()
         queue_ms = [
             0.0 if j.submitted_at_ms is None else max(0.0, float(start_ms - j.submitted_at_ms))
             for j in jobs
         ]
         intakes = list(self._pool.map(self._decode, jobs))
+        if stages is not None:
+            for job, intake in zip(jobs, intakes, strict=True):
+                stages.add(job, "decode", intake.started, intake.started + intake.decode_ms / 1e3)
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         good: list[int] = []
         for i, (job, intake) in enumerate(zip(jobs, intakes, strict=True)):
@@ -118,7 +124,7 @@ class Pipeline:
         step = self.settings.max_batch
         for first in range(0, len(good), step):
             chunk = good[first : first + step]
-            records = self._run_chunk(jobs, intakes, chunk, queue_ms, start)
+            records = self._run_chunk(jobs, intakes, chunk, queue_ms, start, stages=stages)
             for i, record in zip(chunk, records, strict=True):
                 results[i] = record
         logger.debug("pipeline run images=%d ok=%d ms=%.1f", len(jobs), len(good), _ms(start))
@@ -129,11 +135,12 @@ class Pipeline:
         try:
             image = decode(job.data, self.limits)
         except QrsightError as exc:
-            return _Intake(None, _ms(start), exc)
+            return _Intake(None, _ms(start), exc, start)
         except Exception as exc:  # a decoder bug must not stop the batch: report it as bad input
             logger.warning("image decode failed request_id=%s", job.request_id, exc_info=True)
-            return _Intake(None, _ms(start), CorruptImageError(f"cannot decode the image: {exc}"))
-        return _Intake(image, _ms(start))
+            error = CorruptImageError(f"cannot decode the image: {exc}")
+            return _Intake(None, _ms(start), error, start)
+        return _Intake(image, _ms(start), started=start)
 
     def _run_chunk(
         self,
@@ -142,6 +149,8 @@ class Pipeline:
         chunk: Sequence[int],
         queue_ms: Sequence[float],
         start: float,
+        *,
+        stages: StageLog | None = None,
     ) -> list[dict[str, Any]]:
         images = [intakes[i].image for i in chunk]
         assert all(img is not None for img in images)
@@ -153,7 +162,8 @@ class Pipeline:
         t_post = time.perf_counter()
         confs = [jobs[i].conf for i in chunk]
         detections = self.detector.postprocess(raw, metas, confs)
-        post_share = _ms(t_post) / len(chunk)
+        t_done = time.perf_counter()
+        post_share = (t_done - t_post) * 1000.0 / len(chunk)
         records = []
         for i, image, found in zip(chunk, pixels, detections, strict=True):
             job = jobs[i]
@@ -162,6 +172,10 @@ class Pipeline:
             dets = self._payloads(job, image, found) if read else found
             if self.verifier is not None:
                 dets = self.verifier.filter(image, dets, self._qr_id)
+            if stages is not None:
+                stages.add(job, "infer", t_infer, t_post, images=len(chunk))
+                stages.add(job, "postprocess", t_post, t_done, images=len(chunk))
+                stages.add(job, "payloads", t_pay, time.perf_counter(), read=read)
             timing = {
                 "queue_ms": queue_ms[i],
                 "decode_ms": intakes[i].decode_ms,

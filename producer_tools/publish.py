@@ -128,10 +128,12 @@ class Publisher:
         self.delivered = 0
         self.failures: list[str] = []
 
-    def encode(self, item: Item) -> tuple[bytes, list[tuple[str, bytes]]]:
+    def encode(self, item: Item) -> tuple[bytes, list[tuple[str, str | bytes | None]]]:
         info = probe(item.data, self.limits)  # refuse what a worker would refuse, before sending
         source = self.source or item.source
-        headers = [(names.H_CORRELATION_ID, item.request_id.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [
+            (names.H_CORRELATION_ID, item.request_id.encode())
+        ]
         if self.raw:
             headers.append((names.H_CONTENT_TYPE, info.content_type.encode()))
             value = item.data
