@@ -70,7 +70,7 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     """Fields of the line: the bound ones, then the record's own ``extra=`` ones."""
     found: dict[str, Any] = dict(_fields.get())
     for key, value in vars(record).items():
-        if key not in _STANDARD and not key.startswith("_"):
+        if key not in _STANDARD and not key.startswith("_") and value is not None:
             found[key] = value
     return found
 
@@ -165,13 +165,20 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [out]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings become log lines in the same format
     return out
 
 
-def configure_from_settings(settings: Settings, **kwargs: Any) -> logging.Handler:
-    """:func:`configure_logging` with the level, format and secrets of ``settings``."""
+def configure_from_settings(
+    settings: Settings, level: str | None = None, **kwargs: Any
+) -> logging.Handler:
+    """:func:`configure_logging` with the format and secrets of ``settings`` and its level
+    (or ``level``: the CLIs that print results keep to warnings)."""
     return configure_logging(
-        settings.log_level, settings.log_format, secrets=secret_values(settings), **kwargs
+        level or settings.log_level,
+        settings.log_format,
+        secrets=secret_values(settings),
+        **kwargs,
     )
 
 

@@ -50,6 +50,7 @@ class ImageJob:
     conf: float | None = None
     decode: bool | None = None
     submitted_at_ms: int | None = None
+    trace_id: str | None = None  # the request's trace, for the log lines about it
 
 
 @dataclass
@@ -137,7 +138,9 @@ class Pipeline:
         except QrsightError as exc:
             return _Intake(None, _ms(start), exc, start)
         except Exception as exc:  # a decoder bug must not stop the batch: report it as bad input
-            logger.warning("image decode failed request_id=%s", job.request_id, exc_info=True)
+            logger.warning(
+                "image decode failed request_id=%s", job.request_id, exc_info=True, extra=_ids(job)
+            )
             error = CorruptImageError(f"cannot decode the image: {exc}")
             return _Intake(None, _ms(start), error, start)
         return _Intake(image, _ms(start), started=start)
@@ -200,8 +203,18 @@ class Pipeline:
         try:
             return drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as))
         except Exception:  # payload reading is best effort; the boxes still stand
-            logger.warning("payload reading failed request_id=%s", job.request_id, exc_info=True)
+            logger.warning(
+                "payload reading failed request_id=%s",
+                job.request_id,
+                exc_info=True,
+                extra=_ids(job),
+            )
             return dets
+
+
+def _ids(job: ImageJob) -> dict[str, str | None]:
+    """A log line's request fields (``core.logs``)."""
+    return {"request_id": job.request_id, "trace_id": job.trace_id}
 
 
 def qr_class(labels: Mapping[int, str]) -> int | None:

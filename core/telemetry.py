@@ -125,6 +125,12 @@ class StageLog:
         return self._wall_ns + int((perf_s - self._perf) * 1e9)
 
 
+class HttpHeaders(Protocol):
+    """Incoming HTTP headers (a dict, or werkzeug's ``request.headers``)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
 class Message(Protocol):
     """What a batch span needs of a consumed message (``consumer.intake.Intake`` fits)."""
 
@@ -189,7 +195,7 @@ class Tracing:
 
     enabled = False
 
-    def server(self, name: str, headers: Mapping[str, str], attributes: Mapping[str, Any]) -> Span:
+    def server(self, name: str, headers: HttpHeaders, attributes: Mapping[str, Any]) -> Span:
         """An incoming HTTP request, continuing the caller's ``traceparent`` if it sent one."""
         return Span(child_traceparent(headers.get(TRACEPARENT)))
 
@@ -347,7 +353,7 @@ class OtelTracing(Tracing):
             self.provider.add_span_processor(processor(exporter))
         self.tracer: Tracer = self.provider.get_tracer("qrsight")
 
-    def server(self, name: str, headers: Mapping[str, str], attributes: Mapping[str, Any]) -> Span:
+    def server(self, name: str, headers: HttpHeaders, attributes: Mapping[str, Any]) -> Span:
         from opentelemetry.trace import SpanKind
 
         parent = _extract({k: headers.get(k) for k in TRACE_HEADERS})
