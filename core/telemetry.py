@@ -333,7 +333,8 @@ class _OtelSpan(Span):
 
 
 class OtelTracing(Tracing):
-    """Tracing on: spans go through a batch processor to ``exporters`` (or ``processor``)."""
+    """Tracing on: spans go through a batch processor to ``exporters`` (``simple=True``:
+    each span is exported as it ends, for tests and benchmarks)."""
 
     enabled = True
 
@@ -344,9 +345,11 @@ class OtelTracing(Tracing):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-        resource = Resource.create()
+        resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": service}))
+        if "service.version" not in resource.attributes:
+            resource = resource.merge(Resource({"service.version": _version()}))
         self.provider: TracerProvider = TracerProvider(resource=resource)
         for exporter in exporters:
             processor = SimpleSpanProcessor if simple else BatchSpanProcessor
@@ -526,6 +529,15 @@ class _OtelBatch(BatchTrace):
             send.end(end_ns)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qrsight")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _send_attributes(topic: str) -> dict[str, Any]:
     return {
         **MESSAGING,
@@ -579,8 +591,3 @@ def _extract(carrier: Mapping[str, str | None]) -> Context:
 def _traceparent(span: OtelSpan) -> str:
     ctx = span.get_span_context()
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-
-
-def provider_of(tracing_: Tracing) -> TracerProvider | None:
-    """The SDK provider behind ``tracing_`` (``None`` when off); for tests and benchmarks."""
-    return tracing_.provider if isinstance(tracing_, OtelTracing) else None
