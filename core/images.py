@@ -436,6 +436,10 @@ def _exif_orientation(tiff: bytes) -> int:
 
 def _to_bgr8(raw: np.ndarray) -> np.ndarray:
     """Any OpenCV decode (gray/BGR/BGRA, 8/16-bit) as 8-bit BGR, alpha composited on white."""
+    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] == 4:
+        return _bgra8_on_white(raw)
+    if raw.dtype == np.uint8 and raw.ndim == 2:
+        return cv2.cvtColor(raw, cv2.COLOR_GRAY2BGR)
     img = raw.astype(np.float32) / 257.0 if raw.dtype == np.uint16 else raw.astype(np.float32)
     if img.ndim == 2:
         img = img[:, :, None]
@@ -446,6 +450,18 @@ def _to_bgr8(raw: np.ndarray) -> np.ndarray:
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _bgra8_on_white(raw: np.ndarray) -> np.ndarray:
+    """8-bit BGRA on white in integer arithmetic: the same pixels as the float path of
+    :func:`_to_bgr8` (round(c·a/255 + 255 - a)) at a fraction of its cost; an opaque
+    alpha channel is simply dropped."""
+    alpha = raw[:, :, 3]
+    if int(alpha.min()) == 255:
+        return cv2.cvtColor(raw, cv2.COLOR_BGRA2BGR)
+    a = alpha[:, :, None].astype(np.uint16)
+    mixed = raw[:, :, :3].astype(np.uint16) * a + 255 * (255 - a) + 127
+    return (mixed // 255).astype(np.uint8)
 
 
 def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
