@@ -112,7 +112,10 @@ class Pipeline:
             0.0 if j.submitted_at_ms is None else max(0.0, float(start_ms - j.submitted_at_ms))
             for j in jobs
         ]
-        intakes = list(self._pool.map(self._decode, jobs))
+        if len(jobs) == 1:  # no hand-off to the pool (and back) for a lone image
+            intakes = [self._decode(jobs[0])]
+        else:
+            intakes = list(self._pool.map(self._decode, jobs))
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         good: list[int] = []
         for i, (job, intake) in enumerate(zip(jobs, intakes, strict=True)):
