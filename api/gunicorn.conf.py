@@ -43,9 +43,8 @@ keepalive = 5
 loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"
-logger_class = (
-    "api.logs.GunicornLogger"  # qrsight's format (QRSIGHT_LOG_FORMAT) for gunicorn's logs
-)
+# gunicorn's own error and access logs in qrsight's format (QRSIGHT_LOG_FORMAT)
+logger_class = "api.logs.GunicornLogger"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s ms=%(M)s request_id=%({x-request-id}o)s pid=%(p)s'
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
