@@ -159,9 +159,6 @@ class Span:
     def trace_id(self) -> str:
         return trace_id_of(self.traceparent) or INVALID_TRACE_ID
 
-    def set(self, key: str, value: Any) -> None:
-        """Set an attribute (off: nothing)."""
-
     def http_status(self, code: int) -> None:
         """Record the HTTP response status; 5xx marks the span as failed."""
 
@@ -192,8 +189,6 @@ class BatchTrace:
 
 class Tracing:
     """The process's tracing. This base class is "off" (:data:`OFF`); see :class:`OtelTracing`."""
-
-    enabled = False
 
     def server(self, name: str, headers: HttpHeaders, attributes: Mapping[str, Any]) -> Span:
         """An incoming HTTP request, continuing the caller's ``traceparent`` if it sent one."""
@@ -318,9 +313,6 @@ class _OtelSpan(Span):
         super().__init__(_traceparent(span))
         self._span = span
 
-    def set(self, key: str, value: Any) -> None:
-        self._span.set_attribute(key, value)
-
     def http_status(self, code: int) -> None:
         self._span.set_attribute("http.response.status_code", code)
         if code >= 500:
@@ -335,8 +327,6 @@ class _OtelSpan(Span):
 class OtelTracing(Tracing):
     """Tracing on: spans go through a batch processor to ``exporters`` (``simple=True``:
     each span is exported as it ends, for tests and benchmarks)."""
-
-    enabled = True
 
     def __init__(
         self, service: str, exporters: Iterable[SpanExporter] = (), *, simple: bool = False
