@@ -47,7 +47,7 @@ def detect() -> Response:
     options = parse_options(request.args, state.settings)
     data = read_image()
     info = probe(data, state.limits)
-    logger.info(
+    logger.debug(  # one INFO line per request is enough: app.end_request's
         "detect request format=%s width=%s height=%s bytes=%s",
         info.format,
         info.width,
@@ -61,7 +61,7 @@ def detect() -> Response:
         conf=options.conf,
         decode=options.decode,
         request_id=g.request_id,
-        traceparent=request.headers.get("traceparent"),
+        traceparent=g.span.traceparent,
     )
     check_result(result)
     DETECT_RESULTS.labels("ok").inc()

@@ -8,16 +8,15 @@ worker can publish an ``ERROR`` result and copy the message to the DLQ.
 Headers are input too: a ``correlation_id`` must be UTF-8 and at most
 :data:`MAX_REQUEST_ID_BYTES`; a reply may only go to a partition that exists of the
 configured replies topic (whoever can write to ``qr.images`` must not choose where a
-worker writes); a ``traceparent`` that is not W3C trace context is dropped, as the W3C
-spec says, instead of being copied into every result.
+worker writes). Trace context headers are ``core.telemetry``'s: a ``traceparent`` that is
+not W3C trace context is not passed on.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
@@ -30,6 +29,7 @@ from core.errors import (
 )
 from core.images import ImageLimits, probe, refused_kind
 from core.pipeline import ImageJob
+from core.telemetry import trace_id_of
 from schemas import names
 from schemas.codec import Codec, RegistryError, WireFormatError
 
@@ -42,10 +42,7 @@ IMAGE_MAGIC: tuple[bytes, ...] = (
     b"II*\x00",  # TIFF little-endian (same)
     b"MM\x00*",  # TIFF big-endian (same)
 )
-PASSTHROUGH_HEADERS = (names.H_TRACEPARENT,)
 MAX_REQUEST_ID_BYTES = 256
-# W3C trace context, version 00 or a later one (which may append fields).
-_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]{0,200})?")
 # The partition count of the replies topic; asked with the partition a request names,
 # so an implementation can refresh its metadata before calling it out of range.
 ReplyPartitions = Callable[[int], int]
@@ -76,7 +73,6 @@ class Intake:
     deadline_ms: int | None = None
     reply_topic: str | None = None
     reply_partition: int | None = None
-    passthrough: list[tuple[str, bytes]] = field(default_factory=list)
     queue_start_ms: int | None = None
     correlation: bytes | None = None  # the correlation_id header as sent, echoed in results
 
@@ -128,7 +124,6 @@ def parse_message(
         value=msg.value(),
         headers=headers,
         request_id=f"{topic}-{partition}-{offset}",
-        passthrough=_passthrough(hdrs),
         queue_start_ms=message_timestamp_ms(msg),
     )
     try:
@@ -147,13 +142,6 @@ def parse_message(
         exc.request_id = item.request_id
         item.error, item.job = exc, None
     return item
-
-
-def _passthrough(hdrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
-    trace = hdrs.get(names.H_TRACEPARENT)
-    if trace is not None and _TRACEPARENT.fullmatch(trace):
-        return [(names.H_TRACEPARENT, trace)]
-    return []
 
 
 def _read_correlation(item: Intake, raw: bytes | None) -> bool:
@@ -196,6 +184,7 @@ def _fill(
             data=value,
             content_type=content_type or None,
             submitted_at_ms=item.queue_start_ms,
+            trace_id=trace_id_of(hdrs.get(names.H_TRACEPARENT)),
         )
         return
     request = _decode_request(codec, value, item.topic)
@@ -223,6 +212,7 @@ def _fill(
         conf=options.get("confidence"),
         decode=options.get("decode_payloads"),
         submitted_at_ms=item.queue_start_ms,
+        trace_id=trace_id_of(hdrs.get(names.H_TRACEPARENT)),
     )
 
 

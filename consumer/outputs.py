@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ DLQ_FALLBACK_BYTES = 512 * 1024
 TRUNCATED_MESSAGE_CHARS = 2000
 
 RecordKind = Literal["result", "reply", "dlq"]
+Headers = list[tuple[str, bytes | None]]
 FailureKind = Literal["transient", "permanent", "config"]
 
 # Refusals that no retry can fix, caused by the record itself.
@@ -139,27 +140,34 @@ class OutputConfig:
 
 
 def result_records(
-    item: Intake, result: dict[str, Any], codec: Codec, out: OutputConfig, index: int = -1
+    item: Intake,
+    result: dict[str, Any],
+    codec: Codec,
+    out: OutputConfig,
+    index: int = -1,
+    *,
+    trace_headers: Callable[[str], Headers] | None = None,
 ) -> list[OutRecord]:
-    """The result event for ``qr.detections`` and, when the request asked, its reply."""
+    """The result event for ``qr.detections`` and, when the request asked, its reply.
+
+    ``trace_headers(topic)`` gives the trace-context headers of the record to ``topic``
+    (``core.telemetry``'s ``BatchTrace.headers``)."""
     key = item.result_key
-    headers: list[tuple[str, bytes | None]] = [(names.H_CORRELATION_ID, key), *item.passthrough]
-    topic = out.detections_topic
-    records = [OutRecord(topic, key, codec.encode(result, topic), headers, item=index)]
+    topics: list[tuple[str, int | None, RecordKind]] = [(out.detections_topic, None, "result")]
     if item.reply_topic:
-        value = codec.encode(result, item.reply_topic)
-        records.append(
-            OutRecord(
-                item.reply_topic,
-                key,
-                value,
-                headers,
-                item.reply_partition,
-                item=index,
-                kind="reply",
-            )
+        topics.append((item.reply_topic, item.reply_partition, "reply"))
+    return [
+        OutRecord(
+            topic,
+            key,
+            codec.encode(result, topic),
+            [(names.H_CORRELATION_ID, key), *(trace_headers(topic) if trace_headers else [])],
+            partition,
+            item=index,
+            kind=kind,
         )
-    return records
+        for topic, partition, kind in topics
+    ]
 
 
 def dlq_record(

@@ -30,6 +30,7 @@ restarts it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -71,6 +72,7 @@ from core.kafka import avro_codec, consumer_config, message_limits, producer_con
 from core.pipeline import Pipeline
 from core.results import error_record, expired_record
 from core.settings import Settings
+from core.telemetry import BatchTrace, StageLog, header_traceparent, trace_id_of, tracing
 from schemas import names
 from schemas.codec import RegistryError
 
@@ -158,6 +160,8 @@ class Worker:
         self._reply_count: int | None = None
         self._reply_checked = -REPLY_METADATA_REFRESH_S
         self._last_lag = 0.0
+        self._trace: BatchTrace = BatchTrace()  # the batch in hand's spans
+        self._stages: StageLog | None = None
 
     # --- identity and lifecycle -------------------------------------------------------
     def stop(self) -> None:
@@ -322,15 +326,17 @@ class Worker:
             self.journal.done(ids)
             return
         self.metrics.batch_size.observe(len(items))
-        results = self._results(items, plan.doomed)
-        started = time.perf_counter()
-        if self.exactly_once:
-            if not self._deliver_transaction(items, results, consumer, producer):
-                self.journal.done(ids)  # given back (rewound), not a death
-                return
-        else:
-            self._deliver(items, results, producer)
-            self._commit_batch(items, consumer)
+        with tracing().batch(items, self.settings.consumer_group) as trace:
+            self._trace = trace
+            results = self._results(items, plan.doomed, trace.stages)
+            started = time.perf_counter()
+            if self.exactly_once:
+                if not self._deliver_transaction(items, results, consumer, producer):
+                    self.journal.done(ids)  # given back (rewound), not a death
+                    return
+            else:
+                self._deliver(items, results, producer)
+                self._commit_batch(items, consumer)
         self.journal.done(ids)
         self.metrics.observe_produce(time.perf_counter() - started, len(items))
         for result in results:
@@ -383,13 +389,17 @@ class Worker:
             logger.warning("consume error code=%s error=%s", err.name(), err.str())
 
     def _results(
-        self, items: list[Intake], doomed: frozenset[MessageId] = frozenset()
+        self,
+        items: list[Intake],
+        doomed: frozenset[MessageId] = frozenset(),
+        stages: StageLog | None = None,
     ) -> list[dict[str, Any]]:
         """One DetectionResult per item, same order; the model runs once for the batch."""
         for item in items:
             if item.job is not None and (item.topic, item.partition, item.offset) in doomed:
                 self._doom(item)
         jobs = [item.job for item in items if item.job is not None]
+        self._stages = stages
         ran = iter(self._recovery.run(jobs))  # ModelError, Stopping propagate
         results: list[dict[str, Any]] = []
         for item in items:
@@ -414,7 +424,7 @@ class Worker:
 
     def _run_pipeline(self, jobs: Sequence[Any]) -> list[dict[str, Any]]:
         assert self._pipeline is not None
-        return self._pipeline.run(jobs)
+        return self._pipeline.run(jobs, self._stages)
 
     @staticmethod
     def _expired(item: Intake) -> dict[str, Any]:
@@ -433,8 +443,14 @@ class Worker:
     ) -> list[OutRecord]:
         records: list[OutRecord] = []
         caps = dlq_caps or {}
+        trace = self._trace
         for i, (item, result) in enumerate(zip(items, results, strict=True)):
-            records.extend(result_records(item, result, self._result_codec, self._out, i))
+            headers = functools.partial(trace.headers, item, result)
+            records.extend(
+                result_records(
+                    item, result, self._result_codec, self._out, i, trace_headers=headers
+                )
+            )
             if result.get("status") == names.STATUS_ERROR:
                 error = result.get("error") or {}
                 code, message = str(error.get("code", "")), str(error.get("message", ""))
@@ -454,9 +470,12 @@ class Worker:
                     item.where,
                     error.get("code"),
                     error.get("message"),
+                    extra=_ids(item),
                 )
             elif status == names.STATUS_EXPIRED:
-                logger.info("expired request_id=%s %s", item.request_id, item.where)
+                logger.info(
+                    "expired request_id=%s %s", item.request_id, item.where, extra=_ids(item)
+                )
 
     def _absorb(
         self,
@@ -804,6 +823,14 @@ def _commit_transaction(producer: Producer) -> None:
                 logger.warning("commit_transaction retry attempt=%d error=%s", attempt, err)
                 continue
             raise
+
+
+def _ids(item: Intake) -> dict[str, str | None]:
+    """A log line's request fields (``core.logs``)."""
+    return {
+        "request_id": item.request_id,
+        "trace_id": trace_id_of(header_traceparent(item.headers)),
+    }
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

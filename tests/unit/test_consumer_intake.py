@@ -12,6 +12,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 from consumer.intake import Intake, looks_like_image, parse_message
 from consumer.worker import next_offsets
 from core.images import ImageLimits
+from core.telemetry import trace_headers
 from schemas import names
 from schemas.codec import Codec
 
@@ -198,19 +199,27 @@ def test_reply_routing(
     assert (item.reply_topic, item.reply_partition) == (topic, partition)
 
 
-def test_traceparent_is_passed_through_and_nothing_else() -> None:
+def test_the_job_carries_the_trace_id_of_its_traceparent() -> None:
     trace = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     item = parse(message(jpeg(), (names.H_TRACEPARENT, trace), ("x-other", b"1")))
-    assert item.passthrough == [(names.H_TRACEPARENT, trace)]
+    assert item.job is not None and item.job.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert parse(message(jpeg(), (names.H_TRACEPARENT, b"garbage"))).job.trace_id is None
 
 
 @pytest.mark.parametrize(
     "trace", [b"x" * 100_000, b"not-a-trace", b"00-0af7651916cd43dd8448eb211c80319c-b7ad-01"]
 )
 def test_a_traceparent_that_is_not_w3c_is_dropped_not_copied_into_results(trace: bytes) -> None:
-    item = parse(message(jpeg(), (names.H_TRACEPARENT, trace)))
-    assert item.error is None and item.job is not None
-    assert item.passthrough == []
+    item = parse(message(jpeg(), (names.H_TRACEPARENT, trace), ("tracestate", b"k=v")))
+    assert item.error is None and item.job is not None and item.job.trace_id is None
+    assert trace_headers(item.headers) == [], "what the results would carry on"
+
+
+def test_a_valid_traceparent_and_a_sane_tracestate_are_passed_on() -> None:
+    trace = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = [(names.H_TRACEPARENT, trace), ("tracestate", b"k=v"), ("x", b"1")]
+    assert trace_headers(headers) == headers[:2]
+    assert trace_headers([headers[0], ("tracestate", b"k" * 10_000)]) == headers[:1]
 
 
 def test_a_non_utf8_id_is_refused_but_echoed_so_the_caller_can_match_the_error() -> None:
