@@ -28,10 +28,10 @@ def _deadly_load(settings: Any) -> Any:
     pipeline, facts = _original_load(settings)
     run = pipeline.run
 
-    def deadly(jobs: Sequence[ImageJob]) -> list[dict[str, Any]]:
+    def deadly(jobs: Sequence[ImageJob], stages: Any = None) -> list[dict[str, Any]]:
         if any(MARKER in job.data for job in jobs):
             os.kill(os.getpid(), signal.SIGKILL)
-        return run(jobs)
+        return run(jobs, stages)
 
     pipeline.run = deadly  # type: ignore[method-assign]
     return pipeline, facts

@@ -189,11 +189,11 @@ class FaultyPipeline(Pipeline):
 
     calls = 0
 
-    def run(self, jobs: Any) -> list[dict[str, Any]]:
+    def run(self, jobs: Any, stages: Any = None) -> list[dict[str, Any]]:
         FaultyPipeline.calls += 1
         if any(MARKER in job.data for job in jobs):
             raise RuntimeError("OpenCV(5.0.0) resize.cpp: error: (-215:Assertion failed)")
-        return super().run(jobs)
+        return super().run(jobs, stages)
 
 
 def marked_jpeg(seed: int) -> bytes:
