@@ -88,6 +88,12 @@ class WorkerMetrics:
             "moved on during the batch); their partitions' owner redoes them",
             registry=reg,
         )
+        self.consumer_rebuilds = Counter(
+            PREFIX + "consumer_rebuilds",
+            "Kafka consumers replaced in place after librdkafka declared them fatally failed "
+            "(e.g. a static member fenced after a broker outage)",
+            registry=reg,
+        )
         self.commit_failures = Counter(
             PREFIX + "commit_failures",
             "offset commits that failed (the next commit covers them)",

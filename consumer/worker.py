@@ -86,6 +86,7 @@ TXN_COMMIT_TRIES = 5
 DELIVERY_ROUNDS = 3  # first try, then records rebuilt after permanent refusals
 REPLY_METADATA_REFRESH_S = 10.0
 REGISTRY_TRIES = 10
+REBUILD_INTERVAL_S = 60.0
 
 Key = tuple[str, int]
 
@@ -107,6 +108,14 @@ def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
     pipeline = Pipeline(settings, detector)
     facts["verifier"] = str(settings.verifier_path) if pipeline.verifier else "off"
     return pipeline, facts
+
+
+class ConsumerFenced(Exception):  # noqa: N818  (a state, handled by replacing the consumer)
+    """librdkafka declared the consumer fatally failed (e.g. fenced)."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(error.str())
+        self.error = error
 
 
 @dataclass
@@ -160,6 +169,7 @@ class Worker:
         self._reply_count: int | None = None
         self._reply_checked = -REPLY_METADATA_REFRESH_S
         self._last_lag = 0.0
+        self._last_rebuild = -REBUILD_INTERVAL_S
         self._trace: BatchTrace = BatchTrace()  # the batch in hand's spans
         self._stages: StageLog | None = None
 
@@ -196,18 +206,12 @@ class Worker:
             self.metrics.set_model({"name": "injected"})
         if self.journal.recover():
             self.metrics.quarantined.labels("crash")  # make the series visible
-        consumer = Consumer(self._consumer_config())
         producer = Producer(self._producer_config())
-        self._consumer, self._producer = consumer, producer
+        self._producer = producer
+        consumer = self._subscribe()
         try:
             if self.exactly_once:
                 producer.init_transactions(TXN_TIMEOUT_S)
-            consumer.subscribe(
-                [self.settings.topic_images],
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-            )
             logger.info(
                 "worker started worker=%d group=%s instance=%s topic=%s guarantee=%s "
                 "max_batch=%d max_wait_ms=%d",
@@ -219,11 +223,50 @@ class Worker:
                 self.settings.max_batch,
                 self.settings.max_wait_ms,
             )
-            self._loop(consumer, producer)
+            while True:
+                try:
+                    self._loop(consumer, producer)
+                    break
+                except ConsumerFenced as exc:
+                    consumer = self._rebuild(consumer, exc)
             self._final_commit(consumer)
         finally:
             self.journal.clear()  # leaving on our own: nothing in hand killed us
             self._close(consumer, producer)
+
+    def _subscribe(self) -> Consumer:
+        consumer = Consumer(self._consumer_config())
+        consumer.subscribe(
+            [self.settings.topic_images],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._consumer = consumer
+        return consumer
+
+    def _rebuild(self, consumer: Consumer, exc: ConsumerFenced) -> Consumer:
+        """A consumer librdkafka declared fatally failed is replaced in place, once a
+        minute at most (more often means a real duplicate ``group.instance.id``: exit).
+
+        Known cause: after a session timeout (a broker outage), librdkafka may still send
+        an offset commit with the reset member id, and the broker fences the static member
+        for good (librdkafka PR #5585). The batch in hand was not committed; the new
+        consumer rejoins under the same ``group.instance.id`` and resumes from the last
+        commit."""
+        now = time.monotonic()
+        if now - self._last_rebuild < REBUILD_INTERVAL_S:
+            raise KafkaException(exc.error) from exc
+        self._last_rebuild = now
+        self.metrics.consumer_rebuilds.inc()
+        logger.warning("consumer failed for good, replacing it error=%s", exc.error.str())
+        self.journal.clear()
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as close_exc:
+            logger.info("closing the failed consumer error=%s", close_exc)
+        self._forget([TopicPartition(t, p) for t, p in list(self._assigned)])
+        return self._subscribe()
 
     def _loop(self, consumer: Consumer, producer: Producer) -> None:
         while not self._stop.is_set():
@@ -384,7 +427,8 @@ class Worker:
 
     def _consume_error(self, err: KafkaError) -> None:
         if err.fatal() or err.code() == KafkaError._FATAL:
-            raise KafkaException(err)  # e.g. fenced: this consumer is done, restart it
+            raise ConsumerFenced(err)  # this consumer instance is done
+
         if err.code() != KafkaError._PARTITION_EOF:
             logger.warning("consume error code=%s error=%s", err.name(), err.str())
 

@@ -347,10 +347,12 @@ def test_the_broker_stopped_15_s_mid_stream_loses_nothing(
     publisher.join(drain_timeout())
     tracker.wait_for(publisher.ids, drain_timeout())
     after = sorted(t for times in tracker.arrivals.values() for t in times if t >= back)
+    rebuilt = pods[0].log.read_text(errors="replace").count("consumer failed for good")
     recovery = (
         f"broker away {back - down_at:.0f} s (stop {stopped_at - down_at:.0f} s, down "
         f"{BROKER_DOWN_S:.0f} s, start {back - stopped_at - BROKER_DOWN_S:.0f} s); first "
-        f"result {after[0] - back:.1f} s after it was back"
+        f"result {after[0] - back:.1f} s after it was back; {rebuilt} consumer(s) fenced "
+        "and replaced in place"
         if after
         else "no result after the restart"
     )
