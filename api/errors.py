@@ -17,6 +17,9 @@ from core.errors import QrsightError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
 
+# Retry-After on every 503: when the caller may try again, in seconds.
+UNAVAILABLE_RETRY_AFTER_S = 5
+
 # Stable codes for werkzeug's own errors (the ones qrsight's errors don't cover).
 HTTP_CODES = {
     400: "bad_request",
@@ -50,6 +53,9 @@ def handle_qrsight_error(error: QrsightError) -> Response:
         response.headers["WWW-Authenticate"] = error.context.get(
             "challenge", 'Bearer realm="qrsight"'
         )
+    if status == 503:
+        retry_after = error.context.get("retry_after", UNAVAILABLE_RETRY_AFTER_S)
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 
