@@ -22,6 +22,7 @@ from api.metrics import DETECT_RESULTS
 from api.state import api_state
 from core.errors import (
     BadRequestError,
+    KafkaUnavailableError,
     QrsightError,
     ReplyTimeoutError,
 )
@@ -141,12 +142,26 @@ def read_into(stream: IO[bytes], size: int) -> bytearray:
 
 
 def error_for(code: str, message: str, request_id: str | None) -> QrsightError:
-    """The QrsightError whose stable code a worker put into an ERROR result."""
+    """The error for the stable code a worker put into an ERROR result.
+
+    An ERROR result means the input was bad, so a code this API does not know is a 400
+    (with the worker's code kept); a known code that is no fault of the input (a model
+    that failed) is a 503, to be retried.
+    """
     for cls in all_error_classes():
         if cls.code == code:
-            return cls(message, request_id=request_id)
-    error = QrsightError(message, request_id=request_id)
+            if cls.http_status < 500:
+                return cls(message, request_id=request_id)
+            return worker_failed(code, message, request_id)
+    error = BadRequestError(message, request_id=request_id)
     error.code = code
+    return error
+
+
+def worker_failed(code: str, message: str, request_id: str | None) -> QrsightError:
+    error = KafkaUnavailableError(f"a worker could not process the image: {message}")
+    error.code = code
+    error.request_id = request_id
     return error
 
 
