@@ -450,12 +450,15 @@ class ReplyClient:
                     continue
                 if msg is not None:
                     self._on_message(msg)
-        except BaseException as exc:
+        except BaseException as exc:  # logged, not raised: the supervisor restarts the reader
             self._ready.clear()
+            self.last_problem = "the reply reader stopped; restarting it"
             logger.error(
-                "reply reader died partition=%s error=%s", self.partition, type(exc).__name__
+                "reply reader died partition=%s error=%s",
+                self.partition,
+                type(exc).__name__,
+                exc_info=not isinstance(exc, SystemExit),
             )
-            raise
         finally:
             consumer.close()
 
@@ -497,6 +500,8 @@ class ReplyClient:
             _low, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
             start = high if high >= 0 else OFFSET_END
         consumer.assign([TopicPartition(self.topic, self.partition, start)])
+        if start >= 0:
+            self._next_offset = start
         self.last_problem = ""
         self._ready.set()
         logger.info(

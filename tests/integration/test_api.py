@@ -58,6 +58,9 @@ def full(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         api_workers=2,
         detection_workers=1,
         rate_limit="off",
+        # room for 100 concurrent requests even if one gunicorn worker accepts them all
+        api_threads=108,
+        api_max_in_flight=100,
     )
     yield stack
     stack.stop()
@@ -138,31 +141,54 @@ def test_decode_off_returns_boxes_without_payloads(full: Stack) -> None:
     assert payloads(response.json()) == set()
 
 
-def test_50_concurrent_requests_each_get_their_own_answer(full: Stack) -> None:
-    sent = [f"payload-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(50)]
-    images = {p: qr_png(p)[0] for p in sent}
+def test_100_concurrent_requests_sharing_50_request_ids_each_get_their_own_payload(
+    full: Stack,
+) -> None:
+    """The caller's X-Request-ID is echoed, never the correlation id: two requests that
+    share one cannot take each other's reply (nor strand each other in a timeout)."""
+    sent = [
+        (f"client-id-{i % 50:02d}", f"payload-{i:03d}-{uuid.uuid4().hex[:6]}") for i in range(100)
+    ]
+    images = {payload: qr_png(payload)[0] for _, payload in sent}
 
-    def post(payload: str) -> tuple[str, requests.Response]:
+    def post(item: tuple[str, str]) -> tuple[str, str, requests.Response]:
+        client_id, payload = item
         # a new connection per request, so both gunicorn workers take some
         response = requests.post(
-            f"{full.url}/api/v1/detect",
+            f"{full.url}/api/v1/detect?timeout_ms=30000",
             data=images[payload],
-            headers={"Content-Type": "image/png", "Connection": "close"},
+            headers={"Content-Type": "image/png", "Connection": "close", "X-Request-ID": client_id},
             timeout=60,
         )
-        return payload, response
+        return client_id, payload, response
 
-    with ThreadPoolExecutor(50) as pool:
+    with ThreadPoolExecutor(100) as pool:
         answers = list(pool.map(post, sent))
-    for payload, response in answers:
-        assert response.status_code == 200, response.text
+    statuses = Counter(response.status_code for _, _, response in answers)
+    assert statuses == {200: 100}, statuses
+    for client_id, payload, response in answers:
         assert payloads(response.json()) == {payload}
-    ids = {response.json()["request_id"] for _, response in answers}
-    assert len(ids) == 50
-    served_by = Counter(
-        re.findall(r'"POST /api/v1/detect HTTP/1.1" 200 .* pid=<?(\d+)>?', full.api_log.read_text())
-    )
+        assert response.headers["X-Request-ID"] == client_id
+    assert len({response.json()["request_id"] for _, _, response in answers}) == 100
+    log = full.api_log.read_text()
+    served_by = Counter(re.findall(r'"POST /api/v1/detect\?\S* HTTP/1.1" 200 .* pid=<?(\d+)>?', log))
     assert len(served_by) == 2, served_by  # both gunicorn workers answered some
+    for _, _, response in answers[:5]:  # the access log has our id and the caller's
+        assert f"request_id={response.json()['request_id']} client_request_id=client-id-" in log
+
+
+def test_gunicorns_own_refusals_are_json_errors(full: Stack) -> None:
+    long_header = requests.get(
+        f"{full.url}/api/v1/health", headers={"X-Big": "x" * 9000}, timeout=10
+    )
+    long_line = requests.get(f"{full.url}/api/v1/health?pad={'x' * 5000}", timeout=10)
+    for response, status, code in (
+        (long_header, 431, "headers_too_large"),
+        (long_line, 414, "uri_too_long"),
+    ):
+        assert response.status_code == status
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.json()["error"]["code"] == code
 
 
 INVALID = [
@@ -305,6 +331,8 @@ def test_503_fast_when_the_broker_is_unreachable() -> None:
         ready = client.get("/api/v1/ready")
         assert ready.status_code == 503
         assert "not assigned" in ready.get_json()["error"]["message"]
+        for answer in (response, ready):  # no broker address for clients to learn
+            assert settings.kafka_bootstrap not in answer.get_data(as_text=True)
     finally:
         app.extensions["qrsight"].replies.close()
 
@@ -379,6 +407,8 @@ def test_503_within_the_produce_timeout_when_the_broker_stops(tmp_path: Path) ->
         ready = client.get("/api/v1/ready")
         assert ready.status_code == 503
         assert "unreachable" in ready.get_json()["error"]["message"]
+        for answer in (response, ready):
+            assert f"127.0.0.1:{port}" not in answer.get_data(as_text=True)
     finally:
         if app is not None:
             app.extensions["qrsight"].replies.close()
