@@ -171,7 +171,8 @@ def test_100_concurrent_requests_sharing_50_request_ids_each_get_their_own_paylo
         assert response.headers["X-Request-ID"] == client_id
     assert len({response.json()["request_id"] for _, _, response in answers}) == 100
     log = full.api_log.read_text()
-    served_by = Counter(re.findall(r'"POST /api/v1/detect\?\S* HTTP/1.1" 200 .* pid=<?(\d+)>?', log))
+    served = r'"POST /api/v1/detect\?\S* HTTP/1.1" 200 .* pid=<?(\d+)>?'
+    served_by = Counter(re.findall(served, log))
     assert len(served_by) == 2, served_by  # both gunicorn workers answered some
     for _, _, response in answers[:5]:  # the access log has our id and the caller's
         assert f"request_id={response.json()['request_id']} client_request_id=client-id-" in log
