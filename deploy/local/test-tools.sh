@@ -3,6 +3,7 @@
 #   chromium        headless browser for the web-page test (Debian)
 #   docker-compose  validates docker-compose.yml without a Docker engine (Debian)
 #   kustomize       renders the k8s overlays to compare with ours (go install)
+#   redis-server    the shared rate-limit store the API tests start (Debian)
 set -euo pipefail
 
 sudo_() { if [[ $(id -u) -ne 0 ]]; then sudo "$@"; else "$@"; fi; }
@@ -21,4 +22,12 @@ if command -v kubectl >/dev/null 2>&1 || command -v kustomize >/dev/null 2>&1 \
 else
   command -v go >/dev/null 2>&1 || { echo "test-tools: Go is needed to build kustomize" >&2; exit 1; }
   go install sigs.k8s.io/kustomize/kustomize/v5@v5.7.1
+fi
+
+if command -v redis-server >/dev/null 2>&1; then
+  echo "test-tools: redis-server already installed"
+else
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_ apt-get update -qq
+  sudo_ apt-get install -y -qq --no-install-recommends redis-server
 fi
