@@ -62,3 +62,8 @@ train-smoke:
 
 eval:  ## evaluate the shipped detector on a manifest: make eval DATA=../shared/data/qr-real-dev
 	$(PYTHON) bench/eval_detector.py $(DATA)
+
+.PHONY: soak-api
+SOAK_API_S ?= 300
+soak-api: .installed  ## API soak: mixed 200/400/401/413/429/503/504 traffic for SOAK_API_S seconds (default 300); plot in runs/soak-api/
+	$(PYTHON) bench/soak_api.py --duration $(SOAK_API_S)

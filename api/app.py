@@ -11,8 +11,8 @@ logged next to ours.
 The hooks run in this order for /detect: the request id; the token check (a bad token
 is remembered, not refused yet); the rate limit (keyed by the token's subject, else the
 client address, so floods without a valid token are limited too); the refusal of a bad
-token (401); admission (503 ``overloaded`` past ``QRSIGHT_API_MAX_IN_FLIGHT``). All of
-them run before the body is read.
+token (401); a body announced over the limit (413); admission (503 ``overloaded`` past
+``QRSIGHT_API_MAX_IN_FLIGHT``). All of them run before the body is read.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api import detect, health, metrics, openapi, web
@@ -130,7 +131,12 @@ def refuse_unauthenticated() -> None:
 
 
 def admit() -> None:
+    """Take an in-flight slot for /detect; a body announced over the limit is refused
+    (413) first, without taking one."""
     if request.endpoint in ADMITTED_ENDPOINTS:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestEntityTooLarge()
         state = api_state()
         state.admission.enter()
         g.admitted = True

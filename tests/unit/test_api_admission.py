@@ -84,3 +84,14 @@ def test_every_503_says_when_to_retry() -> None:
     )
     assert response.status_code == 503
     assert int(response.headers["Retry-After"]) > 0
+
+
+def test_a_body_announced_over_the_limit_is_413_without_taking_a_slot() -> None:
+    app = offline_app(api_settings(api_max_in_flight=1, max_image_bytes=10_000))
+    gate = app.extensions["qrsight"].admission
+    gate.enter()  # full: an admitted request would be refused with 503
+    response = app.test_client().post(
+        "/api/v1/detect", data=b"\x89PNG" + b"\x00" * 200_000, content_type="image/png"
+    )
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "image_too_large"
