@@ -28,8 +28,9 @@ Prometheus multiprocess directory and the reply waiters. It fails (exit 1) when 
 is outside the table (a 500, a 503 other than ``overloaded``), when RSS grows by 5 % or
 more between the first and the last fifth of the time after warm-up, when a waiter is left
 once the clients stop, or when the metric files keep growing. It writes ``soak.png``
-(p50/p99 latency of the 200s and RSS over time), ``samples.json`` and ``summary.txt`` to
-``--out`` (default ``runs/soak-api/<time>/``).
+(p50/p99 latency of the 200s, answers per second by status, RSS over time),
+``samples.json``, ``summary.txt`` and the API's and the worker's logs to ``--out``
+(default ``runs/soak-api/<time>/``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -75,7 +77,7 @@ EXPECTED = {
     "too-short": {504, 503},
 }
 KINDS = ["ok", "corrupt", "no-token", "too-large", "greedy", "burst", "too-short"]
-RATE_LIMIT_PER_MINUTE = 300
+RATE_LIMIT_PER_MINUTE = 240  # an "ok" client sends at most 200/minute
 GREEDY_THREADS = 3  # one subject, no pause: past the limit
 IN_FLIGHT_CAP = 6
 MAX_IMAGE_BYTES = 2_000_000
@@ -139,8 +141,11 @@ class Client:
     def post(self, data: bytes, headers: dict[str, str], query: str = "") -> int:
         started = time.monotonic()
         code = "-"
+        # a burst member opens a fresh connection each time: an idle kept-alive one may be
+        # closed by the server (gunicorn's keepalive) just as the next burst reuses it
+        poster = requests.post if self.kind == "burst-member" else self.session.post
         try:
-            response = self.session.post(
+            response = poster(
                 f"{self.stack.url}/api/v1/detect{query}",
                 data=data,
                 headers={"Content-Type": "image/png", **headers},
@@ -149,8 +154,8 @@ class Client:
             status = response.status_code
             if status >= 400:
                 code = str(response.json()["error"]["code"])
-        except (requests.RequestException, ValueError, KeyError):
-            status = 0  # no answer, or not the JSON error: outside the table, fails the run
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            status, code = 0, type(exc).__name__  # outside the table: fails the run
         elapsed = (time.monotonic() - started) * 1000
         self.run.add(Answer(time.time(), self.kind, status, code, elapsed))
         return status
@@ -178,7 +183,7 @@ class Client:
                         pool.submit(client.post, self.good(), client.auth)
 
     def pause(self) -> float:
-        return {"greedy": 0.02, "burst": 3.0, "too-large": 1.0}.get(self.kind, 0.2)
+        return {"greedy": 0.02, "burst": 3.0, "too-large": 1.0}.get(self.kind, 0.3)
 
     def loop(self, until: float) -> None:
         while time.time() < until:
@@ -227,7 +232,8 @@ def verdict(run: Run, start: float, warm: float, end: float, waiters_left: float
     for kind, statuses in sorted(by_kind.items()):
         wrong = {s: n for s, n in statuses.items() if s not in EXPECTED[kind]}
         if wrong:
-            problems.append(f"{kind}: unexpected statuses {wrong}")
+            codes = Counter(a.code for a in run.answers if a.kind == kind and a.status in wrong)
+            problems.append(f"{kind}: unexpected statuses {wrong} ({dict(codes)})")
     codes_503 = Counter(a.code for a in run.answers if a.status == 503)
     if set(codes_503) - {"overloaded"}:
         problems.append(f"503s other than overloaded: {dict(codes_503)}")
@@ -401,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
             return soak(stack, args.duration, warmup, args.out)
         finally:
             stack.stop()
+            args.out.mkdir(parents=True, exist_ok=True)
+            for log in (stack.api_log, stack.workers_log):
+                if log is not None and log.exists():
+                    shutil.copy(log, args.out / f"{log.name.split('-')[0]}.log")
 
 
 if __name__ == "__main__":
