@@ -91,7 +91,8 @@ def post_fork(server: Any, worker: Any) -> None:
     from api.slots import set_process_slot
 
     set_process_slot(worker.qrsight_slot)
-    tune_malloc()
+    if _settings.api_malloc_tuning:
+        tune_malloc()
     protocol_errors.install()
     server.log.info("worker pid=%s slot=%s", worker.pid, worker.qrsight_slot)
 

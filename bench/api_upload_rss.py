@@ -13,7 +13,9 @@ peak-RSS mark (``/proc/PID/clear_refs``).
 
 Prints the idle RSS, the peak RSS (``VmHWM``) of each round, the RSS once the round is
 over, and the ratio of the peak growth to the bytes uploaded in the round (1.0 = the
-process held every upload at once; the design holds each at most briefly).
+process held every upload at once; the design holds each at most briefly). The baseline,
+measured in the same run, is the same API with glibc's malloc defaults
+(``QRSIGHT_API_MALLOC_TUNING=false``): the last line gives the ratios of the two.
 """
 
 from __future__ import annotations
@@ -74,21 +76,13 @@ def upload(url: str, image: bytes, multipart: bool, timeout_ms: int) -> str:
     return f"{response.status_code} {response.json()['error']['code']}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--uploads", type=int, default=32, help="concurrent uploads per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-image-mib", type=float, default=10.0)
-    parser.add_argument("--timeout-ms", type=int, default=3000, help="reply wait per upload")
-    parser.add_argument(
-        "--produce-timeout-ms", type=int, default=10000, help="QRSIGHT_API_PRODUCE_TIMEOUT_MS"
-    )
-    parser.add_argument("--multipart", action="store_true", help="multipart/form-data uploads")
-    args = parser.parse_args(argv)
+def run_rounds(
+    bootstrap: str, image: bytes, args: argparse.Namespace, tuned: bool
+) -> tuple[float, float]:
+    """(max peak RSS, RSS after the last round) in MiB, over ``args.rounds`` rounds."""
     max_bytes = int(args.max_image_mib * MIB)
-    image = noise_png(max_bytes)
-    print(f"image: {len(image) / MIB:.2f} MiB PNG; {args.uploads} concurrent uploads per round")
-    with broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+    peaks, after = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
         stack = make_stack(
             bootstrap,
             Path(tmp),
@@ -98,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             api_max_in_flight=args.uploads,
             max_image_bytes=max_bytes,
             api_produce_timeout_ms=args.produce_timeout_ms,
+            api_malloc_tuning=tuned,
             rate_limit="off",
             log_level="WARNING",
         )
@@ -122,15 +117,43 @@ def main(argv: list[str] | None = None) -> int:
                 peak = status_kb(pid, "VmHWM") / 1024
                 time.sleep(1)
                 after = status_kb(pid, "VmRSS") / 1024
+                peaks.append(peak)
                 uploaded = args.uploads * len(image) / MIB
                 counts = {s: statuses.count(s) for s in sorted(set(statuses))}
                 print(
-                    f"round {round_no}: statuses {counts} in {took:.1f} s; peak RSS {peak:.0f} MiB "
+                    f"round {round_no}: {counts} in {took:.1f} s; peak RSS {peak:.0f} MiB "
                     f"(+{peak - idle:.0f} over idle, {(peak - idle) / uploaded:.2f} of the "
                     f"{uploaded:.0f} MiB uploaded); RSS after {after:.0f} MiB"
                 )
         finally:
             stack.stop()
+    return max(peaks), after
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", type=int, default=32, help="concurrent uploads per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-image-mib", type=float, default=10.0)
+    parser.add_argument("--timeout-ms", type=int, default=3000, help="reply wait per upload")
+    parser.add_argument(
+        "--produce-timeout-ms", type=int, default=10000, help="QRSIGHT_API_PRODUCE_TIMEOUT_MS"
+    )
+    parser.add_argument("--multipart", action="store_true", help="multipart/form-data uploads")
+    args = parser.parse_args(argv)
+    image = noise_png(int(args.max_image_mib * MIB))
+    print(f"image: {len(image) / MIB:.2f} MiB PNG; {args.uploads} concurrent uploads per round")
+    results = {}
+    with broker() as bootstrap:
+        for label, tuned in (("glibc defaults", False), ("tuned malloc", True)):
+            print(f"--- {label} (QRSIGHT_API_MALLOC_TUNING={tuned})")
+            results[label] = run_rounds(bootstrap, image, args, tuned)
+    base, tuned = results["glibc defaults"], results["tuned malloc"]
+    print(
+        f"max peak RSS: {tuned[0]:.0f} MiB tuned vs {base[0]:.0f} MiB with glibc defaults "
+        f"(ratio {tuned[0] / base[0]:.2f}); RSS after the last round: {tuned[1]:.0f} vs "
+        f"{base[1]:.0f} MiB (ratio {tuned[1] / base[1]:.2f})"
+    )
     return 0
 
 

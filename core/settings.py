@@ -172,6 +172,11 @@ class Settings(BaseModel):
         "`QRSIGHT_API_THREADS` less a quarter kept for /health and /ready, and no more than "
         "the container's memory limit allows for images of `QRSIGHT_MAX_IMAGE_BYTES`)",
     )
+    api_malloc_tuning: bool = Field(
+        True,
+        description="give freed upload buffers back to the OS (glibc `mallopt`: fixed mmap "
+        "threshold, 2 arenas); off = glibc's defaults",
+    )
     api_trusted_proxy_hops: int = Field(
         0,
         ge=0,
