@@ -31,13 +31,16 @@ from api import detect, health, metrics, openapi, web
 from api.admission import Admission, container_memory_bytes, in_flight_limit
 from api.auth import JwtVerifier, authenticate
 from api.errors import register_error_handlers
+from api.logs import REQUEST_ID_ENVIRON, TRACE_ID_ENVIRON
 from api.ratelimit import init_limiter, limit_of
 from api.replies import ReplyClient
 from api.slots import reply_partition
 from api.state import EXTENSION, ApiState, api_state
+from core import logs
 from core.errors import QrsightError
 from core.images import ImageLimits
 from core.settings import Settings
+from core.telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,6 @@ logger = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
 CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# The WSGI environ key gunicorn's access log reads our request id from.
-ENVIRON_REQUEST_ID = "qrsight.request_id"
 PROTECTED_BLUEPRINTS = {"detect"}
 ADMITTED_ENDPOINTS = {"detect.detect"}
 
@@ -108,9 +109,13 @@ def begin_request() -> None:
     g.request_id = new_request_id()
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     g.client_request_id = incoming if CLIENT_REQUEST_ID_RE.match(incoming) else None
-    request.environ[ENVIRON_REQUEST_ID] = g.request_id
+    request.environ[REQUEST_ID_ENVIRON] = g.request_id  # for gunicorn's access log line
     g.started = time.perf_counter()
     metrics.IN_FLIGHT.inc()
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    g.span = tracing().server(f"{request.method} {route}", request.headers, _http(route))
+    g.log_token = logs.bind(request_id=g.request_id, trace_id=g.span.trace_id)
+    request.environ[TRACE_ID_ENVIRON] = g.span.trace_id  # for gunicorn's access log line
 
 
 def check_auth() -> None:
@@ -149,6 +154,8 @@ def end_request(response: Response) -> Response:
     elapsed = time.perf_counter() - g.get("started", time.perf_counter())
     metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
     metrics.LATENCY.labels(route).observe(elapsed)
+    if "span" in g:
+        g.span.http_status(response.status_code)
     logger.info(
         "request method=%s route=%s status=%s ms=%.1f client_request_id=%s",
         request.method,
@@ -160,9 +167,17 @@ def end_request(response: Response) -> Response:
     return response
 
 
-def leave_request(_error: BaseException | None) -> None:
+def leave_request(error: BaseException | None) -> None:
     if g.pop("admitted", False):
         api_state().admission.leave()
         metrics.DETECT_IN_FLIGHT.dec()
     if "started" in g:
         metrics.IN_FLIGHT.dec()
+    if "span" in g:
+        g.span.end(type(error).__name__ if error is not None else None)
+        logs.unbind(g.log_token)
+
+
+def _http(route: str) -> dict[str, str]:
+    """The HTTP server span's attributes (OpenTelemetry semantic conventions)."""
+    return {"http.request.method": request.method, "http.route": route, "url.path": request.path}

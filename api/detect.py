@@ -54,7 +54,7 @@ def detect() -> Response:
     data = read_image()
     # probe() reads any bytes-like buffer; its annotation says bytes
     info = probe(cast(bytes, data), state.limits)
-    logger.info(
+    logger.debug(  # one INFO line per request is enough: app.end_request's
         "detect request format=%s width=%s height=%s bytes=%s",
         info.format,
         info.width,
@@ -68,7 +68,7 @@ def detect() -> Response:
         conf=options.conf,
         decode=options.decode,
         request_id=g.request_id,
-        traceparent=request.headers.get("traceparent"),
+        traceparent=g.span.traceparent,
     )
     check_result(result)
     DETECT_RESULTS.labels("ok").inc()

@@ -54,10 +54,11 @@ keepalive = 5
 loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"
-# request_id: ours (api/app.py puts it into the WSGI environ); client_request_id: theirs
+# gunicorn's own error and access logs in qrsight's format (QRSIGHT_LOG_FORMAT); each access
+# line ends with our request_id and trace_id (api/logs.py), client_request_id is theirs
+logger_class = "api.logs.GunicornLogger"
 access_log_format = (
-    '%(h)s "%(r)s" %(s)s %(b)s ms=%(M)s request_id=%({qrsight.request_id}e)s '
-    "client_request_id=%({x-request-id}i)s pid=%(p)s"
+    '%(h)s "%(r)s" %(s)s %(b)s ms=%(M)s client_request_id=%({x-request-id}i)s pid=%(p)s'
 )
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -103,6 +104,9 @@ def worker_exit(server: Any, worker: Any) -> None:
     state = extensions.get("qrsight")
     if state is not None:
         state.replies.close()
+    from core.telemetry import tracing
+
+    tracing().shutdown()  # export the spans still buffered
 
 
 def child_exit(server: Any, worker: Any) -> None:

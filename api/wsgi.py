@@ -13,8 +13,9 @@ import os
 import signal
 
 from api.app import create_app
-from api.logs import configure_logging
+from core.logs import configure_from_settings
 from core.settings import load_settings
+from core.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -25,5 +26,6 @@ def stop_this_worker() -> None:
 
 
 settings = load_settings()
-configure_logging(settings.log_level)
+configure_from_settings(settings)
+setup_tracing("qrsight-api")
 app = create_app(settings, on_reply_failure=stop_this_worker)

@@ -129,6 +129,12 @@ class Settings(BaseModel):
     )
     max_detections: int = Field(100, ge=1, description="most detections kept per image")
     decode_payloads: bool = Field(True, description="read QR payloads with zxing-cpp")
+    reduced_decode: bool = Field(
+        True,
+        description="decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when it "
+        "stays at least twice the model input; payloads are still read from "
+        "full-resolution crops",
+    )
     read_whole_image: bool = Field(
         True,
         description="when reading payloads, also read the whole image and add the QR codes "
@@ -204,6 +210,11 @@ class Settings(BaseModel):
 
     # --- logs -------------------------------------------------------------------------
     log_level: str = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text` (`key=value` lines) or `json` (one object per line); every line "
+        "about a request carries its `request_id` and `trace_id`",
+    )
 
     @field_validator("onnx_providers", mode="before")
     @classmethod
