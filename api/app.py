@@ -12,7 +12,8 @@ The hooks run in this order for /detect: the request id; the token check (a bad 
 is remembered, not refused yet); the rate limit (keyed by the token's subject, else the
 client address, so floods without a valid token are limited too); the refusal of a bad
 token (401); a body announced over the limit (413); admission (503 ``overloaded`` past
-``QRSIGHT_API_MAX_IN_FLIGHT``). All of them run before the body is read.
+``QRSIGHT_API_MAX_IN_FLIGHT``). All of them run before the body is read; an admitted body
+that stops arriving for ``BODY_IDLE_TIMEOUT_S`` is given up (400).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
 CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 PROTECTED_BLUEPRINTS = {"detect"}
+# Longest pause in an upload before it is given up (400): a client that stops sending its
+# body (slow-loris) cannot hold an in-flight slot. gunicorn resets the socket to blocking
+# at its next request.
+BODY_IDLE_TIMEOUT_S = 10.0
 ADMITTED_ENDPOINTS = {"detect.detect"}
 
 
@@ -146,6 +151,9 @@ def admit() -> None:
         state.admission.enter()
         g.admitted = True
         metrics.DETECT_IN_FLIGHT.inc()
+        client = request.environ.get("gunicorn.socket")
+        if client is not None:  # a body that stops arriving gives its slot back (400)
+            client.settimeout(BODY_IDLE_TIMEOUT_S)
 
 
 def end_request(response: Response) -> Response:

@@ -305,9 +305,11 @@ def plot(run: Run, start: float, warm: float, path: Path) -> None:
     top.set_ylabel("200 latency (ms)")
     top.set_yscale("log")
     top.legend()
-    for status, per in sorted(rates.items()):
-        xs = sorted(per)
-        middle.plot(xs, [per[x] for x in xs], label=str(status), linewidth=0.8)
+    last = int(max(a.at for a in run.answers) - start) if run.answers else 0
+    for status, per in sorted(rates.items()):  # a second without such an answer: a gap
+        xs = list(range(last + 1))
+        ys = [per[x] if per[x] else float("nan") for x in xs]
+        middle.plot(xs, ys, label=str(status), linewidth=0.8)
     middle.set_ylabel("answers / s")
     middle.set_yscale("log")
     middle.legend(ncol=7, fontsize="small")

@@ -174,8 +174,13 @@ def test_100_concurrent_requests_sharing_50_request_ids_each_get_their_own_paylo
     served = r'"POST /api/v1/detect\?\S* HTTP/1.1" 200 .* pid=<?(\d+)>?'
     served_by = Counter(re.findall(served, log))
     assert len(served_by) == 2, served_by  # both gunicorn workers answered some
-    for _, _, response in answers[:5]:  # the access log has our id and the caller's
-        assert f"request_id={response.json()['request_id']} client_request_id=client-id-" in log
+    for client_id, _, response in answers[:5]:  # the access line has our id and the caller's
+        rid = response.json()["request_id"]
+        lines = [
+            line for line in log.splitlines() if f"request_id={rid}" in line and "POST" in line
+        ]
+        assert len(lines) == 2, lines  # the app's request line and gunicorn's access line
+        assert all(f"client_request_id={client_id} " in line for line in lines), lines
 
 
 def test_gunicorns_own_refusals_are_json_errors(full: Stack) -> None:

@@ -12,6 +12,9 @@ broker: bounded in-flight work, probes that stay fast, a supervised reply reader
 from __future__ import annotations
 
 import ctypes
+import json
+import re
+import socket
 import statistics
 import threading
 import time
@@ -228,3 +231,40 @@ def test_a_reader_that_keeps_dying_gives_up_and_stops_the_process(
         assert "cannot serve requests" in ready.get_json()["error"]["message"]
     finally:
         replies.close()
+
+
+def read_response(sock: socket.socket) -> tuple[str, bytes]:
+    """One HTTP/1.1 response with a Content-Length: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, body
+        body += chunk
+    return head.decode("latin-1"), body
+
+
+def test_an_upload_that_stops_arriving_gives_its_slot_back(no_workers: Stack) -> None:
+    """Slow-loris: headers announce 100 kB, 100 bytes come, then nothing."""
+    from api.app import BODY_IDLE_TIMEOUT_S
+
+    host, port = no_workers.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=BODY_IDLE_TIMEOUT_S + 20) as sock:
+        sock.sendall(
+            b"POST /api/v1/detect HTTP/1.1\r\nHost: qrsight\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n" + qr_png("slow")[0][:100]
+        )
+        time.sleep(1)
+        assert metric(no_workers.metrics(), "qrsight_api_detect_in_flight") == 1
+        started = time.monotonic()
+        head, body = read_response(sock)
+        waited = time.monotonic() - started
+    assert head.startswith("HTTP/1.1 400"), head
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    assert BODY_IDLE_TIMEOUT_S - 2 < waited < BODY_IDLE_TIMEOUT_S + 5
+    assert metric(no_workers.metrics(), "qrsight_api_detect_in_flight") == 0
