@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 # Room for the multipart framing around one image of the largest allowed size.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
-CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CLIENT_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PROTECTED_BLUEPRINTS = {"detect"}
 # Longest pause in an upload before it is given up (400): a client that stops sending its
 # body (slow-loris) cannot hold an in-flight slot. gunicorn resets the socket to blocking
@@ -113,7 +113,7 @@ def new_request_id() -> str:
 def begin_request() -> None:
     g.request_id = new_request_id()
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    g.client_request_id = incoming if CLIENT_REQUEST_ID_RE.match(incoming) else None
+    g.client_request_id = incoming if CLIENT_REQUEST_ID_RE.fullmatch(incoming) else None
     request.environ[REQUEST_ID_ENVIRON] = g.request_id  # for gunicorn's access log line
     g.started = time.perf_counter()
     metrics.IN_FLIGHT.inc()

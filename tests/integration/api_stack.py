@@ -104,7 +104,7 @@ class Stack:
     real_model: bool
     procs: list[subprocess.Popen[bytes]]
     api_log: Path
-    api: subprocess.Popen[bytes]
+    api: subprocess.Popen[bytes] | None = None  # the gunicorn master (default: the last proc)
     workers_log: Path | None = None
     metrics_dir: Path = field(default_factory=Path)
 
@@ -124,7 +124,8 @@ class Stack:
 
     def api_worker_pids(self) -> list[int]:
         """The gunicorn worker processes (children of the master)."""
-        path = Path(f"/proc/{self.api.pid}/task/{self.api.pid}/children")
+        master = (self.api or self.procs[-1]).pid
+        path = Path(f"/proc/{master}/task/{master}/children")
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
     def metrics(self) -> str:
