@@ -62,3 +62,15 @@ train-smoke:
 
 eval:  ## evaluate the shipped detector on a manifest: make eval DATA=../shared/data/qr-real-dev
 	$(PYTHON) bench/eval_detector.py $(DATA)
+
+.PHONY: compose-test cuda-image-test
+# Containers without Docker: podman builds the images (local stand-ins for the base images
+# where no registry is reachable) and docker-compose runs the stack (README, "Docker Compose").
+compose-test: .installed  ## build the CPU image and test docker-compose.yml end to end (podman)
+	PYTHON=$(PYTHON) deploy/local/containers.sh prepare
+	$(PYTHON) -m pytest tests/compose/test_compose_stack.py
+
+cuda-image-test: .installed  ## build the CUDA image and check it on the CPU provider (no GPU needed)
+	PYTHON=$(PYTHON) deploy/local/containers.sh setup
+	PYTHON=$(PYTHON) deploy/local/containers.sh build-cuda
+	$(PYTHON) -m pytest tests/compose/test_cuda_image.py

@@ -44,7 +44,7 @@ def defaults() -> Settings:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return dc.load_one(COMPOSE_FILE)
+    return dc.load_compose(COMPOSE_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,27 @@ def test_compose_mounts_exist(compose: dict[str, Any]) -> None:
         build = service.get("build")
         if build:
             assert (dc.ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_compose_host_ports_are_variables_and_kafka_advertises_the_published_one() -> None:
+    """Another free port on the host (``make compose-test`` on a shared machine) moves the
+    published port and the address Kafka gives host clients together."""
+    env = {"KAFKA_HOST_PORT": "19092", "API_HOST_PORT": "18000"}
+    env |= {"PROMETHEUS_HOST_PORT": "19090", "GRAFANA_HOST_PORT": "13000"}
+    services = dc.load_compose(COMPOSE_FILE, env)["services"]
+    assert services["kafka"]["ports"] == ["19092:9092"]
+    advertised = dc.compose_env(services["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
+    assert "EXTERNAL://localhost:19092" in advertised.split(",")
+    assert services["api"]["ports"] == [f"18000:{defaults().api_port}"]
+    assert services["prometheus"]["ports"] == ["19090:9090"]
+    assert services["grafana"]["ports"] == ["13000:3000"]
+
+
+def test_compose_prometheus_keeps_its_data_in_its_volume(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prometheus["command"])
+    mounts = {v.split(":")[1] for v in prometheus["volumes"] if not v.startswith("./")}
+    assert flags["--storage.tsdb.path"] in mounts
 
 
 # --- Prometheus and Grafana ---------------------------------------------------------------
@@ -616,6 +637,28 @@ def test_dockerfile_lint_catches_mistakes(snippet: str, problem: str) -> None:
     else:
         broken = text + snippet
     problems = dc.dockerfile_problems(broken, "Dockerfile")
+    assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pip_steps_get_the_machines_pip_settings_as_build_secrets(path: Path) -> None:
+    # Dockerfile.cuda's pip steps had no secret mounts: behind a proxy with its own CA (as on
+    # the machines that build it in CI) its build could not reach PyPI.
+    assert dc.pip_secret_problems(path.read_text(), path.name) == []
+
+
+@pytest.mark.parametrize(
+    ("snippet", "problem"),
+    [
+        ("RUN pip install numpy\n", "runs pip without"),
+        ("RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf pip wheel .\n", "pip-ca"),
+        ("COPY pip.conf /etc/pip.conf\n", "bakes pip settings"),
+        ("ENV PIP_CERT=/etc/ssl/certs/proxy.pem\n", "keeps pip settings"),
+    ],
+)
+def test_pip_secret_check_catches_mistakes(snippet: str, problem: str) -> None:
+    broken = DOCKERFILES[0].read_text() + snippet
+    problems = dc.pip_secret_problems(broken, "Dockerfile")
     assert any(problem in p for p in problems), problems
 
 
