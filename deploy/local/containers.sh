@@ -164,10 +164,7 @@ label() {  # $1 = image, $2 = label name: its value, empty if none
 needs_build() {  # $1 = image, $2 = recipe hash: true if missing or a stand-in of another recipe
   local image="$1" hash="$2"
   podman image exists "$image" || return 0
-  if [[ -z "$(label "$image" "$STANDIN_LABEL")" ]]; then
-    say "$image: using the image that is here (not a stand-in)"
-    return 1
-  fi
+  [[ -n "$(label "$image" "$STANDIN_LABEL")" ]] || return 1  # a real image: use it
   [[ "$(label "$image" "$RECIPE_LABEL")" != "$hash" ]]
 }
 
@@ -188,7 +185,7 @@ bootstrap_import() {  # $1 = image, $2 = suite, $3 = mirror, $4.. = options: the
   configure_rootfs "$tmp/root"
   tar -C "$tmp/root" -c . | podman import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'CMD ["bash"]' - "$image" >/dev/null
+    --change 'CMD ["bash"]' --quiet - "$image" >/dev/null
   rm -rf "$tmp"
   say "$image imported in $((SECONDS - start)) s"
 }
@@ -208,31 +205,63 @@ build_standin() {  # $1 = image, $2 = context dir, $3 = recipe hash, $4.. = podm
   say "$image built in $((SECONDS - start)) s"
 }
 
-bases() {
-  local python kafka prometheus hash
-  python="$(image_name python)"
-  kafka="$(image_name kafka)"
-  prometheus="$(image_name prometheus)"
-  local need=()
-  hash="$(recipe_hash "$IMAGES/python")"
-  needs_build "$(qualified "$python")" "$hash" && need+=("python:$hash")
-  hash="$(recipe_hash "$IMAGES/kafka" "$kafka")"
-  needs_build "$(qualified "$kafka")" "$hash" && need+=("kafka:$hash")
-  hash="$(recipe_hash "$IMAGES/prometheus")"
-  needs_build "$(qualified "$prometheus")" "$hash" && need+=("prometheus:$hash")
+standin_hash() {  # $1 = python | kafka | prometheus
+  case "$1" in
+    kafka) recipe_hash "$IMAGES/kafka" "$(image_name kafka)" ;;
+    *) recipe_hash "$IMAGES/$1" ;;
+  esac
+}
+
+standin_needed() {  # $1 = python | kafka | prometheus
+  needs_build "$(qualified "$(image_name "$1")")" "$(standin_hash "$1")"
+}
+
+standin() {  # $1 = python | kafka | prometheus: its stand-in, if it needs building
+  standin_needed "$1" || return 0
+  case "$1" in
+    kafka) kafka_standin "$(image_name kafka)" "$(standin_hash kafka)" ;;
+    *) build_standin "$(image_name "$1")" "$IMAGES/$1" "$(standin_hash "$1")" ;;
+  esac
+}
+
+standin_then() {  # $1 = stand-in, $2 = a command to run once it is there
+  standin "$1"
+  [[ -z "${2:-}" ]] || "$2"
+}
+
+parallel() {  # runs each argument (a command line) in the background; fails if one fails
+  local pids=() i rc=0
+  for i in "$@"; do
+    # shellcheck disable=SC2086
+    $i &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "containers: error: '${*:i+1:1}' failed" >&2; rc=1; }
+  done
+  return "$rc"
+}
+
+# Where a job waits on the network (debootstrap, apt, Maven, pip), the others go on: the
+# Kafka jars resolve during debootstrap, then the stand-ins build side by side (and the
+# qrsight image as soon as its Python base is there).
+bases() {  # $1 = a command to run once the Python stand-in is there (prepare: build)
+  local after="${1:-}" need=() key jars=""
+  for key in python kafka prometheus; do
+    standin_needed "$key" && need+=("$key")
+  done
   if ((${#need[@]} == 0)); then
-    say "base images present: $python, $kafka, $prometheus"
-    return 0
+    say "base images present: $(image_name python), $(image_name kafka), $(image_name prometheus)"
+    [[ -z "$after" ]] || "$after"
+    return
+  fi
+  if [[ " ${need[*]} " == *" kafka "* ]]; then
+    kafka_jars_for "$(image_name kafka)" &
+    jars=$!
   fi
   ensure_debian_base
-  local item
-  for item in "${need[@]}"; do
-    case "${item%%:*}" in
-      python) build_standin "$python" "$IMAGES/python" "${item#*:}" ;;
-      kafka) kafka_standin "$kafka" "${item#*:}" ;;
-      prometheus) build_standin "$prometheus" "$IMAGES/prometheus" "${item#*:}" ;;
-    esac
-  done
+  [[ -z "$jars" ]] || wait "$jars" || die "could not fetch the Kafka jars"
+  parallel "standin_then python $after" "standin kafka" "standin prometheus"
 }
 
 ensure_debian_base() {
@@ -262,24 +291,28 @@ maven() {
   fi
 }
 
-kafka_standin() {  # $1 = apache/kafka:<version>, $2 = recipe hash
-  local image="$1" hash="$2" version="${1##*:}" libs context
+kafka_jars_for() {  # $1 = apache/kafka:<version>: that version's jars, from Maven Central
+  local version="${1##*:}" libs
   libs="$ROOT/.kafka/image-libs-$version"
-  if [[ ! -f "$libs/VERSION" ]]; then
-    say "resolving Kafka $version's jars from Maven Central for the $image stand-in"
-    mkdir -p "$ROOT/.kafka"
-    rm -rf "$libs.tmp"
-    "$(maven)" -B -q -f "$IMAGES/kafka/pom.xml" dependency:copy-dependencies \
-      -DincludeScope=runtime -Dkafka.version="$version" -DoutputDirectory="$libs.tmp" \
-      >"$ROOT/.kafka/image-libs.log" 2>&1 \
-      || { tail -n 20 "$ROOT/.kafka/image-libs.log" >&2; die "could not fetch Kafka $version"; }
-    echo "$version" >"$libs.tmp/VERSION"
-    rm -rf "$libs"
-    mv "$libs.tmp" "$libs"
-  fi
+  [[ -f "$libs/VERSION" ]] && return 0
+  say "resolving Kafka $version's jars from Maven Central for the $1 stand-in"
+  mkdir -p "$ROOT/.kafka"
+  rm -rf "$libs.tmp"
+  "$(maven)" -B -q -f "$IMAGES/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -Dkafka.version="$version" -DoutputDirectory="$libs.tmp" \
+    >"$ROOT/.kafka/image-libs.log" 2>&1 \
+    || { tail -n 20 "$ROOT/.kafka/image-libs.log" >&2; die "could not fetch Kafka $version"; }
+  echo "$version" >"$libs.tmp/VERSION"
+  rm -rf "$libs"
+  mv "$libs.tmp" "$libs"
+}
+
+kafka_standin() {  # $1 = apache/kafka:<version>, $2 = recipe hash
+  local image="$1" hash="$2" version="${1##*:}" context
+  kafka_jars_for "$image"
   context="$(mktemp -d)"
   cp -r "$IMAGES/kafka/." "$context/"
-  cp -r "$libs" "$context/libs"
+  cp -r "$ROOT/.kafka/image-libs-$version" "$context/libs"
   rm -f "$context/pom.xml" "$context/libs/VERSION"
   build_standin "$image" "$context" "$hash" --build-arg "KAFKA_VERSION=$version"
   rm -rf "$context"
@@ -345,7 +378,8 @@ EOF
 }
 
 build_image() {  # $1 = Dockerfile, $2 = image
-  local dockerfile="$1" image="$2" secrets start=$SECONDS args=()
+  local dockerfile="$1" image="$2" secrets start=$SECONDS args=() log
+  log="$RUN_BASE/build-${dockerfile##*/}.log"
   secrets="$(mktemp -d)"
   chmod 700 "$secrets"
   pip_secrets "$secrets"
@@ -354,10 +388,10 @@ build_image() {  # $1 = Dockerfile, $2 = image
   say "building $image from $dockerfile (pip settings of this machine as build secrets)"
   # docker format keeps the HEALTHCHECK (OCI image configs have no field for it)
   if ! podman build --format docker --network host --pull=never "${args[@]}" \
-      -f "$ROOT/$dockerfile" -t "$image" "$ROOT" >"$RUN_BASE/build.log" 2>&1; then
+      -f "$ROOT/$dockerfile" -t "$image" "$ROOT" >"$log" 2>&1; then
     rm -rf "$secrets"
-    tail -n 40 "$RUN_BASE/build.log" >&2
-    die "building $image failed (log: $RUN_BASE/build.log)"
+    tail -n 40 "$log" >&2
+    die "building $image failed (log: $log)"
   fi
   rm -rf "$secrets"
   say "$image built in $((SECONDS - start)) s"
@@ -370,7 +404,8 @@ build() {
 
 build_cuda() {
   mkdir -p "$RUN_BASE"
-  bases
+  standin_needed python && ensure_debian_base
+  standin python
   cuda_base
   build_image deploy/docker/Dockerfile.cuda "$(image_name qrsight_cuda)"
 }
@@ -413,6 +448,27 @@ seconds() {  # a Go duration (10s, 1m30s, 500ms) in whole seconds, at least 1
   echo $((total > 0 ? total : 1))
 }
 
+aardvark_binary() {
+  local dir
+  for dir in /usr/lib/podman /usr/libexec/podman /usr/local/libexec/podman; do
+    [[ -x "$dir/aardvark-dns" ]] && { echo "$dir/aardvark-dns"; return; }
+  done
+}
+
+dns_watchdog() {
+  # aardvark-dns 1.4 (podman 4.3's name server for container names) stops for good when it
+  # reads its config while netavark rewrites it (containers starting and stopping at once,
+  # a wider window on a loaded machine); then no container resolves `kafka` any more. Start
+  # it again as netavark does; it reads the same config.
+  local conf=/run/containers/networks/aardvark-dns binary
+  ps -C aardvark-dns -o stat= 2>/dev/null | grep -qv '^Z' && return 0
+  compgen -G "$conf/*" >/dev/null && ls "$conf" | grep -qv '^aardvark.pid$' || return 0
+  binary="$(aardvark_binary)"
+  [[ -n "$binary" ]] || return 0
+  echo "containers: aardvark-dns had stopped: starting it again ($(date -u +%T))"
+  "$binary" --config "$conf" -p 53 run >/dev/null 2>&1 </dev/null || true
+}
+
 health_ticker() {
   # Docker's daemon runs each container's HEALTHCHECK every `interval` (every 5 s during the
   # start period, as Docker 25's start_interval); podman does it with systemd timers, and
@@ -421,6 +477,7 @@ health_ticker() {
   local id health interval now
   while :; do
     now=$SECONDS
+    dns_watchdog
     while read -r id health interval; do
       [[ -n "$id" && "$health" =~ ^(starting|healthy|unhealthy)$ ]] || continue
       [[ -n "${running[$id]:-}" ]] && kill -0 "${running[$id]}" 2>/dev/null && continue
@@ -480,6 +537,7 @@ down() {
   for pid in ticker service; do
     if alive "$RUN_DIR/$pid.pid"; then kill "$(cat "$RUN_DIR/$pid.pid")" 2>/dev/null || true; fi
   done
+  grep -h "aardvark-dns" "$RUN_DIR/ticker.log" 2>/dev/null || true
   rm -rf "$RUN_DIR"
   local left
   left="$(leftovers)"
@@ -506,7 +564,7 @@ case "$command" in
   bases) bases ;;
   build) build ;;
   build-cuda) build_cuda ;;
-  prepare) setup; bases; build ;;
+  prepare) setup; mkdir -p "$RUN_BASE"; bases build ;;
   up) up "$@" ;;
   down) down ;;
   compose) start_service; compose "$@" ;;

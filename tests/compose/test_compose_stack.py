@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from core.settings import REPO_ROOT, load_settings
+from tests.unit import deploy_checks as dc
 
 CONTAINERS_SH = REPO_ROOT / "deploy" / "local" / "containers.sh"
 SAMPLES = REPO_ROOT / "samples"
@@ -154,13 +155,22 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         assert up.returncode == 0, f"containers.sh up failed:\n{up.stdout}\n{up.stderr}"
         ready = wait_ready(f"{stack.api}/api/v1/ready", READY_TIMEOUT_S)
         took = time.monotonic() - started
-        print(f"\ncompose stack {project} up and ready in {took:.0f} s: {ready}")
+        report(request, f"compose stack {project}: up and ready in {took:.0f} s ({ready})")
         yield stack
     finally:
         if request.session.testsfailed:
             logs = stack.containers_sh("compose", "logs", "--no-color", "--tail", "40", timeout=120)
             print(logs.stdout[-20000:], logs.stderr[-2000:], file=sys.stderr)
-        stack.tear_down()
+        down = stack.tear_down()
+        restarts = down.stdout.count("aardvark-dns had stopped")
+        report(request, f"compose stack {project}: down; aardvark-dns restarted {restarts} times")
+
+
+def report(request: pytest.FixtureRequest, line: str) -> None:
+    """A line in pytest's own output (not captured), for CI logs."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
 
 
 def kafka_settings(stack: Stack, **extra: str) -> Any:
@@ -213,6 +223,36 @@ def test_healthchecks_pass(stack: Stack, service: str) -> None:
             break
         time.sleep(2)
     assert health["Status"] == "healthy", health.get("Log", [])[-3:]
+
+
+ERROR_MARKS = ("[ERROR]", "level=ERROR", "level=CRITICAL", "Traceback (most recent call last)")
+
+
+def error_lines(container_id: str) -> list[str]:
+    done = subprocess.run(
+        ["podman", "logs", container_id], capture_output=True, text=True, check=True, timeout=60
+    )
+    lines = (done.stdout + done.stderr).splitlines()
+    return [line for line in lines if any(mark in line for mark in ERROR_MARKS)]
+
+
+def log_tail(container_id: str, lines: int = 8) -> list[str]:
+    done = subprocess.run(
+        ["podman", "logs", "--tail", str(lines), container_id],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return (done.stdout + done.stderr).splitlines()
+
+
+@pytest.mark.parametrize("service", ["topics", *QRSIGHT_SERVICES])
+def test_qrsight_containers_start_without_an_error(stack: Stack, service: str) -> None:
+    # the API logged "Control server error: Permission denied: '/app/.gunicorn'" at every
+    # start (gunicorn 25+'s control socket in a HOME the image user cannot write)
+    (container,) = containers(stack.project, service)
+    assert error_lines(container["Id"]) == []
 
 
 # --- images through the API and through qr.images ----------------------------------------
@@ -283,6 +323,132 @@ def test_every_request_got_exactly_one_result_event(stack: Stack) -> None:
     missing = sorted(set(stack.sent) - set(seen))
     doubled = sorted(rid for rid, count in seen.items() if count > 1)
     assert (missing, doubled) == ([], [])
+
+
+# --- the Kubernetes pod specs, as a kubelet would run them ------------------------------------
+def podman_run_args(stack: Stack, doc: dc.Doc, container: dc.Doc, name: str) -> list[str]:
+    """``podman run`` for one container of a pod template: its user, read-only root, dropped
+    capabilities, emptyDir volumes, environment (ConfigMap, literals) and arguments, on the
+    compose network with this stack's broker."""
+    spec = dc.pod_spec(doc) or {}
+    pod_security = spec.get("securityContext", {})
+    security = container.get("securityContext", {})
+    args = ["run", "-d", "--name", name, "--network", f"{stack.project}_default"]
+    # labels of this project: `compose down --remove-orphans` removes whatever is left
+    args += ["--label", f"com.docker.compose.project={stack.project}"]
+    args += ["--label", f"com.docker.compose.service={name}"]
+    args += ["--user", f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}"]
+    if security.get("readOnlyRootFilesystem"):
+        args += ["--read-only", "--read-only-tmpfs=false"]
+    args += [f"--cap-drop={cap}" for cap in security.get("capabilities", {}).get("drop", [])]
+    if security.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        assert "emptyDir" in volumes[mount["name"]], mount
+        args += ["--tmpfs", f"{mount['mountPath']}:rw,mode=1777"]
+    env = dict(dc.find(dc.render_kustomization(dc.K8S / "base"), "ConfigMap")["data"])
+    env |= dc.literal_env(container)
+    env |= {  # this stack's one broker, a group and a reply partition of the check's own
+        "QRSIGHT_KAFKA_BOOTSTRAP": "kafka:29092",
+        "QRSIGHT_REPLICATION_FACTOR": "1",
+        "QRSIGHT_CONSUMER_GROUP": f"k8s-check-{uuid.uuid4().hex[:6]}",
+        "QRSIGHT_API_REPLY_PARTITION": "12",
+    }
+    for key, value in env.items():
+        args += ["-e", f"{key}={value}"]
+    image = compose_image()
+    return [*args, image, *container.get("command", []), *container.get("args", [])]
+
+
+def compose_image() -> str:
+    services = dc.load_compose(REPO_ROOT / "docker-compose.yml")["services"]
+    return str(services["api"]["image"])
+
+
+def probe_url(container: dc.Doc, probe: str) -> str | None:
+    get = container.get(probe, {}).get("httpGet")
+    if get is None:
+        return None
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    return f"http://127.0.0.1:{ports.get(get['port'], get['port'])}{get['path']}"
+
+
+def answers_200(container_id: str, url: str) -> bool:
+    check = (
+        "import sys, urllib.request\n"
+        f"try: sys.exit(urllib.request.urlopen({url!r}, timeout=3).status != 200)\n"
+        "except Exception: sys.exit(1)"
+    )
+    done = subprocess.run(
+        ["podman", "exec", container_id, "python", "-c", check],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    return done.returncode == 0
+
+
+def wait_jobs_done(started: dict[str, dc.Doc], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    for name, container in started.items():
+        while container["kind"] == "Job" and inspect(name)["State"]["Status"] != "exited":
+            assert time.monotonic() < deadline, f"{name} still running: {error_lines(name)}"
+            time.sleep(1)
+
+
+def test_k8s_pod_specs_run_with_their_security_context(stack: Stack) -> None:
+    """Each container of deploy/k8s/base, run as its pod spec says (user, read-only root,
+    no capabilities, its emptyDirs), works: the topics Job exits 0, the others pass their
+    readiness probe; none logs an error."""
+    docs = dc.render_kustomization(dc.K8S / "base")
+    # the Job first, as it would be applied before the rest is scaled up
+    pods = sorted(
+        ((doc, c) for doc in docs if dc.pod_spec(doc) for c in dc.containers(doc)),
+        key=lambda pair: pair[0]["kind"] != "Job",
+    )
+    started: dict[str, dc.Doc] = {}
+    try:
+        for doc, container in pods:
+            if doc["kind"] != "Job":
+                wait_jobs_done(started)
+            name = f"{stack.project}-k8s-{doc['metadata']['name']}-{container['name']}"
+            done = subprocess.run(
+                ["podman", *podman_run_args(stack, doc, container, name)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            started[name] = {**container, "kind": doc["kind"]}
+        assert {c["kind"] for c in started.values()} >= {"Job"}, started
+        pending = dict(started)
+        deadline = time.monotonic() + 180
+        while pending and time.monotonic() < deadline:
+            for name, container in list(pending.items()):
+                state = inspect(name)["State"]
+                if container["kind"] == "Job":
+                    if state["Status"] == "exited":
+                        assert state["ExitCode"] == 0, error_lines(name)
+                        del pending[name]
+                    continue
+                assert state["Status"] == "running", (name, error_lines(name))
+                url = probe_url(container, "readinessProbe")
+                if url is None or answers_200(name, url):
+                    del pending[name]
+            time.sleep(2)
+        assert pending == {}, {name: log_tail(name) for name in pending}
+        for name in started:
+            assert error_lines(name) == [], name
+    finally:
+        if started:
+            subprocess.run(
+                ["podman", "rm", "-f", "-t", "10", *started],
+                capture_output=True,
+                check=False,
+                timeout=120,
+            )
 
 
 # --- Prometheus ----------------------------------------------------------------------------

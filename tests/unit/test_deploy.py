@@ -675,6 +675,49 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
         assert dc.dockerignored(private, patterns), private
 
 
+# Base images deploy/local/containers.sh builds a local stand-in for (no registry reachable
+# on the project's machines), and the one it does not have (Grafana: not run there).
+STAND_INS = {"python", "nvidia/cuda", "apache/kafka", "prom/prometheus"}
+WITHOUT_STAND_IN = {"grafana/grafana"}
+
+
+def external_images(compose: dict[str, Any]) -> set[str]:
+    """Every image the Dockerfiles build FROM and every compose image not built here."""
+    found = set()
+    for path in DOCKERFILES:
+        instructions = dc.dockerfile_instructions(path.read_text())
+        args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+        stage_names = set()
+        for instr, line in instructions:
+            if instr == "FROM":
+                words = line.split()
+                image = dc.resolve_from(words[0], args)
+                if image not in stage_names:
+                    found.add(image)
+                if len(words) == 3 and words[1].upper() == "AS":
+                    stage_names.add(words[2])
+    for service in compose["services"].values():
+        if "build" not in service:
+            found.add(service["image"])
+    return found
+
+
+def test_every_base_image_has_a_local_stand_in_or_is_named_in_the_readme(
+    compose: dict[str, Any],
+) -> None:
+    """A new base image needs a stand-in recipe (or ``make compose-test`` silently runs
+    without it), and the README's compose section names each stand-in and its tag."""
+    images = external_images(compose)
+    assert {image.rsplit(":", 1)[0] for image in images} == STAND_INS | WITHOUT_STAND_IN
+    script = (dc.ROOT / "deploy/local/containers.sh").read_text()
+    for name in ("python", "kafka", "prometheus"):
+        assert (dc.ROOT / "deploy/local/images" / name / "Containerfile").is_file()
+    assert "cuda_base()" in script
+    section = deploy_section()
+    for image in images:
+        assert f"`{image}`" in section, image
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -742,6 +785,28 @@ def test_readme_compose_commands_match_the_compose_file(compose: dict[str, Any])
                 assert value.split("=")[0] in services, command
             if flag == "-f":
                 assert (dc.ROOT / value).is_file(), command
+
+
+def containers_sh_commands() -> tuple[set[str], str]:
+    """``deploy/local/containers.sh``'s subcommands (its final ``case``) and its usage text."""
+    text = (dc.ROOT / "deploy/local/containers.sh").read_text()
+    case = text[text.rindex('case "$command" in') :]
+    usage = text[: text.index("set -euo pipefail")]
+    return set(re.findall(r"^  ([a-z][a-z-]*)\)", case, flags=re.M)), usage
+
+
+def test_readme_container_commands_exist() -> None:
+    commands, usage = containers_sh_commands()
+    makefile = (dc.ROOT / "Makefile").read_text()
+    used = [shlex.split(c.split("#")[0]) for c in readme_commands()]
+    assert ["make", "compose-test"] in used
+    for words in used:
+        if words[:1] == ["deploy/local/containers.sh"]:
+            assert words[1] in commands, words
+        if words[:1] == ["make"]:
+            assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), words
+    for command in commands:
+        assert f"containers.sh {command}" in usage, f"containers.sh's usage misses {command}"
 
 
 def test_readme_names_the_ports_compose_publishes(compose: dict[str, Any]) -> None:
