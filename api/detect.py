@@ -46,7 +46,7 @@ def detect() -> Response:
     options = parse_options(request.args, state.settings)
     data = read_image()
     info = probe(data, state.limits)
-    logger.info(
+    logger.debug(  # one INFO line per request is enough: app.end_request's
         "detect request format=%s width=%s height=%s bytes=%s",
         info.format,
         info.width,

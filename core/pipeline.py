@@ -28,13 +28,15 @@ import numpy as np
 from core.detections import Detections
 from core.detector import Detector
 from core.errors import CorruptImageError, QrsightError
-from core.images import ImageLimits, decode
+from core.images import ImageLimits, decode, jpeg_scale, probe
 from core.payload import drop_duplicate_reads, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
 from core.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
+
+REDUCE_KEEP = 2  # decode reduced only while the longer side stays >= this x the model input
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class _Intake:
     image: np.ndarray | None
     decode_ms: float
     error: QrsightError | None = None
+    scale: int = 1  # decoded at 1/scale (a large JPEG, see QRSIGHT_REDUCED_DECODE)
 
 
 def _ms(start: float) -> float:
@@ -81,6 +84,10 @@ class Pipeline:
         self._qr_id = qr_class(self.detector.info.labels)
         self._missed_as = self._qr_id if settings.read_whole_image else None
         self.verifier = verifier or load_verifier(settings, self.detector.model_path)
+        # a JPEG this much larger than the model input is decoded at 1/2, 1/4 or 1/8
+        self._keep_side = (
+            REDUCE_KEEP * max(self.detector.input_hw) if settings.reduced_decode else 0
+        )
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
@@ -105,7 +112,10 @@ class Pipeline:
             0.0 if j.submitted_at_ms is None else max(0.0, float(start_ms - j.submitted_at_ms))
             for j in jobs
         ]
-        intakes = list(self._pool.map(self._decode, jobs))
+        if len(jobs) == 1:  # no hand-off to the pool (and back) for a lone image
+            intakes = [self._decode(jobs[0])]
+        else:
+            intakes = list(self._pool.map(self._decode, jobs))
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         good: list[int] = []
         for i, (job, intake) in enumerate(zip(jobs, intakes, strict=True)):
@@ -127,13 +137,14 @@ class Pipeline:
     def _decode(self, job: ImageJob) -> _Intake:
         start = time.perf_counter()
         try:
-            image = decode(job.data, self.limits)
+            scale = jpeg_scale(probe(job.data, self.limits), self._keep_side)
+            image = decode(job.data, self.limits, scale=scale)
         except QrsightError as exc:
             return _Intake(None, _ms(start), exc)
         except Exception as exc:  # a decoder bug must not stop the batch: report it as bad input
             logger.warning("image decode failed request_id=%s", job.request_id, exc_info=True)
             return _Intake(None, _ms(start), CorruptImageError(f"cannot decode the image: {exc}"))
-        return _Intake(image, _ms(start))
+        return _Intake(image, _ms(start), scale=scale)
 
     def _run_chunk(
         self,
@@ -159,9 +170,15 @@ class Pipeline:
             job = jobs[i]
             t_pay = time.perf_counter()
             read = self.settings.decode_payloads if job.decode is None else job.decode
-            dets = self._payloads(job, image, found) if read else found
+            scale = intakes[i].scale
+            if read and scale > 1:
+                dets = self._payloads_reduced(job, image, found, scale)
+            else:
+                dets = self._payloads(job, image, found) if read else found
             if self.verifier is not None:
                 dets = self.verifier.filter(image, dets, self._qr_id)
+            height, width = self._full_size(image, scale, job)
+            dets = rescale(dets, scale)
             timing = {
                 "queue_ms": queue_ms[i],
                 "decode_ms": intakes[i].decode_ms,
@@ -174,8 +191,8 @@ class Pipeline:
                     job.request_id,
                     job.source,
                     dets,
-                    width=image.shape[1],
-                    height=image.shape[0],
+                    width=width,
+                    height=height,
                     model=self.detector.info,
                     timing=timing,
                 )
@@ -188,6 +205,52 @@ class Pipeline:
         except Exception:  # payload reading is best effort; the boxes still stand
             logger.warning("payload reading failed request_id=%s", job.request_id, exc_info=True)
             return dets
+
+    # --- large JPEGs decoded at 1/scale ------------------------------------------------
+    def _payloads_reduced(
+        self, job: ImageJob, image: np.ndarray, found: Detections, scale: int
+    ) -> Detections:
+        """Payloads of an image decoded at 1/``scale``, in its coordinates. The reduced
+        image is read first (crops and the whole-image read); only when a box stays
+        unread is the JPEG decoded at full resolution and that box's full-resolution
+        crop read, so a photo whose codes read at 1/``scale`` is never decoded in full."""
+        dets = self._payloads(job, image, found)
+        if dets.text is None or all(t is not None for t in dets.text):
+            return dets
+        try:
+            full = decode(job.data, self.limits)
+            return rescale(read_payloads(full, rescale(dets, scale)), 1 / scale)
+        except Exception:  # best effort, as in _payloads: the boxes still stand
+            logger.warning(
+                "full-resolution payload reading failed request_id=%s",
+                job.request_id,
+                exc_info=True,
+            )
+            return dets
+
+    def _full_size(self, image: np.ndarray, scale: int, job: ImageJob) -> tuple[int, int]:
+        """(height, width) of the image as sent: the reduced size times ``scale``, read
+        from the header when reduced (ceil division loses the exact size)."""
+        if scale == 1:
+            return image.shape[0], image.shape[1]
+        info = probe(job.data, self.limits)
+        return info.height, info.width
+
+
+def rescale(dets: Detections, factor: float) -> Detections:
+    """The same detections with boxes and corners multiplied by ``factor``."""
+    if factor == 1 or len(dets) == 0:
+        return dets
+    corners = (
+        None if dets.corners is None else [None if c is None else c * factor for c in dets.corners]
+    )
+    return Detections(
+        xyxy=dets.xyxy * factor,
+        confidence=dets.confidence,
+        class_id=dets.class_id,
+        text=dets.text,
+        corners=corners,
+    )
 
 
 def qr_class(labels: Mapping[int, str]) -> int | None:

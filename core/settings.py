@@ -128,6 +128,12 @@ class Settings(BaseModel):
     )
     max_detections: int = Field(100, ge=1, description="most detections kept per image")
     decode_payloads: bool = Field(True, description="read QR payloads with zxing-cpp")
+    reduced_decode: bool = Field(
+        True,
+        description="decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when it "
+        "stays at least twice the model input; payloads are still read from "
+        "full-resolution crops",
+    )
     read_whole_image: bool = Field(
         True,
         description="when reading payloads, also read the whole image and add the QR codes "
