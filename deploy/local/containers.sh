@@ -103,7 +103,7 @@ qualified() {  # Docker's short-name rule: python:3 -> docker.io/library/python:
 # ---------------------------------------------------------------------------- setup
 setup() {
   local want=() pkg
-  for pkg in podman runc netavark aardvark-dns catatonit iptables uidmap debootstrap \
+  for pkg in podman runc netavark aardvark-dns catatonit iptables uidmap debootstrap curl \
              docker-compose; do
     dpkg -s "$pkg" >/dev/null 2>&1 || want+=("$pkg")
   done

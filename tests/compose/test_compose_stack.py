@@ -169,8 +169,10 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
 def report(request: pytest.FixtureRequest, line: str) -> None:
     """A line in pytest's own output (not captured), for CI logs."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
 
 
 def kafka_settings(stack: Stack, **extra: str) -> Any:
