@@ -15,12 +15,15 @@ from flask import Flask, Response, g, request
 from api import detect, health, metrics, openapi, web
 from api.auth import JwtVerifier, authenticate
 from api.errors import register_error_handlers
+from api.logs import TRACE_ID_ENVIRON
 from api.ratelimit import init_limiter
 from api.replies import ReplyClient
 from api.slots import reply_partition
 from api.state import EXTENSION, ApiState, api_state
+from core import logs
 from core.images import ImageLimits
 from core.settings import Settings
+from core.telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,10 @@ def begin_request() -> None:
     g.request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
     g.started = time.perf_counter()
     metrics.IN_FLIGHT.inc()
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    g.span = tracing().server(f"{request.method} {route}", request.headers, _http(route))
+    g.log_token = logs.bind(request_id=g.request_id, trace_id=g.span.trace_id)
+    request.environ[TRACE_ID_ENVIRON] = g.span.trace_id  # for gunicorn's access log line
 
 
 def check_auth() -> None:
@@ -82,6 +89,8 @@ def end_request(response: Response) -> Response:
     elapsed = time.perf_counter() - g.get("started", time.perf_counter())
     metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
     metrics.LATENCY.labels(route).observe(elapsed)
+    if "span" in g:
+        g.span.http_status(response.status_code)
     logger.info(
         "request method=%s route=%s status=%s ms=%.1f",
         request.method,
@@ -92,6 +101,14 @@ def end_request(response: Response) -> Response:
     return response
 
 
-def leave_request(_error: BaseException | None) -> None:
+def leave_request(error: BaseException | None) -> None:
     if "started" in g:
         metrics.IN_FLIGHT.dec()
+    if "span" in g:
+        g.span.end(type(error).__name__ if error is not None else None)
+        logs.unbind(g.log_token)
+
+
+def _http(route: str) -> dict[str, str]:
+    """The HTTP server span's attributes (OpenTelemetry semantic conventions)."""
+    return {"http.request.method": request.method, "http.route": route, "url.path": request.path}

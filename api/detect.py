@@ -60,7 +60,7 @@ def detect() -> Response:
         conf=options.conf,
         decode=options.decode,
         request_id=g.request_id,
-        traceparent=request.headers.get("traceparent"),
+        traceparent=g.span.traceparent,
     )
     check_result(result)
     DETECT_RESULTS.labels("ok").inc()

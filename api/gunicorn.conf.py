@@ -47,6 +47,8 @@ control_socket_disable = True
 loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"
+# gunicorn's own error and access logs in qrsight's format (QRSIGHT_LOG_FORMAT)
+logger_class = "api.logs.GunicornLogger"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s ms=%(M)s request_id=%({x-request-id}o)s pid=%(p)s'
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -87,6 +89,9 @@ def worker_exit(server: Any, worker: Any) -> None:
     state = extensions.get("qrsight")
     if state is not None:
         state.replies.close()
+    from core.telemetry import tracing
+
+    tracing().shutdown()  # export the spans still buffered
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -19,8 +19,6 @@ request's deadline (:class:`~core.errors.ReplyTimeoutError`, 504).
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 import threading
 import time
 import uuid
@@ -47,6 +45,7 @@ from core.errors import (
 )
 from core.kafka import avro_codec, check_value_size, consumer_config, producer_config
 from core.settings import Settings, env_name
+from core.telemetry import tracing
 from schemas.codec import RegistryError, WireFormatError
 from schemas.names import (
     H_CORRELATION_ID,
@@ -61,7 +60,6 @@ from schemas.names import (
 
 logger = logging.getLogger(__name__)
 
-TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 ASSIGN_RETRY_S = 1.0
 METADATA_TIMEOUT_S = 5.0
 POLL_S = 0.2
@@ -69,15 +67,6 @@ POLL_S = 0.2
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-def child_traceparent(incoming: str | None) -> str:
-    """A W3C ``traceparent`` for the request: the caller's trace with a new span, or a new trace."""
-    span = secrets.token_hex(8)
-    match = TRACEPARENT_RE.match((incoming or "").strip().lower())
-    if match and match.group(2) != "0" * 32 and match.group(1) != "ff":
-        return f"00-{match.group(2)}-{span}-{match.group(4)}"
-    return f"00-{secrets.token_hex(16)}-{span}-01"
 
 
 @dataclass
@@ -88,6 +77,8 @@ class _Waiter:
     replied: threading.Event = field(default_factory=threading.Event)
     delivery_error: KafkaError | None = None
     result: dict[str, Any] | None = None
+    reply_headers: list[tuple[str, bytes | None]] | None = None
+    replied_ns: int = 0  # when the reply thread took the reply (for its span)
 
 
 class ReplyClient:
@@ -212,18 +203,27 @@ class ReplyClient:
         except RegistryError as exc:
             raise KafkaUnavailableError(f"schema registry: {exc}", request_id=rid) from exc
         check_value_size(self.settings, value, what="image request")
-        headers = self._headers(rid, deadline_ms, traceparent)
+        span = tracing().send(self.settings.topic_images, traceparent, {"qrsight.request_id": rid})
+        headers = self._headers(rid, deadline_ms, span.traceparent)
         waiter = _Waiter()
         with self._lock:
             self._waiters[rid] = waiter
         try:
-            self._produce(rid, value, headers, waiter)
+            try:
+                self._produce(rid, value, headers, waiter)
+            except QrsightError as exc:
+                span.end(exc.code)
+                raise
+            span.end()
             remaining = timeout_s - (time.monotonic() - started)
             if not waiter.replied.wait(max(remaining, 0.0)) or waiter.result is None:
                 raise ReplyTimeoutError(
                     f"no reply within {timeout_s * 1000:.0f} ms (are workers running?)",
                     request_id=rid,
                 )
+            tracing().received(
+                self.topic, waiter.reply_headers, span.traceparent, waiter.replied_ns, {}
+            )
             return waiter.result
         finally:
             with self._lock:
@@ -258,7 +258,7 @@ class ReplyClient:
         }
 
     def _headers(
-        self, rid: str, deadline_ms: int, traceparent: str | None
+        self, rid: str, deadline_ms: int, traceparent: str
     ) -> list[tuple[str, str | bytes | None]]:
         """Request headers; no ``content_type``: that one announces a *raw* image value."""
         headers: list[tuple[str, str | bytes | None]] = [
@@ -266,7 +266,7 @@ class ReplyClient:
             (H_REPLY_TOPIC, self.topic.encode()),
             (H_REPLY_PARTITION, encode_partition(self.partition)),
             (H_DEADLINE_MS, encode_deadline(deadline_ms)),
-            (H_TRACEPARENT, child_traceparent(traceparent).encode()),
+            (H_TRACEPARENT, traceparent.encode()),
         ]
         return headers
 
@@ -387,7 +387,8 @@ class ReplyClient:
         except (WireFormatError, RegistryError) as exc:
             logger.warning("undecodable reply offset=%s reason=%s", msg.offset(), exc)
             return
-        headers = header_dict(cast("list[tuple[str, bytes | None]] | None", msg.headers()))
+        raw_headers = cast("list[tuple[str, bytes | None]] | None", msg.headers())
+        headers = header_dict(raw_headers)
         raw_id = headers.get(H_CORRELATION_ID) or msg.key()
         rid = raw_id.decode(errors="replace") if raw_id else str(result.get("request_id"))
         with self._lock:
@@ -396,4 +397,6 @@ class ReplyClient:
             logger.debug("reply without waiter request_id=%s (timed out or another process)", rid)
             return
         waiter.result = result
+        waiter.reply_headers = raw_headers
+        waiter.replied_ns = time.time_ns()
         waiter.replied.set()

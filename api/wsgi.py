@@ -7,9 +7,11 @@ survive a fork), so every worker gets its own Kafka clients and reply partition.
 from __future__ import annotations
 
 from api.app import create_app
-from api.logs import configure_logging
+from core.logs import configure_from_settings
 from core.settings import load_settings
+from core.telemetry import setup_tracing
 
 settings = load_settings()
-configure_logging(settings.log_level)
+configure_from_settings(settings)
+setup_tracing("qrsight-api")
 app = create_app(settings)

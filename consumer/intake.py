@@ -9,13 +9,14 @@ worker can publish an ``ERROR`` result and copy the message to the DLQ.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from core.errors import BadMessageError, EmptyImageError, QrsightError
 from core.images import ImageLimits, probe
 from core.pipeline import ImageJob
+from core.telemetry import trace_id_of
 from schemas import names
 from schemas.codec import Codec, WireFormatError
 
@@ -28,7 +29,6 @@ IMAGE_MAGIC: tuple[bytes, ...] = (
     b"II*\x00",  # TIFF little-endian (same)
     b"MM\x00*",  # TIFF big-endian (same)
 )
-PASSTHROUGH_HEADERS = (names.H_TRACEPARENT,)
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -56,7 +56,6 @@ class Intake:
     deadline_ms: int | None = None
     reply_topic: str | None = None
     reply_partition: int | None = None
-    passthrough: list[tuple[str, bytes]] = field(default_factory=list)
     queue_start_ms: int | None = None
 
     @property
@@ -103,7 +102,6 @@ def parse_message(
         value=msg.value(),
         headers=headers,
         request_id=request_id,
-        passthrough=[(h, hdrs[h]) for h in PASSTHROUGH_HEADERS if h in hdrs],
         queue_start_ms=message_timestamp_ms(msg),
     )
     try:
@@ -143,6 +141,7 @@ def _fill(
             data=value,
             content_type=content_type or None,
             submitted_at_ms=item.queue_start_ms,
+            trace_id=trace_id_of(hdrs.get(names.H_TRACEPARENT)),
         )
         return
     request = _decode_request(codec, value, item.topic)
@@ -165,6 +164,7 @@ def _fill(
         conf=options.get("confidence"),
         decode=options.get("decode_payloads"),
         submitted_at_ms=item.queue_start_ms,
+        trace_id=trace_id_of(hdrs.get(names.H_TRACEPARENT)),
     )
 
 

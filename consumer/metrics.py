@@ -71,6 +71,12 @@ class WorkerMetrics:
         self.ready_flag = Gauge(
             PREFIX + "ready", "1 when the model is loaded and partitions are assigned", registry=reg
         )
+        self.start_time = Gauge(
+            PREFIX + "start_time_seconds",
+            "when this worker process started (unix time); each change is a restart",
+            registry=reg,
+        )
+        self.start_time.set_to_current_time()
         self.model_loaded = False
         self.partitions_assigned = False
 

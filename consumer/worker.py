@@ -32,6 +32,7 @@ from core.kafka import avro_codec, consumer_config, producer_config
 from core.pipeline import Pipeline
 from core.results import error_record, expired_record
 from core.settings import Settings
+from core.telemetry import BatchTrace, StageLog, header_traceparent, trace_id_of, tracing
 from schemas import names
 
 logger = logging.getLogger(__name__)
@@ -178,14 +179,15 @@ class Worker:
         if not items:
             return
         self.metrics.batch_size.observe(len(items))
-        results = self._results(items)
-        records = self._records(items, results)
-        started = time.perf_counter()
-        if self.exactly_once:
-            self._deliver_transaction(records, items, consumer, producer)
-        else:
-            self._deliver(records, producer)
-            self._store_offsets(items, consumer)
+        with tracing().batch(items, self.settings.consumer_group) as trace:
+            results = self._results(items, trace.stages)
+            records = self._records(items, results, trace)
+            started = time.perf_counter()
+            if self.exactly_once:
+                self._deliver_transaction(records, items, consumer, producer)
+            else:
+                self._deliver(records, producer)
+                self._store_offsets(items, consumer)
         self.metrics.observe_produce(time.perf_counter() - started, len(items))
         for result in results:
             self.metrics.observe_result(result)
@@ -213,11 +215,11 @@ class Worker:
         if err.code() != KafkaError._PARTITION_EOF:
             logger.warning("consume error code=%s error=%s", err.name(), err.str())
 
-    def _results(self, items: list[Intake]) -> list[dict[str, Any]]:
+    def _results(self, items: list[Intake], stages: StageLog | None) -> list[dict[str, Any]]:
         """One DetectionResult per item, same order; the model runs once for the batch."""
         assert self._pipeline is not None
         jobs = [item.job for item in items if item.job is not None]
-        ran = iter(self._pipeline.run(jobs) if jobs else [])  # ModelError propagates
+        ran = iter(self._pipeline.run(jobs, stages) if jobs else [])  # ModelError propagates
         results: list[dict[str, Any]] = []
         for item in items:
             if item.error is not None:
@@ -236,10 +238,12 @@ class Worker:
             item.request_id, item.source, deadline_ms=item.deadline_ms, queue_ms=queued
         )
 
-    def _records(self, items: list[Intake], results: list[dict[str, Any]]) -> list[OutRecord]:
+    def _records(
+        self, items: list[Intake], results: list[dict[str, Any]], trace: BatchTrace
+    ) -> list[OutRecord]:
         records: list[OutRecord] = []
         for item, result in zip(items, results, strict=True):
-            records.extend(self._result_records(item, result))
+            records.extend(self._result_records(item, result, trace))
             if result.get("status") == names.STATUS_ERROR:
                 records.append(self._dlq_record(item, result))
                 logger.warning(
@@ -248,23 +252,31 @@ class Worker:
                     item.where,
                     (result.get("error") or {}).get("code"),
                     (result.get("error") or {}).get("message"),
+                    extra=_ids(item),
                 )
             elif result.get("status") == names.STATUS_EXPIRED:
-                logger.info("expired request_id=%s %s", item.request_id, item.where)
+                logger.info(
+                    "expired request_id=%s %s", item.request_id, item.where, extra=_ids(item)
+                )
         return records
 
-    def _result_records(self, item: Intake, result: dict[str, Any]) -> list[OutRecord]:
+    def _result_records(
+        self, item: Intake, result: dict[str, Any], trace: BatchTrace
+    ) -> list[OutRecord]:
         key = item.request_id.encode("utf-8")
-        headers: list[tuple[str, bytes | None]] = [
-            (names.H_CORRELATION_ID, key),
-            *item.passthrough,
-        ]
-        topic = self.settings.topic_detections
-        out = [OutRecord(topic, key, self._result_codec.encode(result, topic), headers)]
+        topics: list[tuple[str, int | None]] = [(self.settings.topic_detections, None)]
         if item.reply_topic:
-            value = self._result_codec.encode(result, item.reply_topic)
-            out.append(OutRecord(item.reply_topic, key, value, headers, item.reply_partition))
-        return out
+            topics.append((item.reply_topic, item.reply_partition))
+        return [
+            OutRecord(
+                topic,
+                key,
+                self._result_codec.encode(result, topic),
+                [(names.H_CORRELATION_ID, key), *trace.headers(item, result, topic)],
+                partition,
+            )
+            for topic, partition in topics
+        ]
 
     def _dlq_record(self, item: Intake, result: dict[str, Any]) -> OutRecord:
         error = result.get("error") or {}
@@ -427,6 +439,14 @@ def _commit_transaction(producer: Producer) -> None:
                 logger.warning("commit_transaction retry attempt=%d error=%s", attempt, err)
                 continue
             raise
+
+
+def _ids(item: Intake) -> dict[str, str | None]:
+    """A log line's request fields (``core.logs``)."""
+    return {
+        "request_id": item.request_id,
+        "trace_id": trace_id_of(header_traceparent(item.headers)),
+    }
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

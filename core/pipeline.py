@@ -32,6 +32,7 @@ from core.images import ImageLimits, decode, jpeg_scale, probe
 from core.payload import drop_duplicate_reads, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
+from core.telemetry import StageLog
 from core.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ImageJob:
     conf: float | None = None
     decode: bool | None = None
     submitted_at_ms: int | None = None
+    trace_id: str | None = None  # the request's trace, for the log lines about it
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _Intake:
     image: np.ndarray | None
     decode_ms: float
     error: QrsightError | None = None
+    started: float = 0.0  # perf_counter() at the decode's start
     scale: int = 1  # decoded at 1/scale (a large JPEG, see QRSIGHT_REDUCED_DECODE)
 
 
@@ -106,7 +109,8 @@ class Pipeline:
     ) -> None:
         self.close()
 
-    def run(self, jobs: Sequence[ImageJob]) -> list[dict[str, Any]]:
+    def run(self, jobs: Sequence[ImageJob], stages: StageLog | None = None) -> list[dict[str, Any]]:
+        """``stages`` (tracing on) receives each job's stage intervals for its spans."""
         start, start_ms = time.perf_counter(), now_ms()
         queue_ms = [
             0.0 if j.submitted_at_ms is None else max(0.0, float(start_ms - j.submitted_at_ms))
@@ -116,6 +120,9 @@ class Pipeline:
             intakes = [self._decode(jobs[0])]
         else:
             intakes = list(self._pool.map(self._decode, jobs))
+        if stages is not None:
+            for job, intake in zip(jobs, intakes, strict=True):
+                stages.add(job, "decode", intake.started, intake.started + intake.decode_ms / 1e3)
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         good: list[int] = []
         for i, (job, intake) in enumerate(zip(jobs, intakes, strict=True)):
@@ -128,7 +135,7 @@ class Pipeline:
         step = self.settings.max_batch
         for first in range(0, len(good), step):
             chunk = good[first : first + step]
-            records = self._run_chunk(jobs, intakes, chunk, queue_ms, start)
+            records = self._run_chunk(jobs, intakes, chunk, queue_ms, start, stages=stages)
             for i, record in zip(chunk, records, strict=True):
                 results[i] = record
         logger.debug("pipeline run images=%d ok=%d ms=%.1f", len(jobs), len(good), _ms(start))
@@ -140,11 +147,14 @@ class Pipeline:
             scale = jpeg_scale(probe(job.data, self.limits), self._keep_side)
             image = decode(job.data, self.limits, scale=scale)
         except QrsightError as exc:
-            return _Intake(None, _ms(start), exc)
+            return _Intake(None, _ms(start), exc, started=start)
         except Exception as exc:  # a decoder bug must not stop the batch: report it as bad input
-            logger.warning("image decode failed request_id=%s", job.request_id, exc_info=True)
-            return _Intake(None, _ms(start), CorruptImageError(f"cannot decode the image: {exc}"))
-        return _Intake(image, _ms(start), scale=scale)
+            logger.warning(
+                "image decode failed request_id=%s", job.request_id, exc_info=True, extra=_ids(job)
+            )
+            error = CorruptImageError(f"cannot decode the image: {exc}")
+            return _Intake(None, _ms(start), error, started=start)
+        return _Intake(image, _ms(start), started=start, scale=scale)
 
     def _run_chunk(
         self,
@@ -153,6 +163,8 @@ class Pipeline:
         chunk: Sequence[int],
         queue_ms: Sequence[float],
         start: float,
+        *,
+        stages: StageLog | None = None,
     ) -> list[dict[str, Any]]:
         images = [intakes[i].image for i in chunk]
         assert all(img is not None for img in images)
@@ -164,7 +176,8 @@ class Pipeline:
         t_post = time.perf_counter()
         confs = [jobs[i].conf for i in chunk]
         detections = self.detector.postprocess(raw, metas, confs)
-        post_share = _ms(t_post) / len(chunk)
+        t_done = time.perf_counter()
+        post_share = (t_done - t_post) * 1000.0 / len(chunk)
         records = []
         for i, image, found in zip(chunk, pixels, detections, strict=True):
             job = jobs[i]
@@ -177,6 +190,10 @@ class Pipeline:
                 dets = self._payloads(job, image, found) if read else found
             if self.verifier is not None:
                 dets = self.verifier.filter(image, dets, self._qr_id)
+            if stages is not None:
+                stages.add(job, "infer", t_infer, t_post, images=len(chunk))
+                stages.add(job, "postprocess", t_post, t_done, images=len(chunk))
+                stages.add(job, "payloads", t_pay, time.perf_counter(), read=read)
             height, width = self._full_size(image, scale, job)
             dets = rescale(dets, scale)
             timing = {
@@ -203,7 +220,12 @@ class Pipeline:
         try:
             return drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as))
         except Exception:  # payload reading is best effort; the boxes still stand
-            logger.warning("payload reading failed request_id=%s", job.request_id, exc_info=True)
+            logger.warning(
+                "payload reading failed request_id=%s",
+                job.request_id,
+                exc_info=True,
+                extra=_ids(job),
+            )
             return dets
 
     # --- large JPEGs decoded at 1/scale ------------------------------------------------
@@ -225,6 +247,7 @@ class Pipeline:
                 "full-resolution payload reading failed request_id=%s",
                 job.request_id,
                 exc_info=True,
+                extra=_ids(job),
             )
             return dets
 
@@ -251,6 +274,11 @@ def rescale(dets: Detections, factor: float) -> Detections:
         text=dets.text,
         corners=corners,
     )
+
+
+def _ids(job: ImageJob) -> dict[str, str | None]:
+    """A log line's request fields (``core.logs``)."""
+    return {"request_id": job.request_id, "trace_id": job.trace_id}
 
 
 def qr_class(labels: Mapping[int, str]) -> int | None:

@@ -186,6 +186,11 @@ class Settings(BaseModel):
 
     # --- logs -------------------------------------------------------------------------
     log_level: str = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text` (`key=value` lines) or `json` (one object per line); every line "
+        "about a request carries its `request_id` and `trace_id`",
+    )
 
     @field_validator("onnx_providers", mode="before")
     @classmethod

@@ -696,7 +696,7 @@ def test_supervisor_restarts_a_crashed_worker_and_stops_cleanly(
 class BrokenModel(Pipeline):
     """A pipeline whose model fails (e.g. the GPU went away): not the input's fault."""
 
-    def run(self, jobs: Any) -> list[dict[str, Any]]:
+    def run(self, jobs: Any, stages: Any = None) -> list[dict[str, Any]]:
         raise ModelError("the model failed: CUDA error (test)")
 
 

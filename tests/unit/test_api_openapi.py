@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from api.openapi import document
-from api.replies import child_traceparent
 from api.slots import lowest_free_slot, reply_partition, set_process_slot
 from core.errors import ConfigError
+from core.telemetry import child_traceparent
 from tests.unit.test_api_helpers import api_settings, offline_app
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}

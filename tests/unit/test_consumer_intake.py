@@ -178,10 +178,11 @@ def test_reply_routing(
     assert (item.reply_topic, item.reply_partition) == (topic, partition)
 
 
-def test_traceparent_is_passed_through_and_nothing_else() -> None:
+def test_the_job_carries_the_trace_id_of_its_traceparent() -> None:
     trace = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     item = parse(message(jpeg(), (names.H_TRACEPARENT, trace), ("x-other", b"1")))
-    assert item.passthrough == [(names.H_TRACEPARENT, trace)]
+    assert item.job is not None and item.job.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert parse(message(jpeg(), (names.H_TRACEPARENT, b"garbage"))).job.trace_id is None
 
 
 def test_next_offsets_is_highest_plus_one_per_partition() -> None:

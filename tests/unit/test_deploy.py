@@ -34,7 +34,7 @@ DOCKERFILES = [dc.ROOT / "deploy/docker/Dockerfile", dc.ROOT / "deploy/docker/Do
 OVERLAYS = ["cpu", "gpu"]
 # oldest supported (the API's pod-index label is on by default from 1.28) and newest bundled
 K8S_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
-CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor"}
+CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 QRSIGHT_SERVICES = ["topics", "consumer", "consumer-gpu", "api"]
 
 
