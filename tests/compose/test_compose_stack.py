@@ -488,6 +488,19 @@ def test_prometheus_scrapes_the_workers_and_the_api(stack: Stack) -> None:
     assert detects >= len(expected())
 
 
+def test_prometheus_loaded_every_alert_rule(stack: Stack) -> None:
+    """The rules file compose mounts parses in Prometheus and every alert is loaded."""
+    rule_files = dc.load_one(REPO_ROOT / "deploy/prometheus/prometheus.yml").get("rule_files", [])
+    want = set()
+    for name in rule_files:
+        rules = dc.load_one(REPO_ROOT / "deploy/prometheus" / name)
+        want |= {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    status, body = http_json(f"{stack.prometheus}/api/v1/rules?type=alert")
+    assert status == 200, body
+    loaded = {r["name"] for g in body["data"]["groups"] for r in g["rules"]}
+    assert loaded == want
+
+
 # --- down ----------------------------------------------------------------------------------
 def test_down_leaves_no_container_network_or_volume(stack: Stack) -> None:
     done = stack.tear_down()
