@@ -45,7 +45,10 @@ def handle_qrsight_error(error: QrsightError) -> Response:
     if error.request_id is None:
         error.request_id = g.get("request_id")
     status = error.http_status
-    log = logger.warning if status < 500 else logger.error
+    # a readiness probe's "not yet" (starting, Kafka away) and back-pressure's "retry soon"
+    # are answers, not failed requests
+    failed = status >= 500 and error.code not in ("not_ready", "overloaded")
+    log = logger.error if failed else logger.warning
     log("request failed code=%s status=%s message=%s", error.code, status, error.message)
     response = jsonify({"error": error.to_dict()})
     response.status_code = status

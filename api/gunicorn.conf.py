@@ -51,6 +51,10 @@ preload_app = False
 timeout = int(_settings.api_max_timeout_ms / 1000) + 30
 graceful_timeout = int(_settings.api_max_timeout_ms / 1000) + 5
 keepalive = 5
+# No gunicornc control socket (gunicorn 25+): its default place, $HOME/.gunicorn, is not
+# writable in the image (HOME=/app belongs to root; read-only root file system on
+# Kubernetes), so the master logged an ERROR at every start; qrsight does not use it.
+control_socket_disable = True
 loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"

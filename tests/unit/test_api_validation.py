@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 from typing import Any
 
@@ -141,6 +142,15 @@ def test_health_is_alive_and_ready_says_why_not(app: Flask) -> None:
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "not_ready"
     assert "not started" in response.get_json()["error"]["message"]
+
+
+def test_not_ready_is_logged_as_a_warning_not_an_error(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the compose and k8s runs poll /ready while the API starts: each "not yet" was an ERROR
+    with caplog.at_level(logging.INFO, logger="api.errors"):
+        assert app.test_client().get("/api/v1/ready").status_code == 503
+    assert {r.levelname for r in caplog.records if r.name == "api.errors"} == {"WARNING"}
 
 
 def test_metrics_counts_requests(app: Flask) -> None:

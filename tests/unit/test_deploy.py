@@ -44,7 +44,7 @@ def defaults() -> Settings:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return dc.load_one(COMPOSE_FILE)
+    return dc.load_compose(COMPOSE_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,27 @@ def test_compose_mounts_exist(compose: dict[str, Any]) -> None:
         build = service.get("build")
         if build:
             assert (dc.ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_compose_host_ports_are_variables_and_kafka_advertises_the_published_one() -> None:
+    """Another free port on the host (``make compose-test`` on a shared machine) moves the
+    published port and the address Kafka gives host clients together."""
+    env = {"KAFKA_HOST_PORT": "19092", "API_HOST_PORT": "18000"}
+    env |= {"PROMETHEUS_HOST_PORT": "19090", "GRAFANA_HOST_PORT": "13000"}
+    services = dc.load_compose(COMPOSE_FILE, env)["services"]
+    assert services["kafka"]["ports"] == ["19092:9092"]
+    advertised = dc.compose_env(services["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
+    assert "EXTERNAL://localhost:19092" in advertised.split(",")
+    assert services["api"]["ports"] == [f"18000:{defaults().api_port}"]
+    assert services["prometheus"]["ports"] == ["19090:9090"]
+    assert services["grafana"]["ports"] == ["13000:3000"]
+
+
+def test_compose_prometheus_keeps_its_data_in_its_volume(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prometheus["command"])
+    mounts = {v.split(":")[1] for v in prometheus["volumes"] if not v.startswith("./")}
+    assert flags["--storage.tsdb.path"] in mounts
 
 
 # --- Prometheus and Grafana ---------------------------------------------------------------
@@ -619,6 +640,28 @@ def test_dockerfile_lint_catches_mistakes(snippet: str, problem: str) -> None:
     assert any(problem in p for p in problems), problems
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pip_steps_get_the_machines_pip_settings_as_build_secrets(path: Path) -> None:
+    # Dockerfile.cuda's pip steps had no secret mounts: behind a proxy with its own CA (as on
+    # the machines that build it in CI) its build could not reach PyPI.
+    assert dc.pip_secret_problems(path.read_text(), path.name) == []
+
+
+@pytest.mark.parametrize(
+    ("snippet", "problem"),
+    [
+        ("RUN pip install numpy\n", "runs pip without"),
+        ("RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf pip wheel .\n", "pip-ca"),
+        ("COPY pip.conf /etc/pip.conf\n", "bakes pip settings"),
+        ("ENV PIP_CERT=/etc/ssl/certs/proxy.pem\n", "keeps pip settings"),
+    ],
+)
+def test_pip_secret_check_catches_mistakes(snippet: str, problem: str) -> None:
+    broken = DOCKERFILES[0].read_text() + snippet
+    problems = dc.pip_secret_problems(broken, "Dockerfile")
+    assert any(problem in p for p in problems), problems
+
+
 def test_dockerignore_keeps_what_the_images_copy() -> None:
     patterns = dc.dockerignore_patterns((dc.ROOT / ".dockerignore").read_text())
     sources = {s for path in DOCKERFILES for s in dc.copy_sources(path.read_text())}
@@ -630,6 +673,49 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
         )
     for private in (".git", ".kafka", "tests", "models/run-3/best.onnx", "core/__pycache__"):
         assert dc.dockerignored(private, patterns), private
+
+
+# Base images deploy/local/containers.sh builds a local stand-in for (no registry reachable
+# on the project's machines), and the one it does not have (Grafana: not run there).
+STAND_INS = {"python", "nvidia/cuda", "apache/kafka", "prom/prometheus"}
+WITHOUT_STAND_IN = {"grafana/grafana"}
+
+
+def external_images(compose: dict[str, Any]) -> set[str]:
+    """Every image the Dockerfiles build FROM and every compose image not built here."""
+    found = set()
+    for path in DOCKERFILES:
+        instructions = dc.dockerfile_instructions(path.read_text())
+        args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+        stage_names = set()
+        for instr, line in instructions:
+            if instr == "FROM":
+                words = line.split()
+                image = dc.resolve_from(words[0], args)
+                if image not in stage_names:
+                    found.add(image)
+                if len(words) == 3 and words[1].upper() == "AS":
+                    stage_names.add(words[2])
+    for service in compose["services"].values():
+        if "build" not in service:
+            found.add(service["image"])
+    return found
+
+
+def test_every_base_image_has_a_local_stand_in_or_is_named_in_the_readme(
+    compose: dict[str, Any],
+) -> None:
+    """A new base image needs a stand-in recipe (or ``make compose-test`` silently runs
+    without it), and the README's compose section names each stand-in and its tag."""
+    images = external_images(compose)
+    assert {image.rsplit(":", 1)[0] for image in images} == STAND_INS | WITHOUT_STAND_IN
+    script = (dc.ROOT / "deploy/local/containers.sh").read_text()
+    for name in ("python", "kafka", "prometheus"):
+        assert (dc.ROOT / "deploy/local/images" / name / "Containerfile").is_file()
+    assert "cuda_base()" in script
+    section = deploy_section()
+    for image in images:
+        assert f"`{image}`" in section, image
 
 
 def free_port() -> int:
@@ -699,6 +785,28 @@ def test_readme_compose_commands_match_the_compose_file(compose: dict[str, Any])
                 assert value.split("=")[0] in services, command
             if flag == "-f":
                 assert (dc.ROOT / value).is_file(), command
+
+
+def containers_sh_commands() -> tuple[set[str], str]:
+    """``deploy/local/containers.sh``'s subcommands (its final ``case``) and its usage text."""
+    text = (dc.ROOT / "deploy/local/containers.sh").read_text()
+    case = text[text.rindex('case "$command" in') :]
+    usage = text[: text.index("set -euo pipefail")]
+    return set(re.findall(r"^  ([a-z][a-z-]*)\)", case, flags=re.M)), usage
+
+
+def test_readme_container_commands_exist() -> None:
+    commands, usage = containers_sh_commands()
+    makefile = (dc.ROOT / "Makefile").read_text()
+    used = [shlex.split(c.split("#")[0]) for c in readme_commands()]
+    assert ["make", "compose-test"] in used
+    for words in used:
+        if words[:1] == ["deploy/local/containers.sh"]:
+            assert words[1] in commands, words
+        if words[:1] == ["make"]:
+            assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), words
+    for command in commands:
+        assert f"containers.sh {command}" in usage, f"containers.sh's usage misses {command}"
 
 
 def test_readme_names_the_ports_compose_publishes(compose: dict[str, Any]) -> None:
