@@ -95,3 +95,8 @@ cuda-image-test: .installed-dev  ## build the CUDA image and check it on the CPU
 	PYTHON=$(PYTHON) deploy/local/containers.sh setup
 	PYTHON=$(PYTHON) deploy/local/containers.sh build-cuda
 	$(PYTHON) -m pytest tests/compose/test_cuda_image.py
+
+.PHONY: soak-api
+SOAK_API_S ?= 300
+soak-api: .installed-dev  ## API soak: mixed 200/400/401/413/429/503/504 traffic for SOAK_API_S seconds (default 300); plot in runs/soak-api/
+	$(PYTHON) bench/soak_api.py --duration $(SOAK_API_S)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -114,12 +115,16 @@ def test_http_errors_are_json(app: Flask, method: str, path: str, status: int, c
     assert response.get_json()["error"]["code"] == code
 
 
-def test_request_id_from_the_caller_is_kept(app: Flask) -> None:
-    response = app.test_client().post(
-        "/api/v1/detect", data=b"", headers={"X-Request-ID": "abc-123"}
+def test_the_callers_request_id_is_echoed_but_ours_is_the_request_id(app: Flask) -> None:
+    client = app.test_client()
+    first, second = (
+        client.post("/api/v1/detect", data=b"", headers={"X-Request-ID": "abc-123"})
+        for _ in range(2)
     )
-    assert response.headers["X-Request-ID"] == "abc-123"
-    assert response.get_json()["error"]["request_id"] == "abc-123"
+    for response in (first, second):
+        assert response.headers["X-Request-ID"] == "abc-123"
+        assert re.fullmatch(r"[0-9a-f]{32}", response.get_json()["error"]["request_id"])
+    assert first.get_json()["error"]["request_id"] != second.get_json()["error"]["request_id"]
 
 
 def test_unsafe_request_id_is_replaced(app: Flask) -> None:

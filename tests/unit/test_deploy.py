@@ -883,3 +883,131 @@ def test_deploy_commands_are_the_packaged_console_scripts(
     subcommands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out)
     assert subcommands and "create" in subcommands.group(1).split(",")
     assert all(c[1:] == ["create"] for c in commands if c[0] == "qrsight-topics")
+
+
+# --- Kubernetes: the API's pod hardening and the network policies ----------------------
+def workload(docs: list[dc.Doc], component: str) -> dc.Doc:
+    """The one controller (any kind) whose pods are this component's."""
+    found = [
+        doc
+        for doc in docs
+        if dc.pod_spec(doc) is not None
+        and doc["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        == component
+    ]
+    assert len(found) == 1, [d["metadata"]["name"] for d in found]
+    return found[0]
+
+
+def pod_labels_of(doc: dc.Doc) -> dict[str, str]:
+    labels: dict[str, str] = doc["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def policies_for(docs: list[dc.Doc], labels: dict[str, str]) -> list[dc.Doc]:
+    return [
+        doc
+        for doc in docs
+        if doc["kind"] == "NetworkPolicy"
+        and dc.selects(doc["spec"]["podSelector"].get("matchLabels", {}), labels)
+    ]
+
+
+def rule_ports(rules: list[dc.Doc], where: str) -> tuple[set[tuple[str, int]], list[str]]:
+    """(protocol, port) pairs the rules allow; a rule without ports opens every port."""
+    allowed: set[tuple[str, int]] = set()
+    problems = []
+    for rule in rules:
+        if not rule.get("ports"):
+            problems.append(f"{where}: a rule without ports allows every port")
+        for port in rule.get("ports", []):
+            allowed.add((port.get("protocol", "TCP"), int(port["port"])))
+    return allowed, problems
+
+
+def url_port(url: str, default: int) -> int:
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    return int(host.rsplit(":", 1)[1]) if ":" in host else default
+
+
+def needed_egress(settings: Settings, component: str) -> set[tuple[str, int]]:
+    """DNS, every bootstrap broker's port, the registry's and (API) a shared limit store's."""
+    ports = {("UDP", 53), ("TCP", 53)}
+    ports |= {
+        ("TCP", url_port(s.strip(), 9092)) for s in (settings.kafka_bootstrap or "").split(",")
+    }
+    if settings.schema_registry_url:
+        ports.add(("TCP", url_port(settings.schema_registry_url, 8081)))
+    uri = settings.rate_limit_storage_uri
+    if component == "api" and uri.startswith(("redis://", "rediss://")):
+        ports.add(("TCP", url_port(uri, 6379)))
+    return ports
+
+
+def served_ports(docs: list[dc.Doc], component: str) -> set[tuple[str, int]]:
+    """The ports the component's container exposes, which its probes and monitors use."""
+    container = next(dc.containers(workload(docs, component)))
+    ports = {("TCP", p["containerPort"]) for p in container["ports"]}
+    for _, port in probes(container).values():
+        assert ("TCP", port) in ports
+    return ports
+
+
+def network_policy_problems(docs: list[dc.Doc]) -> list[str]:
+    config = dc.find(docs, "ConfigMap", "qrsight-config")["data"]
+    problems = []
+    for component in ("api", "worker"):
+        owner = workload(docs, component)
+        settings = load_settings({**config, **dc.literal_env(next(dc.containers(owner)))})
+        policies = policies_for(docs, pod_labels_of(owner))
+        if len(policies) != 1:
+            problems.append(f"{component}: {len(policies)} network policies select its pods")
+            continue
+        spec = policies[0]["spec"]
+        where = f"NetworkPolicy/{policies[0]['metadata']['name']}"
+        if set(spec.get("policyTypes", [])) != {"Ingress", "Egress"}:
+            problems.append(f"{where}: policyTypes must be Ingress and Egress")
+        ingress, bad_in = rule_ports(spec.get("ingress", []), where)
+        egress, bad_out = rule_ports(spec.get("egress", []), where)
+        problems += bad_in + bad_out
+        if ingress != served_ports(docs, component):
+            problems.append(f"{where}: ingress {sorted(ingress)} is not the served ports")
+        if egress != needed_egress(settings, component):
+            wanted = sorted(needed_egress(settings, component))
+            problems.append(f"{where}: egress {sorted(egress)}, needed {wanted}")
+    return problems
+
+
+def test_k8s_api_pods_mount_no_service_account_token(overlay: tuple[str, list[dc.Doc]]) -> None:
+    _, docs = overlay
+    spec = dc.pod_spec(workload(docs, "api"))
+    assert spec is not None
+    assert spec.get("automountServiceAccountToken") is False
+
+
+def test_k8s_network_policies_open_only_what_the_api_and_workers_use(
+    overlay: tuple[str, list[dc.Doc]],
+) -> None:
+    _, docs = overlay
+    assert network_policy_problems(docs) == []
+    for doc in docs:
+        if doc["kind"] == "NetworkPolicy":
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_network_policy_checks_catch_drift(base_docs: list[dc.Doc]) -> None:
+    moved = json.loads(json.dumps(base_docs))
+    config = dc.find(moved, "ConfigMap", "qrsight-config")["data"]
+    config["QRSIGHT_KAFKA_BOOTSTRAP"] = "kafka-0:9093,kafka-1:9093"
+    config["QRSIGHT_RATE_LIMIT_STORAGE_URI"] = "redis://redis:6380/0"
+    open_all = json.loads(json.dumps(base_docs))
+    dc.find(open_all, "NetworkPolicy", "qrsight-workers")["spec"]["ingress"] = [{}]
+    relabeled = json.loads(json.dumps(base_docs))
+    pods = workload(relabeled, "worker")["spec"]["template"]["metadata"]["labels"]
+    pods["app.kubernetes.io/name"] = "renamed"
+    assert [p.split(":")[0] for p in network_policy_problems(moved)] == [
+        "NetworkPolicy/qrsight-api",
+        "NetworkPolicy/qrsight-workers",
+    ]
+    assert any("allows every port" in p for p in network_policy_problems(open_all))
+    assert network_policy_problems(relabeled) == ["worker: 0 network policies select its pods"]
