@@ -93,3 +93,20 @@ eval: .installed-bench  ## evaluate the shipped detector on a manifest: make eva
 SIZE ?= full
 bench: .installed-bench  ## the benchmark suite (P1-P3, sweep, scaling): writes bench/RESULTS.md
 	$(PYTHON) bench/suite.py --size $(SIZE)
+
+.PHONY: compose-test cuda-image-test
+# Containers without Docker: podman builds the images (local stand-ins for the base images
+# where no registry is reachable) and docker-compose runs the stack (README, "Docker Compose").
+compose-test: .installed-dev  ## build the CPU image and test docker-compose.yml end to end (podman)
+	PYTHON=$(PYTHON) deploy/local/containers.sh prepare
+	$(PYTHON) -m pytest tests/compose/test_compose_stack.py
+
+cuda-image-test: .installed-dev  ## build the CUDA image and check it on the CPU provider (no GPU needed)
+	PYTHON=$(PYTHON) deploy/local/containers.sh setup
+	PYTHON=$(PYTHON) deploy/local/containers.sh build-cuda
+	$(PYTHON) -m pytest tests/compose/test_cuda_image.py
+
+.PHONY: soak-api
+SOAK_API_S ?= 300
+soak-api: .installed-dev  ## API soak: mixed 200/400/401/413/429/503/504 traffic for SOAK_API_S seconds (default 300); plot in runs/soak-api/
+	$(PYTHON) bench/soak_api.py --duration $(SOAK_API_S)

@@ -16,6 +16,7 @@ from core import logs
 from core.settings import load_settings
 
 TRACE_ID_ENVIRON = "qrsight.trace_id"  # set by api.app for each request
+REQUEST_ID_ENVIRON = "qrsight.request_id"  # ours, never the client's X-Request-ID
 
 
 class GunicornLogger(Logger):
@@ -33,7 +34,7 @@ class GunicornLogger(Logger):
             return
         atoms = self.atoms_wrapper_class(self.atoms(resp, req, environ, request_time))
         fields = {
-            "request_id": atoms["{x-request-id}o"],
+            "request_id": environ.get(REQUEST_ID_ENVIRON, "-"),
             "trace_id": environ.get(TRACE_ID_ENVIRON, "-"),
         }
         try:

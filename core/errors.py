@@ -116,14 +116,22 @@ class UndeliverableError(BadRequestError):
     code = "result_undeliverable"
 
 
-def error_classes() -> dict[str, type[QrsightError]]:
-    """Stable code → error class, over every subclass defined so far (adapters' too)."""
-    found: dict[str, type[QrsightError]] = {}
+def all_error_classes() -> list[type[QrsightError]]:
+    """:class:`QrsightError` and every subclass defined so far (adapters' too)."""
+    found: list[type[QrsightError]] = []
     pending: list[type[QrsightError]] = [QrsightError]
     while pending:
         cls = pending.pop(0)
-        found.setdefault(cls.code, cls)  # a base class wins over a subclass reusing its code
+        found.append(cls)
         pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_classes() -> dict[str, type[QrsightError]]:
+    """Stable code → error class (a base class wins over a subclass reusing its code)."""
+    found: dict[str, type[QrsightError]] = {}
+    for cls in all_error_classes():
+        found.setdefault(cls.code, cls)
     return found
 
 

@@ -87,7 +87,7 @@ def producer_config(settings: Settings, role: str = "producer", **extra: Any) ->
         }
     )
     conf.update(extra)
-    conf.update(settings.kafka_extra)
+    conf.update(settings.kafka_extra_values())
     return conf
 
 
@@ -108,14 +108,14 @@ def consumer_config(
     if group_id is not None:
         conf["group.id"] = group_id
     conf.update(extra)
-    conf.update(settings.kafka_extra)
+    conf.update(settings.kafka_extra_values())
     return conf
 
 
 def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     conf = base_config(settings, "admin")
     conf.update(extra)
-    conf.update(settings.kafka_extra)
+    conf.update(settings.kafka_extra_values())
     return conf
 
 

@@ -195,7 +195,9 @@ def secret_values(settings: Settings) -> list[str]:
             found.append(text)
             if ":" in text:
                 found.append(text.split(":", 1)[1])
-    for prop, value in settings.kafka_extra.items():
-        if any(word in prop for word in ("password", "secret", "key.pem", "token")):
+    from core.settings import is_secret_property
+
+    for prop, value in settings.kafka_extra_values().items():
+        if is_secret_property(prop):
             found.append(value)
     return [s for s in found if s]

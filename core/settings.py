@@ -52,9 +52,10 @@ class Settings(BaseModel):
     kafka_sasl_password: SecretStr | None = Field(
         None, description="Kafka `sasl.password` (secret; never logged)"
     )
-    kafka_extra: dict[str, str] = Field(
+    kafka_extra: dict[str, str | SecretStr] = Field(
         default_factory=dict,
-        description="any librdkafka property, as `QRSIGHT_KAFKA__<PROPERTY>` (see above)",
+        description="any librdkafka property, as `QRSIGHT_KAFKA__<PROPERTY>` (see above); "
+        "one whose name says key, password, secret, token or credential is kept secret",
     )
     schema_registry_url: str | None = Field(
         None,
@@ -203,10 +204,33 @@ class Settings(BaseModel):
     api_produce_timeout_ms: int = Field(
         2_000, ge=100, description="longest wait for Kafka to accept a request (then 503)"
     )
+    api_max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="most /detect requests one API process takes at once (uploading or "
+        "awaiting their reply); past it 503 with `Retry-After` at once (default: "
+        "`QRSIGHT_API_THREADS` less a quarter kept for /health and /ready, and no more than "
+        "the container's memory limit allows for images of `QRSIGHT_MAX_IMAGE_BYTES`)",
+    )
+    api_malloc_tuning: bool = Field(
+        True,
+        description="give freed upload buffers back to the OS (glibc `mallopt`: fixed mmap "
+        "threshold, 2 arenas); off = glibc's defaults",
+    )
+    api_trusted_proxy_hops: int = Field(
+        0,
+        ge=0,
+        description="reverse proxies in front of the API whose `X-Forwarded-For`/`-Proto` "
+        "are trusted for the client address (werkzeug `ProxyFix`); 0 = the socket's address",
+    )
     auth_enabled: bool = Field(False, description="require a JWT bearer token")
-    auth_jwt_secret: SecretStr | None = Field(None, description="HS256 secret (secret)")
+    auth_jwt_secret: SecretStr | None = Field(
+        None, description="HS256 secret (secret; at least 32 bytes)"
+    )
     auth_jwt_public_key: str | None = Field(
-        None, description="RS256 public key, PEM text or a file path"
+        None,
+        description="public key, PEM text or a file path: RSA (RS256), EC (ES256/384/512 "
+        "by curve) or Ed25519 (EdDSA)",
     )
     auth_jwt_audience: str | None = Field(None, description="required `aud` claim")
     auth_jwt_issuer: str | None = Field(None, description="required `iss` claim")
@@ -244,6 +268,30 @@ class Settings(BaseModel):
         if isinstance(value, str) and value.strip().lower() == "off":
             return None
         return Path(value).expanduser() if isinstance(value, str) else value
+
+    @field_validator("kafka_extra", mode="after")
+    @classmethod
+    def _hide_secret_properties(cls, value: dict[str, str | SecretStr]) -> dict[str, Any]:
+        return {
+            prop: SecretStr(v) if is_secret_property(prop) and isinstance(v, str) else v
+            for prop, v in value.items()
+        }
+
+    def kafka_extra_values(self) -> dict[str, str]:
+        """The ``QRSIGHT_KAFKA__*`` properties with the secret ones revealed, for librdkafka."""
+        return {
+            prop: v.get_secret_value() if isinstance(v, SecretStr) else v
+            for prop, v in self.kafka_extra.items()
+        }
+
+
+SECRET_PROPERTY_WORDS = ("key", "password", "secret", "token", "credential")
+
+
+def is_secret_property(prop: str) -> bool:
+    """Whether a librdkafka property's value must never be shown (``ssl.key.password``, …)."""
+    name = prop.lower()
+    return any(word in name for word in SECRET_PROPERTY_WORDS)
 
 
 def kafka_passthrough(environ: Mapping[str, str]) -> dict[str, str]:

@@ -7,6 +7,7 @@
 #                   package; only the promtool binary is unpacked, no server is installed)
 #   otelcol         the OpenTelemetry Collector the trace tests send spans to (built with
 #                   ocb from the Go module proxy: deploy/local/otelcol/build.sh)
+#   redis-server    the shared rate-limit store the API tests start (Debian)
 set -euo pipefail
 
 sudo_() { if [[ $(id -u) -ne 0 ]]; then sudo "$@"; else "$@"; fi; }
@@ -40,3 +41,11 @@ else
 fi
 
 "$(dirname "${BASH_SOURCE[0]}")/otelcol/build.sh" >/dev/null
+
+if command -v redis-server >/dev/null 2>&1; then
+  echo "test-tools: redis-server already installed"
+else
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_ apt-get update -qq
+  sudo_ apt-get install -y -qq --no-install-recommends redis-server
+fi

@@ -29,8 +29,8 @@ from confluent_kafka import Producer
 from core.kafka import producer_config
 from core.settings import DEFAULT_MODEL
 from producer_tools.topics import create_topics
+from tests.integration.api_stack import Stack, qr_png, settings_env, start, wait_ready
 from tests.integration.kafka_topics import fresh_settings
-from tests.integration.test_api import Stack, qr_png, settings_env, start, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "deploy" / "local" / "otelcol" / "build.sh"

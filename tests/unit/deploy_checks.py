@@ -59,6 +59,32 @@ def load_one(path: Path) -> Doc:
 
 
 # --- compose ------------------------------------------------------------------------------
+COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+
+
+def interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """Compose's variable substitution (``${VAR:-default}``, ``${VAR}``, ``$$``) throughout."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(3)
+        return env.get(name) or (match.group(2) or "")
+
+    return COMPOSE_VARIABLE.sub(one, value)
+
+
+def load_compose(path: Path, env: Mapping[str, str] | None = None) -> Doc:
+    """The compose file as ``docker compose`` reads it with ``env`` (default: none set)."""
+    return dict(interpolate(load_one(path), env or {}))
+
+
 def compose_env(service: Mapping[str, Any]) -> dict[str, str]:
     """A service's environment as a dict (merge keys already resolved by the YAML loader)."""
     env = service.get("environment") or {}
@@ -209,6 +235,32 @@ def instruction_problems(instr: str, args: str, where: str) -> list[str]:
             problems.append(f"{where}: apt lists are left in the layer")
     if instr == "RUN" and re.search(r"\bsudo\b", args):
         problems.append(f"{where}: sudo in RUN")
+    return problems
+
+
+PIP_SECRET_MOUNTS = (
+    "--mount=type=secret,id=pip.conf,target=/etc/pip.conf",
+    "--mount=type=secret,id=pip-ca",
+)
+PIP_FETCH = re.compile(r"\bpip3? +(install|wheel|download)\b")
+PIP_SETTING_ENV = re.compile(
+    r"\bPIP_(CERT|INDEX_URL|EXTRA_INDEX_URL|CLIENT_CERT|CONFIG_FILE|PROXY)\b"
+)
+
+
+def pip_secret_problems(text: str, where: str) -> list[str]:
+    """A build that fetches from PyPI gets the machine's pip settings (private index, proxy
+    CA) as build secrets on every pip step, and never keeps them in a layer."""
+    problems = []
+    for instr, args in dockerfile_instructions(text):
+        if instr == "RUN" and PIP_FETCH.search(args):
+            missing = [m for m in PIP_SECRET_MOUNTS if m not in args]
+            if missing:
+                problems.append(f"{where}: RUN {args[:50]}... runs pip without {missing}")
+        if instr in ("COPY", "ADD") and re.search(r"pip\.conf|\.pem\b|\.crt\b", args):
+            problems.append(f"{where}: {instr} {args} bakes pip settings into a layer")
+        if instr in ("ENV", "ARG") and PIP_SETTING_ENV.search(args):
+            problems.append(f"{where}: {instr} {args} keeps pip settings in the image")
     return problems
 
 
