@@ -50,14 +50,14 @@ integration: .installed-dev  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOT
 
 test: .test-tools lint unit integration chaos-ci  ## everything CI runs
 
-chaos-ci: .installed  ## the chaos suite at CI size (1,000 images per scenario, ~5 min)
+chaos-ci: .installed-dev  ## the chaos suite at CI size (1,000 images per scenario, ~5 min)
 	$(PYTHON) -m pytest tests/chaos
 
-chaos: .installed  ## the chaos suite at full size (10,000 images per scenario); prints the table
+chaos: .installed-dev  ## the chaos suite at full size (10,000 images per scenario); prints the table
 	CHAOS_IMAGES=$${CHAOS_IMAGES:-10000} CHAOS_REPORT=runs/chaos.md \
 	  $(PYTHON) -m pytest tests/chaos --timeout 3600 -p no:cacheprovider
 
-soak: .installed  ## workers at 80 % of capacity, mixed input, SOAK_MINUTES (5); plot in runs/soak
+soak: .installed-dev  ## workers at 80 % of capacity, mixed input, SOAK_MINUTES (5); plot in runs/soak
 	$(PYTHON) -m tests.chaos.soak --minutes $${SOAK_MINUTES:-5} --out runs/soak
 
 # Chromium, docker-compose and kustomize for the browser and deploy checks (once).
