@@ -50,7 +50,7 @@ integration: .installed-dev  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOT
 
 test: .test-tools lint unit integration chaos-ci  ## everything CI runs
 
-chaos-ci: .installed-dev  ## the chaos suite at CI size (1,000 images per scenario, ~5 min)
+chaos-ci: .installed-dev  ## the chaos suite at CI size (1,000 images per scenario, ~3.5 min)
 	$(PYTHON) -m pytest tests/chaos
 
 chaos: .installed-dev  ## the chaos suite at full size (10,000 images per scenario); prints the table
