@@ -7,7 +7,7 @@ LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
 export QRSIGHT_KAFKA_PORT
 
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
-        train train-smoke bench eval
+        train train-smoke bench eval chaos chaos-ci soak
 
 install: .installed  ## install qrsight's runtime (editable): what `make up` needs, no more
 
@@ -48,7 +48,17 @@ unit: .installed-dev  ## tests that start nothing
 integration: .installed-dev  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOTSTRAP if set, else one started here)
 	$(PYTHON) -m pytest tests/integration
 
-test: .test-tools lint unit integration  ## everything CI runs
+test: .test-tools lint unit integration chaos-ci  ## everything CI runs
+
+chaos-ci: .installed-dev  ## the chaos suite at CI size (1,000 images per scenario, ~3.5 min)
+	$(PYTHON) -m pytest tests/chaos
+
+chaos: .installed-dev  ## the chaos suite at full size (10,000 images per scenario); prints the table
+	CHAOS_IMAGES=$${CHAOS_IMAGES:-10000} CHAOS_REPORT=runs/chaos.md \
+	  $(PYTHON) -m pytest tests/chaos --timeout 3600 -p no:cacheprovider
+
+soak: .installed-dev  ## workers at 80 % of capacity, mixed input, SOAK_MINUTES (5); plot in runs/soak
+	$(PYTHON) -m tests.chaos.soak --minutes $${SOAK_MINUTES:-5} --out runs/soak
 
 # Chromium, docker-compose and kustomize for the browser and deploy checks (once).
 .test-tools: deploy/local/test-tools.sh

@@ -84,6 +84,12 @@ _MAX_HEADER_ITEMS = 4096  # JPEG segments / PNG or RIFF chunks walked before giv
 _PNG_BIT_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}
 _BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 _EXIF_ORIENTATION_TAG = 0x0112
+# Each progressive scan is one more pass over every coefficient: a 160 KB JPEG repeating a
+# 14-byte scan 10,000 times takes over a minute to decode. Encoders write about 10 scans.
+MAX_JPEG_SCANS = 100
+# Alpha compositing and 16-bit scaling run in row bands of at most this many pixels, so
+# their temporaries stay small next to the decoded image itself.
+_BAND_PIXELS = 1 << 20
 # OpenCV's imread flags for decoding at 1/scale (libjpeg DCT scaling for JPEG)
 _REDUCED_READ = {
     1: cv2.IMREAD_COLOR,
@@ -210,7 +216,20 @@ def _probe(data: bytes, limits: ImageLimits) -> _Header:
     kind = sniff(data)
     header = _HEADER_READERS[kind](memoryview(data))
     _check_size(header, limits)
+    if kind == "jpeg":
+        _check_scans(data, header)
     return header
+
+
+def _check_scans(data: bytes, header: _Header) -> None:
+    """Refuse a decoding-cost bomb: far more scans than any encoder writes. After the
+    first scan, ``FF DA`` can only be a marker (entropy data stuffs every ``FF``)."""
+    scans = 1 + data.count(b"\xff\xda", header.scan_offset)
+    if scans > MAX_JPEG_SCANS:
+        raise CorruptImageError(
+            f"JPEG with {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write "
+            "about 10): refused, it would take minutes to decode"
+        )
 
 
 def sniff(data: bytes) -> str:
@@ -233,6 +252,11 @@ def sniff(data: bytes) -> str:
     raise UnsupportedTypeError(
         f"not a {supported} image (unknown type, first bytes {head[:8].hex(' ')})"
     )
+
+
+def refused_kind(data: bytes) -> str | None:
+    """The name of a known non-image (or unsupported image) type, from its magic bytes."""
+    return _refused_kind(bytes(data[:1024]))
 
 
 def _refused_kind(head: bytes) -> str | None:
@@ -464,11 +488,24 @@ def _exif_orientation(tiff: bytes) -> int:
 
 
 def _to_bgr8(raw: np.ndarray) -> np.ndarray:
-    """Any OpenCV decode (gray/BGR/BGRA, 8/16-bit) as 8-bit BGR, alpha composited on white."""
-    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] == 4:
-        return _bgra8_on_white(raw)
+    """Any OpenCV decode (gray/BGR/BGRA, 8/16-bit) as 8-bit BGR, alpha composited on white.
+
+    Converted in row bands, so the peak stays near the decoded image plus the output
+    (12 bytes per pixel for 16-bit RGBA), not several copies of the whole image.
+    """
     if raw.dtype == np.uint8 and raw.ndim == 2:
         return cv2.cvtColor(raw, cv2.COLOR_GRAY2BGR)
+    height, width = raw.shape[:2]
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        out[top : top + rows] = _band_to_bgr8(raw[top : top + rows])
+    return out
+
+
+def _band_to_bgr8(raw: np.ndarray) -> np.ndarray:
+    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] == 4:
+        return _bgra8_on_white(raw)
     img = raw.astype(np.float32) / 257.0 if raw.dtype == np.uint16 else raw.astype(np.float32)
     if img.ndim == 2:
         img = img[:, :, None]

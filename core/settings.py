@@ -145,7 +145,13 @@ class Settings(BaseModel):
     consumer_group: str = Field("qrsight-workers", description="consumer group of the workers")
     workers: int = Field(1, ge=1, description="worker processes `qrsight-consumer` starts")
     max_batch: int = Field(8, ge=1, description="most images per micro-batch")
-    max_wait_ms: int = Field(50, ge=0, description="longest wait to fill a micro-batch")
+    max_wait_ms: int = Field(
+        5,
+        ge=0,
+        description="top-up wait: when images are already queued but fewer than "
+        "`QRSIGHT_MAX_BATCH`, how long a worker waits for more before running the batch "
+        "(a lone image runs at once; 0 = take only what is queued)",
+    )
     decode_threads: int = Field(2, ge=1, description="threads decoding images per worker")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once", description="`exactly_once` uses Kafka transactions per batch"
@@ -155,6 +161,34 @@ class Settings(BaseModel):
     )
     shutdown_timeout_s: float = Field(
         10.0, gt=0, description="longest a worker takes to finish its batch and leave"
+    )
+    group_instance_id: str | None = Field(
+        None,
+        description="static group membership (`group.instance.id`): this host's stable "
+        "name, e.g. the StatefulSet pod name; worker i joins as `<id>-<i>` and its "
+        "`transactional.id` uses it too (unset: dynamic membership and the host name)",
+    )
+    retry_attempts: int = Field(
+        2,
+        ge=0,
+        description="retries of a batch that fails for a reason other than its input "
+        "(with back-off), before its messages are isolated and the failing one is "
+        "quarantined to the DLQ",
+    )
+    retry_backoff_ms: int = Field(
+        500, ge=0, description="first back-off between those retries (doubles each time)"
+    )
+    retry_backoff_max_ms: int = Field(10_000, ge=0, description="longest back-off")
+    crash_limit: int = Field(
+        3,
+        ge=1,
+        description="worker deaths (crash, OOM kill) on the same messages before they are "
+        "run one at a time and the one that kills the worker is quarantined to the DLQ",
+    )
+    state_dir: Path = Field(
+        Path("/tmp/qrsight"),
+        description="where each worker notes the batch in hand, to recognise a message "
+        "that kills it (an emptyDir on Kubernetes)",
     )
 
     # --- API --------------------------------------------------------------------------
@@ -249,13 +283,6 @@ class Settings(BaseModel):
             prop: v.get_secret_value() if isinstance(v, SecretStr) else v
             for prop, v in self.kafka_extra.items()
         }
-
-    @property
-    def max_message_bytes(self) -> int:
-        """Largest Kafka record value; see :mod:`core.kafka` for how it is used."""
-        from core.kafka import message_limits
-
-        return message_limits(self).max_value_bytes
 
 
 SECRET_PROPERTY_WORDS = ("key", "password", "secret", "token", "credential")

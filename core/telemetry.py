@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 TRACEPARENT = "traceparent"
 TRACE_HEADERS = (TRACEPARENT, "tracestate")
+MAX_TRACESTATE = 512  # W3C: 32 list members; vendors should propagate at least 512 bytes
 TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 INVALID_TRACE_ID = "0" * 32
 
@@ -93,12 +94,22 @@ def header_traceparent(headers: Headers | None) -> str | None:
 
 
 def trace_headers(headers: Headers | None) -> KafkaHeaders:
-    """The W3C trace-context headers among ``headers``, as Kafka headers (bytes)."""
-    return [
-        (name, value.encode() if isinstance(value, str) else value)
-        for name, value in headers or ()
-        if name in TRACE_HEADERS
-    ]
+    """The W3C trace-context headers among ``headers``, as Kafka headers (bytes).
+
+    Only a valid ``traceparent`` is passed on, and ``tracestate`` only with it and only
+    up to :data:`MAX_TRACESTATE` bytes: the W3C spec says not to propagate what does not
+    parse, and a hostile 100 KB header must not be copied into every result."""
+    if parse_traceparent(header_traceparent(headers)) is None:
+        return []
+    out: KafkaHeaders = []
+    for name, value in headers or ():
+        if name not in TRACE_HEADERS or value is None:
+            continue
+        raw = value.encode() if isinstance(value, str) else value
+        if name != TRACEPARENT and len(raw) > MAX_TRACESTATE:
+            continue
+        out.append((name, raw))
+    return out
 
 
 # --- what the pipeline records for the spans ------------------------------------------------

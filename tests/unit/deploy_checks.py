@@ -424,3 +424,50 @@ def literal_env(container: Doc) -> dict[str, str]:
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- Kubernetes: the workers' identity ------------------------------------------------
+def worker_identity_problems(docs: Iterable[Doc], name: str = "qrsight-workers") -> list[str]:
+    """What keeps a restarted worker pod from coming back as the same static group member
+    and the same transactional producer (so it would stall its partitions for
+    session.timeout.ms and read_committed readers for transaction.timeout.ms)."""
+    docs = list(docs)
+    found = [d for d in docs if d["metadata"]["name"] == name and pod_spec(d) is not None]
+    if not found:
+        return [f"no workload named {name}"]
+    doc = found[0]
+    where = f"{doc['kind']}/{name}"
+    problems = []
+    if doc["kind"] != "StatefulSet":
+        problems.append(
+            f"{where}: pod names change when a pod is replaced; a StatefulSet keeps them, and "
+            "with them QRSIGHT_GROUP_INSTANCE_ID and the transactional.id"
+        )
+    else:
+        governing = doc["spec"].get("serviceName")
+        headless = [
+            d
+            for d in docs
+            if d["kind"] == "Service"
+            and d["metadata"]["name"] == governing
+            and d["spec"].get("clusterIP") == "None"
+        ]
+        if not headless:
+            problems.append(f"{where}: serviceName {governing!r} names no headless Service")
+    spec = pod_spec(doc) or {}
+    container = next(containers(doc))
+    env = {e["name"]: e for e in container.get("env", [])}
+    field = (
+        env.get("QRSIGHT_GROUP_INSTANCE_ID", {})
+        .get("valueFrom", {})
+        .get("fieldRef", {})
+        .get("fieldPath")
+    )
+    if field != "metadata.name":
+        problems.append(f"{where}: QRSIGHT_GROUP_INSTANCE_ID must be the pod name (metadata.name)")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append(
+            f"{where}: automountServiceAccountToken must be false (workers never call the "
+            "Kubernetes API; no token to steal)"
+        )
+    return problems

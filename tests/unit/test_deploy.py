@@ -309,7 +309,6 @@ def test_k8s_core_objects_match_the_kubernetes_schemas(
         "Namespace",
         "ConfigMap",
         "Job",
-        "Deployment",
         "StatefulSet",
         "Service",
         "HorizontalPodAutoscaler",
@@ -338,11 +337,11 @@ def test_k8s_names_only_real_settings_with_valid_values(base_docs: list[dc.Doc])
 def test_a_wrong_env_name_in_k8s_is_reported(base_docs: list[dc.Doc]) -> None:
     broken = json.loads(json.dumps(base_docs))
     dc.find(broken, "ConfigMap")["data"]["QRSIGHT_KAFKA_BOOTSTRAP_SERVERS"] = "k:9092"
-    workers = dc.find(broken, "Deployment", "qrsight-workers")
+    workers = dc.find(broken, "StatefulSet", "qrsight-workers")
     next(dc.containers(workers))["env"].append({"name": "QRSIGHT_WORKER", "value": "2"})
     assert dc.k8s_problems(broken) == [
         "ConfigMap/qrsight-config: QRSIGHT_KAFKA_BOOTSTRAP_SERVERS is not a qrsight setting",
-        "Deployment/qrsight-workers: QRSIGHT_WORKER is not a qrsight setting",
+        "StatefulSet/qrsight-workers: QRSIGHT_WORKER is not a qrsight setting",
     ]
 
 
@@ -378,7 +377,7 @@ def test_k8s_worker_probes_hit_what_the_worker_serves(
     base_docs: list[dc.Doc], worker_server: int
 ) -> None:
     config = dc.find(base_docs, "ConfigMap", "qrsight-config")["data"]
-    container = next(dc.containers(dc.find(base_docs, "Deployment", "qrsight-workers")))
+    container = next(dc.containers(dc.find(base_docs, "StatefulSet", "qrsight-workers")))
     settings = load_settings({**config, **dc.literal_env(container)})
     assert settings.workers == 1
     found = probes(container)
@@ -429,7 +428,7 @@ def test_k8s_keda_scales_workers_on_images_lag_up_to_the_partitions(
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "qrsight-workers"
-    dc.find(base_docs, "Deployment", spec["scaleTargetRef"]["name"])
+    dc.find(base_docs, spec["scaleTargetRef"]["kind"], spec["scaleTargetRef"]["name"])
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] == settings.topic_partitions
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "kafka"
@@ -442,7 +441,62 @@ def test_k8s_keda_scales_workers_on_images_lag_up_to_the_partitions(
     assert meta["allowIdleConsumers"] == "false"
     workers_conf = consumer_config(settings, settings.consumer_group)
     assert meta["offsetResetPolicy"] == workers_conf["auto.offset.reset"]
-    assert "replicas" not in dc.find(base_docs, "Deployment", "qrsight-workers")["spec"]
+    assert "replicas" not in dc.find(base_docs, "StatefulSet", "qrsight-workers")["spec"]
+
+
+def test_k8s_workers_keep_their_identity_across_restarts(
+    overlay: tuple[str, list[dc.Doc]], tmp_path: Path
+) -> None:
+    """StatefulSet pod name → QRSIGHT_GROUP_INSTANCE_ID → group.instance.id and
+    transactional.id, the same after a restart (and no service-account token)."""
+    _, docs = overlay
+    assert dc.worker_identity_problems(docs) == []
+    workers = dc.find(docs, "StatefulSet", "qrsight-workers")
+    config = dc.find(docs, "ConfigMap", "qrsight-config")["data"]
+    container = next(dc.containers(workers))
+    pod = "qrsight-workers-3"  # what Kubernetes puts in metadata.name
+    settings = load_settings(
+        {**config, **dc.literal_env(container), "QRSIGHT_GROUP_INSTANCE_ID": pod},
+        state_dir=tmp_path,
+    )
+    from consumer.worker import Worker
+
+    worker = Worker(settings, 0)
+    assert worker.group_instance_id == f"{pod}-0"
+    assert worker.transactional_id == f"{settings.consumer_group}-{pod}-0"
+    grace = workers["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > settings.shutdown_timeout_s, "SIGTERM finishes the batch before SIGKILL"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "problem"),
+    [
+        ("deployment", "a StatefulSet keeps them"),
+        ("no-instance-id", "QRSIGHT_GROUP_INSTANCE_ID must be the pod name"),
+        ("token", "automountServiceAccountToken must be false"),
+        ("no-service", "names no headless Service"),
+    ],
+)
+def test_a_worker_identity_lost_on_restart_is_reported(
+    base_docs: list[dc.Doc], breakage: str, problem: str
+) -> None:
+    broken = json.loads(json.dumps(base_docs))
+    workers = dc.find(broken, "StatefulSet", "qrsight-workers")
+    container = next(dc.containers(workers))
+    if breakage == "deployment":
+        workers["kind"] = "Deployment"
+    elif breakage == "no-instance-id":
+        container["env"] = [e for e in container["env"] if e["name"] != "QRSIGHT_GROUP_INSTANCE_ID"]
+    elif breakage == "token":
+        del workers["spec"]["template"]["spec"]["automountServiceAccountToken"]
+    else:
+        broken = [
+            d
+            for d in broken
+            if d["metadata"]["name"] != workers["spec"]["serviceName"] or d["kind"] != "Service"
+        ]
+    problems = dc.worker_identity_problems(broken)
+    assert len(problems) == 1 and problem in problems[0], problems
 
 
 def pod_labels(docs: list[dc.Doc]) -> list[dict[str, str]]:
@@ -479,7 +533,7 @@ def test_k8s_monitors_scrape_the_metrics_endpoints(
     assert endpoint["port"] in {p["name"] for p in matched[0]["spec"]["ports"]}
     assert endpoint["path"] in api_routes
     pod_monitor = dc.find(base_docs, "PodMonitor", "qrsight-workers")
-    workers = dc.find(base_docs, "Deployment", "qrsight-workers")
+    workers = dc.find(base_docs, "StatefulSet", "qrsight-workers")
     assert dc.selects(
         pod_monitor["spec"]["selector"]["matchLabels"],
         workers["spec"]["template"]["metadata"]["labels"],
@@ -505,7 +559,7 @@ def test_k8s_pods_run_as_the_image_user_without_root(overlay: tuple[str, list[dc
 def test_k8s_overlays_pick_cpu_or_gpu_workers(overlay: tuple[str, list[dc.Doc]]) -> None:
     name, docs = overlay
     assert dc.k8s_problems(docs) == []
-    workers = next(dc.containers(dc.find(docs, "Deployment", "qrsight-workers")))
+    workers = next(dc.containers(dc.find(docs, "StatefulSet", "qrsight-workers")))
     api = next(dc.containers(dc.find(docs, "StatefulSet", "qrsight-api")))
     limits = workers["resources"]["limits"]
     env = dc.literal_env(workers)
