@@ -14,6 +14,9 @@
 #   KAFKA_CONTROLLER_PORT  KRaft controller port (default: a free port, kept across restarts)
 #   KAFKA_VERSION          Kafka version to fetch (default 4.4.0, falling back to 4.1.1)
 #   KAFKA_HEAP_OPTS        JVM heap flags (default -Xms256m -Xmx512m)
+#   KAFKA_JVM_PERFORMANCE_OPTS  JVM GC/JIT flags (default: see java_opts below)
+#   KAFKA_OVERRIDES        extra broker properties, space-separated key=value (passed as
+#                          --override; e.g. "num.network.threads=3 num.io.threads=8")
 #   KAFKA_START_TIMEOUT    seconds to wait for a metadata answer (default 60)
 #   KAFKA_STOP_TIMEOUT     seconds to wait after SIGTERM before SIGKILL (default 20)
 # Tests start a second, independent broker with their own KAFKA_HOME_DIR and port.
@@ -268,7 +271,9 @@ up() {
   mapfile -t opts < <(java_opts)
   say "starting Kafka $(cat "$LIB_DIR/VERSION") on 127.0.0.1:$PORT (controller $cport, data $DATA_DIR)"
   # Own session, so a Ctrl-C in this terminal does not reach it; `down` stops it.
-  setsid "$(java_bin)" "${opts[@]}" kafka.Kafka "$CONFIG" >"$LOG_DIR/kafka.out" 2>&1 </dev/null &
+  local overrides=() kv
+  for kv in ${KAFKA_OVERRIDES:-}; do overrides+=(--override "$kv"); done
+  setsid "$(java_bin)" "${opts[@]}" kafka.Kafka "$CONFIG" "${overrides[@]}" >"$LOG_DIR/kafka.out" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$PID_FILE"
   echo "$PORT" >"$PORT_FILE"
