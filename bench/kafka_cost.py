@@ -109,6 +109,11 @@ VARIANTS = {
         },
         about="broker: small + the OS's socket buffer autotuning",
     ),
+    "nagle-off": Variant(
+        "nagle-off",
+        client_env={"QRSIGHT_KAFKA__SOCKET_NAGLE_DISABLE": "true"},
+        about="clients: socket.nagle.disable=true",
+    ),
     "parallel": Variant(
         "parallel",
         {
