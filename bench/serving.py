@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -270,13 +271,24 @@ def closed_loop(
 
 
 def warm_up(url: str, images: Sequence[Image], count: int) -> None:
-    """A few requests (all must succeed): models loaded, partitions assigned, JIT paths run."""
+    """A few requests (all must succeed): models loaded, partitions assigned, JIT paths run.
+
+    A 503 is retried until READY_TIMEOUT_S: /ready answered by one gunicorn worker says
+    nothing of the others, which may still be assigning their reply partitions."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
     for img in list(images[:count]) * 2:
         req = urllib.request.Request(
             url, data=img.data, headers={"Content-Type": img.content_type}, method="POST"
         )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            resp.read()
+        while True:
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    resp.read()
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 def wait_http(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
@@ -383,24 +395,33 @@ def ceiling(model: Model, images: Sequence[Image], duration_s: float) -> list[di
 
 # --- the designs -------------------------------------------------------------------------------
 @contextlib.contextmanager
-def broker() -> Iterator[tuple[str, list[int]]]:
+def broker(
+    env_extra: dict[str, str] | None = None, root: Path = ROOT
+) -> Iterator[tuple[str, list[int]]]:
     """(bootstrap, pids to account): ``QRSIGHT_KAFKA_BOOTSTRAP`` (not accounted), else a
-    broker of our own on a free port in a temp dir, stopped at the end."""
+    broker of our own on a free port in a temp dir, stopped at the end.
+
+    ``env_extra`` reaches ``deploy/local/kafka.sh`` (``KAFKA_HEAP_OPTS``,
+    ``KAFKA_JVM_PERFORMANCE_OPTS``, ``KAFKA_OVERRIDES``); ``root`` is the checkout whose
+    ``kafka.sh`` and server template start it (the jars are this checkout's)."""
     external = os.environ.get("QRSIGHT_KAFKA_BOOTSTRAP")
-    if external:
+    if external and env_extra is None and root == ROOT:
         yield external, []
         return
     with tempfile.TemporaryDirectory(prefix="qrsight-bench-kafka-") as home:
         port = free_port()
         env = {**os.environ, "KAFKA_HOME_DIR": home, "QRSIGHT_KAFKA_PORT": str(port)}
+        env.setdefault("KAFKA_LIB_DIR", str(ROOT / ".kafka" / "lib"))
+        env.update(env_extra or {})
         env.pop("KAFKA_CONTROLLER_PORT", None)
-        say(f"starting a Kafka broker on 127.0.0.1:{port} ({KAFKA_SH})")
-        subprocess.run([str(KAFKA_SH), "up"], env=env, check=True, capture_output=True)
+        script = root / "deploy" / "local" / "kafka.sh"
+        say(f"starting a Kafka broker on 127.0.0.1:{port} ({script})")
+        subprocess.run([str(script), "up"], env=env, check=True, capture_output=True)
         try:
             pid = int((Path(home) / "kafka.pid").read_text().strip())
             yield f"127.0.0.1:{port}", [pid]
         finally:
-            subprocess.run([str(KAFKA_SH), "down"], env=env, check=False, capture_output=True)
+            subprocess.run([str(script), "down"], env=env, check=False, capture_output=True)
 
 
 @contextlib.contextmanager
@@ -421,9 +442,19 @@ def seed_server(model: Model, logs: Path) -> Iterator[tuple[str, dict[str, list[
 
 @contextlib.contextmanager
 def qrsight(
-    model: Model, bootstrap: str, logs: Path, workers: int | None = None
+    model: Model,
+    bootstrap: str,
+    logs: Path,
+    workers: int | None = None,
+    *,
+    root: Path = ROOT,
+    env_extra: dict[str, str] | None = None,
+    name: str = "",
 ) -> Iterator[tuple[str, dict[str, list[int]], int]]:
-    """The API and the workers as `make up` starts them, on fresh topics."""
+    """The API and the workers as `make up` starts them, on fresh topics.
+
+    ``root``: the checkout whose code runs (``bench/kafka_cost.py`` compares revisions);
+    ``env_extra``: settings on top of `make up`'s (e.g. ``QRSIGHT_KAFKA__*``)."""
     uid = uuid.uuid4().hex[:8]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("QRSIGHT_")}
     environ.update(
@@ -439,21 +470,22 @@ def qrsight(
             env_name("metrics_port"): "0",
             env_name("rate_limit"): "off",
             env_name("model_path"): str(model.path),
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(root),
         }
     )
+    environ.update(env_extra or {})
     if workers is not None:
         environ[env_name("workers")] = str(workers)
     settings = load_settings(environ)
     count, env = serving_env(settings, environ)
     create_topics(settings)
     procs: list[subprocess.Popen[bytes]] = []
-    with open(logs / f"qrsight-{model.key}-{count}w.log", "ab") as log:
+    with open(logs / f"qrsight-{name or model.key}-{count}w.log", "ab") as log:
         try:
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "consumer.cli", "--workers", str(count)],
-                    cwd=ROOT,
+                    cwd=root,
                     env=env,
                     stdout=log,
                     stderr=log,
@@ -461,7 +493,7 @@ def qrsight(
             )
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "api.cli"], cwd=ROOT, env=env, stdout=log, stderr=log
+                    [sys.executable, "-m", "api.cli"], cwd=root, env=env, stdout=log, stderr=log
                 )
             )
             base = f"http://127.0.0.1:{settings.api_port}"

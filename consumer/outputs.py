@@ -156,11 +156,12 @@ def result_records(
     topics: list[tuple[str, int | None, RecordKind]] = [(out.detections_topic, None, "result")]
     if item.reply_topic:
         topics.append((item.reply_topic, item.reply_partition, "reply"))
+    values = codec.encode_all(result, [topic for topic, _, _ in topics])  # one Avro encode
     return [
         OutRecord(
             topic,
             key,
-            codec.encode(result, topic),
+            values[topic],
             [(names.H_CORRELATION_ID, key), *(trace_headers(topic) if trace_headers else [])],
             partition,
             item=index,

@@ -33,7 +33,7 @@ import json
 import logging
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -152,20 +152,35 @@ class Codec:
     # --- encode -----------------------------------------------------------------------
     def encode(self, record: dict[str, Any], topic: str) -> bytes:
         """``record`` as a Kafka value for ``topic`` (framed when a registry is set)."""
+        return self.encode_all(record, (topic,))[topic]
+
+    def encode_all(self, record: dict[str, Any], topics: Sequence[str]) -> dict[str, bytes]:
+        """``record`` as a Kafka value for each of ``topics``: the Avro body is written
+        once; with a registry each topic's value is framed with its subject's schema id,
+        without one every topic gets the same bytes (a worker's result and its reply)."""
         if not isinstance(record, dict) or not record.get("request_id"):
             # an empty id would also make the plain body start with 0, the framing byte
             raise WireFormatError(f"{self.schema_name} needs a dict with a non-empty request_id")
+        if not topics:
+            return {}
         record = self._tag(_with_epoch_ms(record))
         buf = io.BytesIO()
         if self._client is not None:
-            buf.write(FRAME.pack(MAGIC_BYTE, self._schema_id(topic)))
+            buf.write(FRAME.pack(MAGIC_BYTE, self._schema_id(topics[0])))
         try:
             schemaless_writer(buf, self.schema, record, strict_allow_default=True)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise WireFormatError(
                 f"record does not match schema {self.schema_name}: {exc}"
             ) from exc
-        return buf.getvalue()
+        value = buf.getvalue()
+        out = dict.fromkeys(topics, value)
+        if self._client is not None:
+            first = self._schema_id(topics[0])
+            for topic in topics[1:]:
+                if (schema_id := self._schema_id(topic)) != first:
+                    out[topic] = FRAME.pack(MAGIC_BYTE, schema_id) + value[FRAME.size :]
+        return out
 
     def _schema_id(self, topic: str) -> int:
         schema_id = self._ids.get(topic)

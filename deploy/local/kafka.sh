@@ -14,6 +14,12 @@
 #   KAFKA_CONTROLLER_PORT  KRaft controller port (default: a free port, kept across restarts)
 #   KAFKA_VERSION          Kafka version to fetch (default 4.4.0, falling back to 4.1.1)
 #   KAFKA_HEAP_OPTS        JVM heap flags (default -Xms256m -Xmx512m)
+#   KAFKA_JVM_PERFORMANCE_OPTS  JVM GC/JIT flags (default: -XX:+UseSerialGC on a host of
+#                          up to 2 cores, else -XX:+UseG1GC -XX:MaxGCPauseMillis=20)
+#   KAFKA_OVERRIDES        extra broker properties, space-separated key=value (passed as
+#                          --override; e.g. "num.network.threads=3 num.io.threads=8")
+# Thread counts and the collector follow the host's cores (see host_profile); a
+# production broker on its own hosts needs Kafka's defaults instead (README, "Kafka").
 #   KAFKA_START_TIMEOUT    seconds to wait for a metadata answer (default 60)
 #   KAFKA_STOP_TIMEOUT     seconds to wait after SIGTERM before SIGKILL (default 20)
 # Tests start a second, independent broker with their own KAFKA_HOME_DIR and port.
@@ -168,10 +174,24 @@ print(max(64 * 1024 * 1024, message_limits(load_settings()).max_message_bytes))
 EOF
 }
 
+cores() { nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2; }
+
+# A broker sharing a small host with the whole stack: Kafka's 3 network and 8 I/O threads
+# and G1's concurrent threads cost CPU per request there. Measured on 2 cores
+# (bench/kafka_cost.py, bench/README.md): 1 network + 2 I/O threads and the serial
+# collector (young pauses of a few ms on this 512 MB heap) spent about a fifth less
+# broker CPU per image. Bigger hosts get more threads, up to Kafka's defaults, and G1.
+network_threads() { local n=$(( $(cores) / 4 )); (( n < 1 )) && n=1; (( n > 3 )) && n=3; echo "$n"; }
+io_threads() { local n=$(( $(cores) / 2 )); (( n < 2 )) && n=2; (( n > 8 )) && n=8; echo "$n"; }
+gc_opts() {
+  if (( $(cores) <= 2 )); then echo "-XX:+UseSerialGC"; else echo "-XX:+UseG1GC -XX:MaxGCPauseMillis=20"; fi
+}
+
 render_config() {  # $1 = controller port
   local max_bytes
   max_bytes="$(message_max_bytes)"
   sed -e "s|@PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$1|g" -e "s|@DATA_DIR@|$DATA_DIR|g" \
+      -e "s|@NETWORK_THREADS@|$(network_threads)|g" -e "s|@IO_THREADS@|$(io_threads)|g" \
       -e "s|@MESSAGE_MAX_BYTES@|$max_bytes|g" \
       -e "s|@SOCKET_REQUEST_MAX_BYTES@|$((max_bytes > 104857600 ? max_bytes + 1048576 : 104857600))|g" \
       "$HERE/server.properties.template" >"$CONFIG"
@@ -181,7 +201,7 @@ java_opts() {
   # shellcheck disable=SC2206
   local heap=(${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m})
   # shellcheck disable=SC2206
-  local perf=(${KAFKA_JVM_PERFORMANCE_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20})
+  local perf=(${KAFKA_JVM_PERFORMANCE_OPTS:-$(gc_opts)})
   printf '%s\n' "${heap[@]}" "${perf[@]}" -XX:+ExitOnOutOfMemoryError \
     -Djava.awt.headless=true "-Dlog4j2.configurationFile=$HERE/log4j2.properties" \
     "-Dkafka.logs.dir=$LOG_DIR" -cp "$LIB_DIR/*"
@@ -268,7 +288,9 @@ up() {
   mapfile -t opts < <(java_opts)
   say "starting Kafka $(cat "$LIB_DIR/VERSION") on 127.0.0.1:$PORT (controller $cport, data $DATA_DIR)"
   # Own session, so a Ctrl-C in this terminal does not reach it; `down` stops it.
-  setsid "$(java_bin)" "${opts[@]}" kafka.Kafka "$CONFIG" >"$LOG_DIR/kafka.out" 2>&1 </dev/null &
+  local overrides=() kv
+  for kv in ${KAFKA_OVERRIDES:-}; do overrides+=(--override "$kv"); done
+  setsid "$(java_bin)" "${opts[@]}" kafka.Kafka "$CONFIG" "${overrides[@]}" >"$LOG_DIR/kafka.out" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$PID_FILE"
   echo "$PORT" >"$PORT_FILE"

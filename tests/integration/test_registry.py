@@ -238,6 +238,20 @@ def test_round_trip_through_the_registry(
     assert codec(name).decode(data, topic) == record
 
 
+@pytest.mark.parametrize(("name", "record"), RECORDS)
+def test_encode_all_frames_one_body_for_each_topic(
+    codec: Callable[..., Codec], topic: str, name: str, record: dict[str, Any]
+) -> None:
+    """A worker encodes a result once for qr.detections and the reply topic: each value is
+    what encode() gives for its topic (its subject's schema id), the bodies are equal."""
+    other = f"{topic}.replies"
+    values = codec(name).encode_all(record, [topic, other])
+    one_by_one = codec(name)
+    assert values == {t: one_by_one.encode(record, t) for t in (topic, other)}
+    assert values[topic][5:] == values[other][5:]
+    assert codec(name).decode(values[other], other) == record
+
+
 def test_registering_again_reuses_the_id(codec: Callable[..., Codec], topic: str) -> None:
     first = codec("ImageRequest").encode(image_request(), topic)
     second = codec("ImageRequest").encode(image_request(), topic)
