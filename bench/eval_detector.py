@@ -46,6 +46,7 @@ from core.detector import Detector
 from core.images import ImageLimits, decode
 from core.payload import read_payloads, read_whole
 from core.pipeline import qr_class
+from core.postprocess import box_iou
 from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
 from core.verifier import Verifier, load_verifier
 
@@ -110,14 +111,6 @@ def quad_box(quad: np.ndarray) -> np.ndarray:
     return np.array([q[:, 0].min(), q[:, 1].min(), q[:, 0].max(), q[:, 1].max()], np.float32)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 # --------------------------------------------------------------------------- methods
 def run_qrsight(
     det: Detector,
@@ -174,7 +167,8 @@ def run_opencv(cv: cv2.QRCodeDetectorAruco, img: np.ndarray) -> Outcome:
 def found(item: Item, boxes: np.ndarray) -> tuple[bool, list[float]]:
     if item.refs is None:
         return len(boxes) > 0, []
-    best = [max((iou(r, b) for b in boxes), default=0.0) for r in item.refs]
+    ious = box_iou(np.array(item.refs), boxes)
+    best = [float(v) for v in ious.max(1)] if len(boxes) else [0.0] * len(item.refs)
     return all(v >= IOU_MATCH for v in best), best
 
 

@@ -32,16 +32,16 @@ import torch
 from core.detector import Detector
 from core.settings import DEFAULT_MODEL
 from core.verifier import Verifier
-from training.select import load_ema
-from training.synth import NEG_FAMILIES, family_sample, make_sample
-from training.train import (
+from training.evaluate import (
     CONF_GRID,
     best_operating_point,
+    image_metrics,
     operating_score,
     predict_val,
     score_predictions,
 )
-from training.verify import image_metrics
+from training.select import load_ema
+from training.synth import NEG_FAMILIES, family_sample, make_sample
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from core.detector import Detector
+from core.postprocess import box_iou
 from core.verifier import DEFAULT_MARGIN, Verifier, crop_patches, file_sha256
+from training.evaluate import image_metrics, operating_score
 from training.export import save_with_metadata, torch_export
 from training.synth import BASE, FINETUNE, make_sample
-from training.train import iou_matrix, operating_score
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def sample_crops(seed: int, i: int, size: int = SIZE) -> Crops:
     boxes: list[np.ndarray] = []
     labels: list[int] = []
     if len(d):
-        best = iou_matrix(d.xyxy, gt).max(1) if len(gt) else np.zeros(len(d))
+        best = box_iou(d.xyxy, gt).max(1) if len(gt) else np.zeros(len(d))
         for box, iou in zip(d.xyxy, best, strict=True):
             if iou >= 0.5 or iou < 0.25:
                 boxes.append(box)
@@ -102,7 +103,7 @@ def sample_crops(seed: int, i: int, size: int = SIZE) -> Crops:
             side = rng.uniform(0.15, 0.5) * min(h, w)
             x, y = rng.uniform(0, w - side), rng.uniform(0, h - side)
             box = np.array([x, y, x + side, y + side], np.float32)
-        if len(gt) and iou_matrix(box[None], gt).max() > 0.1:
+        if len(gt) and box_iou(box[None], gt).max() > 0.1:
             continue
         boxes.append(_jitter(rng, box))
         labels.append(0)
@@ -214,31 +215,6 @@ def predict(model: VerifierNet, crops: np.ndarray) -> np.ndarray:
         for s in range(0, len(crops), 512)
     ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def image_metrics(
-    preds: list[tuple[np.ndarray, np.ndarray]], gts: list[np.ndarray], threshold: float
-) -> dict[str, float]:
-    """Image recall, FP-image rate and precision of boxes whose verifier score ≥ threshold."""
-    hit = pos = fp_images = neg = tp = fp = 0
-    for (boxes, score), gt in zip(preds, gts, strict=True):
-        b = boxes[score >= threshold]
-        ious = iou_matrix(gt, b) if len(gt) and len(b) else np.zeros((len(gt), len(b)))
-        if len(gt):
-            pos += 1
-            hit += int(bool(len(b)) and bool((ious >= 0.5).any(1).all()))
-            matched = (ious >= 0.5).any(0)
-            tp += int(matched.sum())
-            fp += int((~matched).sum())
-        else:
-            neg += 1
-            fp_images += int(len(b) > 0)
-            fp += len(b)
-    return {
-        "image_recall": hit / max(pos, 1),
-        "fp_images": fp_images / max(neg, 1),
-        "precision": tp / max(tp + fp, 1),
-    }
 
 
 def choose_threshold(

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # needs torch: the `train` extra, which CI installs (pip install -e '.[dev,train]')
 from training import train
@@ -246,3 +247,47 @@ def test_context_fine_tune_grows_the_model_and_resumes(tmp_path: Path) -> None:
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history][-1] == 8
     assert torch.load(tmp_path / "last.pt", weights_only=False)["cfg"]["context"]
+
+
+def test_scoring_counts_found_codes_false_positives_and_picks_a_threshold() -> None:
+    from training.evaluate import best_operating_point, image_metrics, score_predictions
+
+    def logit(p: float) -> float:
+        return float(np.log(p / (1 - p)))
+
+    code = np.array([[10, 10, 50, 50]], np.float32)
+    none = np.zeros((0, 4), np.float32)
+    val = [(np.zeros((64, 64, 3), np.uint8), code), (np.zeros((64, 64, 3), np.uint8), none)]
+    # image 1: the code at 0.9, a near-copy at 0.8 (NMS drops it); image 2: a box at 0.32
+    preds = [
+        (
+            np.array([[10, 10, 50, 50], [11, 11, 50, 50]], np.float32),
+            np.array([logit(0.9), logit(0.8)]),
+        ),
+        (np.array([[0, 0, 20, 20]], np.float32), np.array([logit(0.32)])),
+    ]
+    low = score_predictions(preds, val, conf=0.25)
+    assert low == {"box_recall": 1.0, "image_recall": 1.0, "fp_images": 1.0, "precision": 0.5}
+    high = score_predictions(preds, val, conf=0.5)
+    assert high["fp_images"] == 0.0 and high["precision"] == 1.0
+    score, bias, m = best_operating_point(preds, val)
+    assert m["conf"] == 0.35 and score == pytest.approx(1.1)
+    # the bias moves the chosen threshold to the detector's default 0.25
+    assert 1 / (1 + np.exp(-(logit(m["conf"]) + bias))) == pytest.approx(0.25)
+    final = [(preds[0][0][:1], np.array([0.9])), (preds[1][0], np.array([0.32]))]
+    assert image_metrics(final, [code, none], 0.5) == {
+        "image_recall": 1.0,
+        "fp_images": 0.0,
+        "precision": 1.0,
+    }
+
+
+def test_the_training_steps_do_not_import_the_training_script() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, training.select, training.verify, training.compare; "
+        "sys.exit('training.train' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
