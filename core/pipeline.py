@@ -1,9 +1,10 @@
 """The one path from image bytes to ``DetectionResult`` dicts.
 
 decode (thread pool) → letterbox → one ONNX run per chunk of ``max_batch`` → NMS and
-rescale → payload reading → crop verifier (``core.verifier``: QR boxes whose payload was
-not read are kept only if it confirms them; ``QRSIGHT_VERIFIER_PATH``, used with the
-detector it was trained for) → records. The workers, ``qrsight-detect`` and the
+rescale → :meth:`Pipeline.check`: payload reading, the crop verifier's judgement of the
+unread QR boxes (``core.verifier``; ``QRSIGHT_VERIFIER_PATH``, used with the detector it
+was trained for), harder reads of the plausible ones, the verifier's keep rule and
+calibrated confidence → records. The workers, ``qrsight-detect`` and the
 benchmarks all call :meth:`Pipeline.run`, so their boxes are identical.
 
 Timings per image: ``queue_ms`` from ``submitted_at_ms`` to the start of the run;
@@ -29,12 +30,17 @@ from core.detections import Detections
 from core.detector import Detector
 from core.errors import CorruptImageError, QrsightError
 from core.images import ImageLimits, decode
-from core.payload import drop_duplicate_reads, read_payloads
+from core.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
 from core.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
+
+# unread QR boxes the verifier judges at least this plausible get the harder reads
+# (measured in models/README.md: below it they are not codes, and each costs the full
+# time of every attempt)
+HARD_READ_MIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -159,9 +165,7 @@ class Pipeline:
             job = jobs[i]
             t_pay = time.perf_counter()
             read = self.settings.decode_payloads if job.decode is None else job.decode
-            dets = self._payloads(job, image, found) if read else found
-            if self.verifier is not None:
-                dets = self.verifier.filter(image, dets, self._qr_id)
+            dets = self.check(image, found, read=read, request_id=job.request_id)
             timing = {
                 "queue_ms": queue_ms[i],
                 "decode_ms": intakes[i].decode_ms,
@@ -182,11 +186,51 @@ class Pipeline:
             )
         return records
 
-    def _payloads(self, job: ImageJob, image: np.ndarray, dets: Detections) -> Detections:
+    def check(
+        self, image: np.ndarray, dets: Detections, *, read: bool = True, request_id: str = ""
+    ) -> Detections:
+        """The detector's boxes of one image → what the pipeline reports.
+
+        With ``read``: payloads the standard way (and codes a whole-image read finds
+        outside every box, ``QRSIGHT_READ_WHOLE_IMAGE``). Then the verifier judges each
+        unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
+        them without a verifier) get the harder reads of ``core.payload.HARD_ATTEMPTS``;
+        finally the verifier's rule keeps read boxes and those judged at its threshold,
+        with their calibrated confidence.
+        """
+        if read:
+            dets = self._payloads(request_id, image, dets)
+        judged = (
+            self.verifier.judge(image, dets, self._qr_id)
+            if self.verifier is not None
+            else np.ones(len(dets), np.float32)
+        )
+        if read:
+            dets = self._read_harder(request_id, image, dets, judged)
+        if self.verifier is not None:
+            dets = self.verifier.apply(dets, judged)
+        return drop_duplicate_reads(dets) if read else dets
+
+    def _payloads(self, request_id: str, image: np.ndarray, dets: Detections) -> Detections:
         try:
             return drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as))
         except Exception:  # payload reading is best effort; the boxes still stand
-            logger.warning("payload reading failed request_id=%s", job.request_id, exc_info=True)
+            logger.warning("payload reading failed request_id=%s", request_id, exc_info=True)
+            return dets
+
+    def _read_harder(
+        self, request_id: str, image: np.ndarray, dets: Detections, judged: np.ndarray
+    ) -> Detections:
+        assert dets.text is not None
+        which = [
+            i
+            for i, (c, t, j) in enumerate(zip(dets.class_id, dets.text, judged, strict=True))
+            if c == self._qr_id and t is None and j >= HARD_READ_MIN
+        ]
+        try:
+            return read_harder(image, dets, which, HARD_ATTEMPTS)
+        except Exception:  # best effort, as the standard reads
+            logger.warning("harder reading failed request_id=%s", request_id, exc_info=True)
             return dets
 
 
