@@ -92,6 +92,22 @@ def _stretch(gray: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
+def _pad(gray: np.ndarray) -> np.ndarray:
+    """A light border around the crop: the quiet zone of a code cut by the frame, or
+    printed without one (zxing-cpp needs light around the finder patterns)."""
+    border = max(8, round(0.12 * min(gray.shape[:2])))
+    light = int(np.percentile(gray, 95))
+    return cv2.copyMakeBorder(
+        gray, border, border, border, border, cv2.BORDER_CONSTANT, value=light
+    )
+
+
+def _adaptive(gray: np.ndarray) -> np.ndarray:
+    """Local mean threshold over about a sixth of the crop (uneven light)."""
+    block = max(3, (min(gray.shape[:2]) // 6) | 1)
+    return cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, block, 4)
+
+
 GLOBAL = zxingcpp.Binarizer.GlobalHistogram
 FIXED = zxingcpp.Binarizer.FixedThreshold
 # every extra way tried (``bench/payload_attempts.py`` measures each on synthetic hard codes)
@@ -113,11 +129,20 @@ CANDIDATE_ATTEMPTS: dict[str, Attempt] = {
         Attempt("smooth-global", 2 * TARGET_SHORT_SIDE, _smooth, GLOBAL),
         Attempt("wide-margin", TARGET_SHORT_SIDE, margin=0.35),
         Attempt("tight-margin", TARGET_SHORT_SIDE, margin=0.04),
+        Attempt("pad", TARGET_SHORT_SIDE, _pad),
+        Attempt("pad-upscale-2x", 2 * TARGET_SHORT_SIDE, _pad),
+        Attempt("pad-sharpen", 2 * TARGET_SHORT_SIDE, lambda g: _pad(_sharpen(g))),
+        Attempt("adaptive", TARGET_SHORT_SIDE, _adaptive, FIXED),
+        Attempt("adaptive-2x", 2 * TARGET_SHORT_SIDE, _adaptive, FIXED),
     )
 }
 
-# the attempts that paid for their time there, in the order they are tried
-HARD_ATTEMPTS: tuple[Attempt, ...] = ()
+# the attempts that paid for their time there (models/README.md, *Reading harder*), in the
+# order they are tried: most new reads per millisecond first
+HARD_ATTEMPTS: tuple[Attempt, ...] = (
+    CANDIDATE_ATTEMPTS["upscale-3x"],
+    CANDIDATE_ATTEMPTS["sharpen"],
+)
 
 
 def read_whole(image_bgr: np.ndarray) -> list[tuple[str, np.ndarray]]:

@@ -196,7 +196,7 @@ class Pipeline:
         unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
         them without a verifier) get the harder reads of ``core.payload.HARD_ATTEMPTS``;
         finally the verifier's rule keeps read boxes and those judged at its threshold,
-        with their calibrated confidence.
+        with their calibrated confidence. Most confident first.
         """
         if read:
             dets = self._payloads(request_id, image, dets)
@@ -209,7 +209,10 @@ class Pipeline:
             dets = self._read_harder(request_id, image, dets, judged)
         if self.verifier is not None:
             dets = self.verifier.apply(dets, judged)
-        return drop_duplicate_reads(dets) if read else dets
+        if read:
+            dets = drop_duplicate_reads(dets)
+        order = np.argsort(-dets.confidence, kind="stable")  # the contract: most confident first
+        return dets if (order == np.arange(len(dets))).all() else dets[order]
 
     def _payloads(self, request_id: str, image: np.ndarray, dets: Detections) -> Detections:
         try:

@@ -306,16 +306,29 @@ def _code_scene(rng: np.random.Generator, family: str, size: tuple[int, int]) ->
         alpha = np.ones((th, tw), np.float32)
         synth._curve(rng, tex, [alpha, sym])
     side = module * grid.shape[0]
-    margin = side * 0.5
-    centre = (
-        float(rng.uniform(margin, max(margin + 1, w - margin))),
-        float(rng.uniform(margin, max(margin + 1, h - margin))),
-    )
-    if family == "closeup":
-        centre = (w / 2 + rng.uniform(-0.02, 0.02) * w, h / 2 + rng.uniform(-0.02, 0.02) * h)
     persp = rng.uniform(0.12, 0.25) if family == "perspective" else rng.uniform(0, 0.03)
     rotate = 0.0 if family in ("closeup", "plain") else 0.4
-    quad = _quad(rng, centre, side, side, rotate=rotate, persp=persp)
+    # the whole code in the frame (a close-up may lose its quiet zone, not its modules):
+    # a code cut by the frame cannot be read, and each family is about one condition
+    inner = np.array([[q, q], [tw - q, q], [tw - q, th - q], [q, th - q]], np.float32)
+    outer = np.array([[0, 0], [tw, 0], [tw, th], [0, th]], np.float32)
+    for attempt in range(40):
+        if attempt >= 10:
+            side *= 0.97
+        margin = side * 0.5
+        centre = (
+            float(rng.uniform(margin, max(margin + 1, w - margin))),
+            float(rng.uniform(margin, max(margin + 1, h - margin))),
+        )
+        if family == "closeup":
+            centre = (w / 2 + rng.uniform(-0.02, 0.02) * w, h / 2 + rng.uniform(-0.02, 0.02) * h)
+        quad = _quad(rng, centre, side, side, rotate=rotate, persp=persp)
+        mat = cv2.getPerspectiveTransform(outer, quad)
+        must = inner if family == "closeup" else outer
+        corners = cv2.perspectiveTransform(must[None], mat)[0]
+        if corners.min() >= 0 and (corners[:, 0] <= w).all() and (corners[:, 1] <= h).all():
+            break
+    module = side / grid.shape[0]
     box = _composite(canvas, tex, quad, sym)
     img = _degrade(rng, canvas, family, module)
     none = np.zeros((0, 4), np.float32)

@@ -339,8 +339,11 @@ def calibrate(
         v = predict(model, crops[~read])
         feats.append(np.stack([_logit(conf[~read]), _logit(v)], 1))
         labels.append(on_code[~read])
+    if not feats:  # nothing left unread (a smoke run): the plain product of the odds
+        logger.warning("calibration: no unread box in %d images; using [1, 1, 0]", len(jobs))
+        feats, labels = [np.zeros((0, 2))], [np.zeros(0, bool)]
     x, y = np.concatenate(feats), np.concatenate(labels).astype(np.float64)
-    a, b, c = (float(v) for v in fit_logistic(x, y))
+    a, b, c = (float(v) for v in fit_logistic(x, y)) if len(y) else (1.0, 1.0, 0.0)
     logger.info(
         "calibration unread=%d on_code=%d a=%.4f b=%.4f c=%.4f", len(y), int(y.sum()), a, b, c
     )
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few images, a tiny model (CI)")
+    p.add_argument("--crops", type=Path, default=None, help="keep the crops in this .npz (reused)")
     args = p.parse_args(argv)
     family_scale, select_scale = args.families, args.families / 10
     if args.smoke:
@@ -440,7 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     start = time.time()
     jobs = training_jobs(args.samples, family_scale, SIZE)
-    x, y = gather(args.detector, jobs, args.workers)
+    if args.crops is not None and args.crops.is_file():
+        with np.load(args.crops) as kept:
+            x, y = kept["x"], kept["y"]
+        logger.info("crops from %s n=%d", args.crops, len(y))
+    else:
+        x, y = gather(args.detector, jobs, args.workers)
+        if args.crops is not None:
+            args.crops.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.crops, x=x, y=y)
     model = train(x, y, epochs=args.epochs, width=args.width, seed=args.seed)
     params = sum(p.numel() for p in model.parameters())
     select = calibration_jobs(args.select, select_scale, SIZE)

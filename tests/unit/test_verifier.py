@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 
 from core.detections import Detections
@@ -16,7 +15,7 @@ from core.errors import ConfigError
 from core.pipeline import ImageJob, Pipeline
 from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
 from core.verifier import Verifier, crop_patches, file_sha256, load_verifier
-from tests.unit.onnx_models import make_dark_cell_model
+from tests.unit.onnx_models import make_dark_cell_model, with_metadata
 from tests.unit.qr_factory import CodeSpec, scene
 
 
@@ -152,23 +151,6 @@ def test_verifier_scores_follow_the_crop_not_the_batch(verifier: Verifier) -> No
     together = verifier.scores(image, np.concatenate([empty, box, empty]))
     assert np.allclose(alone, together[1], atol=1e-5)
     assert verifier.scores(image, np.zeros((0, 4), np.float32)).shape == (0,)
-
-
-def with_metadata(path: Path, out: Path, **changes: str | None) -> Path:
-    """A copy of the verifier at ``path`` with metadata entries changed (None = removed)."""
-    proto = onnx.load(str(path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    for key, value in changes.items():
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(proto, str(out))
-    return out
 
 
 def test_calibration_is_read_from_the_metadata_and_checked(tmp_path: Path) -> None:
