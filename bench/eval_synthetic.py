@@ -17,7 +17,8 @@ override them), exactly as ``qrsight-detect`` runs it. Per family:
 
 It also prints the reliability of the reported ``confidence`` over all boxes of all
 families: of the boxes scored in each 0.1 bin, how many are on a QR code (unread boxes
-separately: they are the ones whose confidence is a claim). Writes ``synthetic.md`` and
+separately: they are the ones whose confidence is a claim; ``--all-judged`` reports the
+boxes below the verifier's threshold too, for the whole range). Writes ``synthetic.md`` and
 ``synthetic.json`` to ``--out``; images are cached under ``--cache`` (generated once).
 """
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.pipeline import ImageJob, Pipeline
 from core.postprocess import box_iou
-from core.settings import load_settings
+from core.settings import Settings, load_settings
 from training.families import FAMILIES, NEGATIVE, POSITIVE, scene
 
 EVAL_SEED = 6_000_001
@@ -143,6 +144,58 @@ def table(rows: list[FamilyRow]) -> list[str]:
     return lines
 
 
+def timing(args: argparse.Namespace, settings: Settings) -> int:
+    """ms of ``Pipeline.check`` per image (payloads, verifier, harder reads) for the
+    default and the baselines, on the same decoded images and detections, interleaved."""
+    from bench.payload_attempts import LIMITS
+    from core.images import decode
+
+    default = Pipeline(settings)
+    configs = {"default": default}
+    plain = Pipeline(settings.model_copy(update={"verifier_path": None}), detector=default.detector)
+    plain.hard_attempts = ()
+    configs["baseline: no verifier, standard reads"] = plain
+    if args.before_verifier:
+        before = Pipeline(
+            settings.model_copy(update={"verifier_path": Path(args.before_verifier)}),
+            detector=default.detector,
+        )
+        before.hard_attempts = ()
+        configs["before: that verifier, standard reads"] = before
+    ms: dict[str, dict[str, list[float]]] = {name: {"neg": [], "pos": []} for name in configs}
+    detect: list[float] = []
+    for family in args.families:
+        kind = "neg" if family in NEGATIVE else "pos"
+        for k, case in enumerate(cases(family, args.n, args.seed, args.cache)):
+            img = decode(case.jpeg, LIMITS)
+            t0 = time.perf_counter()
+            found = default.detector.predict([img])[0]
+            detect.append((time.perf_counter() - t0) * 1000)
+            names = list(configs) if k % 2 == 0 else list(reversed(configs))
+            for name in names:
+                t0 = time.perf_counter()
+                configs[name].check(img, found)
+                ms[name][kind].append((time.perf_counter() - t0) * 1000)
+    base = float(np.mean(detect))
+    lines = [
+        f"detector (letterbox + ONNX + NMS) {base:.1f} ms per image, same run",
+        "",
+        "| Pipeline.check | ms/img negatives | ms/img positives | x detector |",
+        "|---|---|---|---|",
+    ]
+    for name, parts in ms.items():
+        both = parts["neg"] + parts["pos"]
+        lines.append(
+            f"| {name} | {np.mean(parts['neg']) if parts['neg'] else 0:.1f} "
+            f"| {np.mean(parts['pos']) if parts['pos'] else 0:.1f} | {np.mean(both) / base:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "timing.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100, help="images per family")
@@ -154,6 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/synthetic"))
     p.add_argument("--cache", type=Path, default=Path("runs/synthetic-cache"))
     p.add_argument("--label", default="qrsight default")
+    p.add_argument(
+        "--timing",
+        action="store_true",
+        help="only time Pipeline.check per image: the default against a baseline (no "
+        "verifier, no harder reads; and --before-verifier without harder reads), interleaved",
+    )
+    p.add_argument("--before-verifier", default=None, help="with --timing: an earlier verifier")
+    p.add_argument(
+        "--all-judged",
+        action="store_true",
+        help="report every box the verifier judged (its threshold set to 0): the reliability "
+        "of its probability over the whole range (the FP figures are then not the pipeline's)",
+    )
     args = p.parse_args(argv)
     cv2.setNumThreads(1)
     overrides: dict[str, Any] = {"ort_intra_threads": args.threads, "decode_threads": 1}
@@ -162,10 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.verifier:
         overrides["verifier_path"] = args.verifier
     settings = load_settings({}, **overrides)
+    if args.timing:
+        return timing(args, settings)
     rows: list[FamilyRow] = []
     boxes: list[tuple[float, bool, bool]] = []
     start = time.time()
     with Pipeline(settings) as pipeline:
+        if args.all_judged and pipeline.verifier is not None:
+            pipeline.verifier.threshold = 0.0
         for family in args.families:
             row = FamilyRow(family)
             for case in cases(family, args.n, args.seed, args.cache):

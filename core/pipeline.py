@@ -87,6 +87,7 @@ class Pipeline:
         self._qr_id = qr_class(self.detector.info.labels)
         self._missed_as = self._qr_id if settings.read_whole_image else None
         self.verifier = verifier or load_verifier(settings, self.detector.model_path)
+        self.hard_attempts = HARD_ATTEMPTS  # the harder reads of unread boxes, in order
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
@@ -194,7 +195,8 @@ class Pipeline:
         With ``read``: payloads the standard way (and codes a whole-image read finds
         outside every box, ``QRSIGHT_READ_WHOLE_IMAGE``). Then the verifier judges each
         unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
-        them without a verifier) get the harder reads of ``core.payload.HARD_ATTEMPTS``;
+        them without a verifier) get the harder reads of ``hard_attempts`` (default
+        ``core.payload.HARD_ATTEMPTS``);
         finally the verifier's rule keeps read boxes and those judged at its threshold,
         with their calibrated confidence. Most confident first.
         """
@@ -231,7 +233,7 @@ class Pipeline:
             if c == self._qr_id and t is None and j >= HARD_READ_MIN
         ]
         try:
-            return read_harder(image, dets, which, HARD_ATTEMPTS)
+            return read_harder(image, dets, which, self.hard_attempts)
         except Exception:  # best effort, as the standard reads
             logger.warning("harder reading failed request_id=%s", request_id, exc_info=True)
             return dets

@@ -10,7 +10,7 @@ at the sizes the detector runs at. Checkpoints, the log and intermediate exports
 by its *synthetic* validation set is exported to ``<out>/qrsight-qr-v<version>.onnx`` every
 time it improves, so a run can be stopped at any time. At the end ``training.select``
 picks the inference size and threshold, and ``training.verify`` trains the crop verifier
-on the exported detector's boxes (``<out>/qrsight-qrverify-v1.onnx``; ``--no-verifier``
+on the exported detector's boxes (``<out>/qrsight-qrverify-v2.onnx``; ``--no-verifier``
 skips it).
 """
 
