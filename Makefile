@@ -7,17 +7,33 @@ LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
 export QRSIGHT_KAFKA_PORT
 
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
-        train train-smoke bench eval
+        train train-smoke bench eval chaos chaos-ci soak
 
-install: .installed  ## install qrsight with its dev and training tools (editable)
+install: .installed  ## install qrsight's runtime (editable): what `make up` needs, no more
 
-# Re-installs when pyproject.toml changes; `make up` and `make test` depend on it, so both
-# work from a clean clone. The train extra (torch) is there for the training smoke test.
+# One marker per install, each re-run when pyproject.toml changes, so every target works
+# from a clean clone and installs only what it needs: `make up` the runtime (no torch,
+# no test or plotting tools); `make test` the dev extra and the train extra (torch, for the
+# training smoke test); `make train` the train extra; `make bench`/`make eval` the bench
+# extra (gevent for the seed's design, matplotlib for the plots) and the train extra (the
+# YOLOv8n-sized graph is exported with torch).
 .installed: pyproject.toml
+	$(PYTHON) -m pip install -q -e .
+	touch $@
+
+.installed-dev: pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[dev,train]'
 	touch $@
 
-lint: .installed  ## ruff (lint + format check) and mypy
+.installed-train: pyproject.toml
+	$(PYTHON) -m pip install -q -e '.[train]'
+	touch $@
+
+.installed-bench: pyproject.toml
+	$(PYTHON) -m pip install -q -e '.[bench,train]'
+	touch $@
+
+lint: .installed-dev  ## ruff (lint + format check) and mypy
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
@@ -26,13 +42,23 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-unit: .installed  ## tests that start nothing
+unit: .installed-dev  ## tests that start nothing
 	$(PYTHON) -m pytest tests/unit
 
-integration: .installed  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOTSTRAP if set, else one started here)
+integration: .installed-dev  ## tests on a real Kafka broker (QRSIGHT_KAFKA_BOOTSTRAP if set, else one started here)
 	$(PYTHON) -m pytest tests/integration
 
-test: .test-tools lint unit integration  ## everything CI runs
+test: .test-tools lint unit integration chaos-ci  ## everything CI runs
+
+chaos-ci: .installed-dev  ## the chaos suite at CI size (1,000 images per scenario, ~3.5 min)
+	$(PYTHON) -m pytest tests/chaos
+
+chaos: .installed-dev  ## the chaos suite at full size (10,000 images per scenario); prints the table
+	CHAOS_IMAGES=$${CHAOS_IMAGES:-10000} CHAOS_REPORT=runs/chaos.md \
+	  $(PYTHON) -m pytest tests/chaos --timeout 3600 -p no:cacheprovider
+
+soak: .installed-dev  ## workers at 80 % of capacity, mixed input, SOAK_MINUTES (5); plot in runs/soak
+	$(PYTHON) -m tests.chaos.soak --minutes $${SOAK_MINUTES:-5} --out runs/soak
 
 # Chromium, docker-compose and kustomize for the browser and deploy checks (once).
 .test-tools: deploy/local/test-tools.sh
@@ -54,11 +80,33 @@ down:
 demo:  ## with `make up` running: publish the samples and print their detections
 	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.publish samples/ --wait --compact
 
-train:  ## reproduce the shipped detector and its crop verifier from scratch (seeded)
+train: .installed-train  ## reproduce the shipped detector and its crop verifier from scratch (seeded)
 	$(PYTHON) -m training.train --out models/
 
-train-smoke:
+train-smoke: .installed-train
 	$(PYTHON) -m training.train --smoke --out runs/smoke
 
-eval:  ## evaluate the shipped detector on a manifest: make eval DATA=../shared/data/qr-real-dev
+eval: .installed-bench  ## evaluate the shipped detector on a manifest: make eval DATA=../shared/data/qr-real-dev
 	$(PYTHON) bench/eval_detector.py $(DATA)
+
+# SIZE=quick: a few minutes, to check that it all runs; SIZE=full (default): the figures.
+SIZE ?= full
+bench: .installed-bench  ## the benchmark suite (P1-P3, sweep, scaling): writes bench/RESULTS.md
+	$(PYTHON) bench/suite.py --size $(SIZE)
+
+.PHONY: compose-test cuda-image-test
+# Containers without Docker: podman builds the images (local stand-ins for the base images
+# where no registry is reachable) and docker-compose runs the stack (README, "Docker Compose").
+compose-test: .installed-dev  ## build the CPU image and test docker-compose.yml end to end (podman)
+	PYTHON=$(PYTHON) deploy/local/containers.sh prepare
+	$(PYTHON) -m pytest tests/compose/test_compose_stack.py
+
+cuda-image-test: .installed-dev  ## build the CUDA image and check it on the CPU provider (no GPU needed)
+	PYTHON=$(PYTHON) deploy/local/containers.sh setup
+	PYTHON=$(PYTHON) deploy/local/containers.sh build-cuda
+	$(PYTHON) -m pytest tests/compose/test_cuda_image.py
+
+.PHONY: soak-api
+SOAK_API_S ?= 300
+soak-api: .installed-dev  ## API soak: mixed 200/400/401/413/429/503/504 traffic for SOAK_API_S seconds (default 300); plot in runs/soak-api/
+	$(PYTHON) bench/soak_api.py --duration $(SOAK_API_S)

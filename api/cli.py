@@ -15,6 +15,7 @@ from pathlib import Path
 from api.auth import JwtVerifier
 from core.errors import ConfigError
 from core.settings import env_name, load_settings
+from core.telemetry import setup_tracing
 
 CONFIG = Path(__file__).with_name("gunicorn.conf.py")
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         JwtVerifier.from_settings(settings)
+        setup_tracing("qrsight-api")  # checks the OTEL_* settings; each worker sets up its own
         if not settings.kafka_bootstrap:
             raise ConfigError(f"no Kafka broker configured: set {env_name('kafka_bootstrap')}")
     except ConfigError as exc:

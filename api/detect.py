@@ -3,13 +3,18 @@
 Everything that can be refused without a worker is refused before anything is queued:
 body size (``MAX_CONTENT_LENGTH``), type by magic bytes, and dimensions read from the
 header (so a decompression bomb never reaches Kafka).
+
+The body is read once, into one buffer of its announced size (a multipart file is spooled
+to a temporary file by werkzeug first, past 500 KB), and handed to the reply client, which
+frees it as soon as the Kafka record is encoded: a request waiting for its reply holds no
+copy of its image.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 from flask import Blueprint, Response, g, jsonify, request
 
@@ -17,9 +22,13 @@ from api.metrics import DETECT_RESULTS
 from api.state import api_state
 from core.errors import (
     BadRequestError,
+    KafkaUnavailableError,
     QrsightError,
     ReplyTimeoutError,
+    error_classes,
+    error_for_code,
 )
+from core.errors import all_error_classes as core_error_classes
 from core.images import probe
 from core.settings import Settings
 from schemas.names import STATUS_EXPIRED, STATUS_OK
@@ -29,6 +38,7 @@ logger = logging.getLogger(__name__)
 bp = Blueprint("detect", __name__, url_prefix="/api/v1")
 
 FIELD = "image"
+CHUNK_BYTES = 256 * 1024
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
 
@@ -45,8 +55,9 @@ def detect() -> Response:
     state = api_state()
     options = parse_options(request.args, state.settings)
     data = read_image()
-    info = probe(data, state.limits)
-    logger.info(
+    # probe() reads any bytes-like buffer; its annotation says bytes
+    info = probe(cast(bytes, data), state.limits)
+    logger.debug(  # one INFO line per request is enough: app.end_request's
         "detect request format=%s width=%s height=%s bytes=%s",
         info.format,
         info.width,
@@ -54,13 +65,13 @@ def detect() -> Response:
         len(data),
     )
     result = state.replies.request(
-        data,
+        data,  # consumed: cleared once its Kafka record is encoded
         options.timeout_s,
         content_type=info.content_type,
         conf=options.conf,
         decode=options.decode,
         request_id=g.request_id,
-        traceparent=request.headers.get("traceparent"),
+        traceparent=g.span.traceparent,
     )
     check_result(result)
     DETECT_RESULTS.labels("ok").inc()
@@ -100,36 +111,66 @@ def parse_bool(value: str | None, name: str, *, default: bool) -> bool:
     raise BadRequestError(f"{name} must be true or false, got {value!r}")
 
 
-def read_image() -> bytes:
-    """The image bytes: the multipart file field ``image``, else the raw body."""
+def read_image() -> bytearray:
+    """The image bytes, read once into one buffer: the multipart file field ``image``, else
+    the raw body."""
     if request.mimetype == "multipart/form-data":
         upload = request.files.get(FIELD)
         if upload is None:
             raise BadRequestError(f"multipart file field {FIELD!r} is missing")
-        data = upload.read()
-    else:
-        data = request.get_data(cache=False)
-    return data  # probe() refuses empty and oversized images with the right codes
+        stream = upload.stream
+        size = stream.seek(0, 2)
+        stream.seek(0)
+        return read_into(stream, size)
+    if request.content_length is not None:
+        return read_into(request.stream, request.content_length)
+    buffer = bytearray()  # chunked: werkzeug stops it at MAX_CONTENT_LENGTH with 413
+    while chunk := request.stream.read(CHUNK_BYTES):
+        buffer += chunk
+    return buffer  # probe() refuses empty and oversized images with the right codes
+
+
+def read_into(stream: IO[bytes], size: int) -> bytearray:
+    """Exactly ``size`` bytes of ``stream`` (fewer if it ends early), with no extra copy."""
+    buffer = bytearray(size)
+    filled = 0
+    with memoryview(buffer) as view:
+        while filled < size:
+            got = stream.readinto(view[filled:])  # type: ignore[attr-defined]
+            if not got:
+                break
+            filled += got
+    del buffer[filled:]
+    return buffer
 
 
 def error_for(code: str, message: str, request_id: str | None) -> QrsightError:
-    """The QrsightError whose stable code a worker put into an ERROR result."""
-    for cls in all_error_classes():
-        if cls.code == code:
-            return cls(message, request_id=request_id)
-    error = QrsightError(message, request_id=request_id)
+    """The error for the stable code a worker put into an ERROR result.
+
+    An ERROR result means the input was bad, so a code this API does not know is a 400
+    (with the worker's code kept); a known code that is no fault of the input (a model
+    that failed) is a 503, to be retried. The code → class lookup is ``core.errors``'.
+    """
+    cls = error_classes().get(code)
+    if cls is None:
+        error = BadRequestError(message, request_id=request_id)
+        error.code = code
+        return error
+    if cls.http_status < 500:
+        return error_for_code(code, message, request_id)
+    return worker_failed(code, message, request_id)
+
+
+def worker_failed(code: str, message: str, request_id: str | None) -> QrsightError:
+    error = KafkaUnavailableError(f"a worker could not process the image: {message}")
     error.code = code
+    error.request_id = request_id
     return error
 
 
 def all_error_classes() -> list[type[QrsightError]]:
-    found: list[type[QrsightError]] = []
-    pending: list[type[QrsightError]] = [QrsightError]
-    while pending:
-        cls = pending.pop()
-        found.append(cls)
-        pending.extend(cls.__subclasses__())
-    return found
+    """Every error the app can raise (the OpenAPI test documents their statuses)."""
+    return core_error_classes()
 
 
 def check_result(result: dict[str, Any]) -> None:

@@ -17,6 +17,9 @@ from core.errors import QrsightError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
 
+# Retry-After on every 503: when the caller may try again, in seconds.
+UNAVAILABLE_RETRY_AFTER_S = 5
+
 # Stable codes for werkzeug's own errors (the ones qrsight's errors don't cover).
 HTTP_CODES = {
     400: "bad_request",
@@ -42,7 +45,10 @@ def handle_qrsight_error(error: QrsightError) -> Response:
     if error.request_id is None:
         error.request_id = g.get("request_id")
     status = error.http_status
-    log = logger.warning if status < 500 else logger.error
+    # a readiness probe's "not yet" (starting, Kafka away) and back-pressure's "retry soon"
+    # are answers, not failed requests
+    failed = status >= 500 and error.code not in ("not_ready", "overloaded")
+    log = logger.error if failed else logger.warning
     log("request failed code=%s status=%s message=%s", error.code, status, error.message)
     response = jsonify({"error": error.to_dict()})
     response.status_code = status
@@ -50,6 +56,9 @@ def handle_qrsight_error(error: QrsightError) -> Response:
         response.headers["WWW-Authenticate"] = error.context.get(
             "challenge", 'Bearer realm="qrsight"'
         )
+    if status == 503:
+        retry_after = error.context.get("retry_after", UNAVAILABLE_RETRY_AFTER_S)
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 

@@ -17,6 +17,17 @@ of the replies topic (see ``api/slots.py``).
 
 Metrics: ``PROMETHEUS_MULTIPROC_DIR`` is set here (a fresh temporary directory unless
 given) before any worker imports prometheus_client; ``child_exit`` marks dead workers.
+
+Back-pressure: every request of a worker, /health included, is served by one pool of
+``threads``; ``api/admission.py`` keeps /detect to ``QRSIGHT_API_MAX_IN_FLIGHT`` of them
+(default: three quarters), so the liveness and readiness probes always find a free
+thread however slow the detection workers are. ``worker_connections`` (gunicorn's 1000)
+bounds the connections a worker holds; past it new connections wait in the listen
+backlog, so it stays well above the threads.
+
+In each worker (``post_fork``): glibc malloc is tuned to give freed upload buffers back
+(``api/memory.py``) and gunicorn's own error pages become the API's JSON errors
+(``api/protocol_errors.py``).
 """
 
 from __future__ import annotations
@@ -40,10 +51,19 @@ preload_app = False
 timeout = int(_settings.api_max_timeout_ms / 1000) + 30
 graceful_timeout = int(_settings.api_max_timeout_ms / 1000) + 5
 keepalive = 5
+# No gunicornc control socket (gunicorn 25+): its default place, $HOME/.gunicorn, is not
+# writable in the image (HOME=/app belongs to root; read-only root file system on
+# Kubernetes), so the master logged an ERROR at every start; qrsight does not use it.
+control_socket_disable = True
 loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s ms=%(M)s request_id=%({x-request-id}o)s pid=%(p)s'
+# gunicorn's own error and access logs in qrsight's format (QRSIGHT_LOG_FORMAT); each access
+# line ends with our request_id and trace_id (api/logs.py), client_request_id is theirs
+logger_class = "api.logs.GunicornLogger"
+access_log_format = (
+    '%(h)s "%(r)s" %(s)s %(b)s ms=%(M)s client_request_id=%({x-request-id}i)s pid=%(p)s'
+)
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 if not os.environ.get(_MULTIPROC_ENV):
@@ -70,10 +90,15 @@ def pre_fork(server: Any, worker: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """In the worker, before it imports the app: record its slot."""
+    """In the worker, before it imports the app: record its slot, tune malloc, JSON errors."""
+    from api import protocol_errors
+    from api.memory import tune_malloc
     from api.slots import set_process_slot
 
     set_process_slot(worker.qrsight_slot)
+    if _settings.api_malloc_tuning:
+        tune_malloc()
+    protocol_errors.install()
     server.log.info("worker pid=%s slot=%s", worker.pid, worker.qrsight_slot)
 
 
@@ -83,6 +108,9 @@ def worker_exit(server: Any, worker: Any) -> None:
     state = extensions.get("qrsight")
     if state is not None:
         state.replies.close()
+    from core.telemetry import tracing
+
+    tracing().shutdown()  # export the spans still buffered
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -42,6 +42,20 @@ IN_FLIGHT = Gauge(
     "requests being served now",
     multiprocess_mode="livesum",
 )
+DETECT_IN_FLIGHT = Gauge(
+    "qrsight_api_detect_in_flight",
+    "/detect requests admitted and not finished (uploading or awaiting their reply)",
+    multiprocess_mode="livesum",
+)
+REPLY_WAITERS = Gauge(
+    "qrsight_api_reply_waiters",
+    "requests awaiting their Kafka reply (entries of the correlation map)",
+    multiprocess_mode="livesum",
+)
+REPLY_READER_RESTARTS = Counter(
+    "qrsight_api_reply_reader_restarts",
+    "times the reply reader thread died and was started again",
+)
 DETECT_RESULTS = Counter(
     "qrsight_api_detect_results",
     "/detect outcomes by error code ('ok' for success)",

@@ -1,4 +1,4 @@
-"""What one app instance holds: its settings, reply client, limits and verifier."""
+"""What one app instance holds: its settings, reply client, limits, verifier and admission."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from flask import current_app
 
+from api.admission import Admission
 from api.auth import JwtVerifier
 from api.replies import ReplyClient
 from core.images import ImageLimits
@@ -20,6 +21,7 @@ class ApiState:
     replies: ReplyClient
     limits: ImageLimits
     verifier: JwtVerifier | None
+    admission: Admission
 
 
 def api_state() -> ApiState:

@@ -19,15 +19,11 @@ from types import FrameType
 from consumer.metrics import MetricsServer, WorkerMetrics
 from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
 from core.errors import ConfigError
+from core.logs import configure_from_settings, configure_logging
 from core.settings import Settings, load_settings
+from core.telemetry import setup_tracing
 
 logger = logging.getLogger("consumer")
-
-LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d %(message)s"
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("INFO")
         logger.error("configuration error: %s", exc.message)
         return EXIT_CONFIG
-    configure_logging(settings.log_level)
+    configure_from_settings(settings)
     if args.worker_index is not None:
         return run_worker(settings, args.worker_index)
     workers = args.workers if args.workers is not None else settings.workers
@@ -76,6 +72,11 @@ def run_worker(settings: Settings, index: int) -> int:
     """One worker in this process until SIGTERM/SIGINT (0) or a failure (1)."""
     from consumer.worker import Worker
 
+    try:
+        setup_tracing("qrsight-worker")
+    except ConfigError as exc:
+        logger.error("configuration error worker=%d error=%s", index, exc.message)
+        return EXIT_CONFIG
     metrics = WorkerMetrics(index)
     worker = Worker(settings, index, metrics=metrics)
     _install_stop_handlers(worker.stop, settings.shutdown_timeout_s)

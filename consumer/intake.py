@@ -4,20 +4,34 @@ A value is an Avro ``ImageRequest`` (Confluent framing or schemaless) or raw ima
 (recognised by their magic bytes, or announced by an ``image/*`` ``content_type`` header).
 Nothing here raises for bad input: the reason travels in :attr:`Intake.error` so the
 worker can publish an ``ERROR`` result and copy the message to the DLQ.
+
+Headers are input too: a ``correlation_id`` must be UTF-8 and at most
+:data:`MAX_REQUEST_ID_BYTES`; a reply may only go to a partition that exists of the
+configured replies topic (whoever can write to ``qr.images`` must not choose where a
+worker writes). Trace context headers are ``core.telemetry``'s: a ``traceparent`` that is
+not W3C trace context is not passed on.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from core.errors import BadMessageError, EmptyImageError, QrsightError
-from core.images import ImageLimits, probe
+from core.errors import (
+    BadMessageError,
+    BadReplyRouteError,
+    EmptyImageError,
+    QrsightError,
+    UnsupportedTypeError,
+)
+from core.images import ImageLimits, probe, refused_kind
 from core.pipeline import ImageJob
+from core.telemetry import trace_id_of
 from schemas import names
-from schemas.codec import Codec, WireFormatError
+from schemas.codec import Codec, RegistryError, WireFormatError
 
 # Magic bytes of the image formats a raw value may carry (core.images decides what it accepts).
 IMAGE_MAGIC: tuple[bytes, ...] = (
@@ -28,7 +42,10 @@ IMAGE_MAGIC: tuple[bytes, ...] = (
     b"II*\x00",  # TIFF little-endian (same)
     b"MM\x00*",  # TIFF big-endian (same)
 )
-PASSTHROUGH_HEADERS = (names.H_TRACEPARENT,)
+MAX_REQUEST_ID_BYTES = 256
+# The partition count of the replies topic; asked with the partition a request names,
+# so an implementation can refresh its metadata before calling it out of range.
+ReplyPartitions = Callable[[int], int]
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -56,8 +73,14 @@ class Intake:
     deadline_ms: int | None = None
     reply_topic: str | None = None
     reply_partition: int | None = None
-    passthrough: list[tuple[str, bytes]] = field(default_factory=list)
     queue_start_ms: int | None = None
+    correlation: bytes | None = None  # the correlation_id header as sent, echoed in results
+
+    @property
+    def result_key(self) -> bytes:
+        """Key and ``correlation_id`` of the results: the id exactly as the request sent it
+        (so even an id refused as non-UTF-8 finds its caller), else the request id."""
+        return self.correlation or self.request_id.encode("utf-8")
 
     @property
     def where(self) -> str:
@@ -83,18 +106,16 @@ def parse_message(
     limits: ImageLimits,
     *,
     default_replies_topic: str,
+    reply_partitions: ReplyPartitions | None = None,
     now_ms: int | None = None,
 ) -> Intake:
-    """Classify one message; bad input ends up in ``error``, never raised."""
+    """Classify one message; bad input ends up in ``error``, never raised.
+
+    ``reply_partitions`` gives the replies topic's partition count (unchecked if None).
+    """
     headers = _headers(msg)
     hdrs = names.header_dict(headers)
     topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-    correlation = hdrs.get(names.H_CORRELATION_ID)
-    request_id = (
-        correlation.decode("utf-8", errors="replace")
-        if correlation
-        else f"{topic}-{partition}-{offset}"
-    )
     item = Intake(
         topic=topic,
         partition=partition,
@@ -102,24 +123,43 @@ def parse_message(
         key=msg.key(),
         value=msg.value(),
         headers=headers,
-        request_id=request_id,
-        passthrough=[(h, hdrs[h]) for h in PASSTHROUGH_HEADERS if h in hdrs],
+        request_id=f"{topic}-{partition}-{offset}",
         queue_start_ms=message_timestamp_ms(msg),
     )
     try:
+        has_correlation = _read_correlation(item, hdrs.get(names.H_CORRELATION_ID))
         _fill(
             item,
             hdrs,
             codec,
             limits,
-            has_correlation=bool(correlation),
+            has_correlation=has_correlation,
             default_replies_topic=default_replies_topic,
+            reply_partitions=reply_partitions,
         )
         _check_deadline(item, hdrs, int(time.time() * 1000) if now_ms is None else now_ms)
     except QrsightError as exc:
         exc.request_id = item.request_id
         item.error, item.job = exc, None
     return item
+
+
+def _read_correlation(item: Intake, raw: bytes | None) -> bool:
+    """Take the request id from ``correlation_id``; refuse one that is not a sane id."""
+    if not raw:
+        return False
+    if len(raw) > MAX_REQUEST_ID_BYTES:
+        raise BadMessageError(
+            f"{names.H_CORRELATION_ID} header is {len(raw)} bytes, over the limit of "
+            f"{MAX_REQUEST_ID_BYTES}"
+        )
+    item.correlation = raw
+    try:
+        item.request_id = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        item.request_id = raw.decode("utf-8", errors="backslashreplace")
+        raise BadMessageError(f"{names.H_CORRELATION_ID} header is not UTF-8: {exc}") from exc
+    return True
 
 
 def _fill(
@@ -130,9 +170,10 @@ def _fill(
     *,
     has_correlation: bool,
     default_replies_topic: str,
+    reply_partitions: ReplyPartitions | None,
 ) -> None:
     value = item.value or b""
-    _read_reply_headers(item, hdrs, default_replies_topic)
+    _read_reply_headers(item, hdrs, default_replies_topic, reply_partitions)
     if not value:
         raise EmptyImageError("message value is empty: expected an ImageRequest or image bytes")
     content_type = hdrs.get(names.H_CONTENT_TYPE, b"").decode("utf-8", errors="replace")
@@ -143,11 +184,17 @@ def _fill(
             data=value,
             content_type=content_type or None,
             submitted_at_ms=item.queue_start_ms,
+            trace_id=trace_id_of(hdrs.get(names.H_TRACEPARENT)),
         )
         return
     request = _decode_request(codec, value, item.topic)
     if not has_correlation and request.get("request_id"):
-        item.request_id = str(request["request_id"])
+        rid = str(request["request_id"])
+        if len(rid.encode("utf-8", "replace")) > MAX_REQUEST_ID_BYTES:
+            raise BadMessageError(
+                f"ImageRequest.request_id is over the limit of {MAX_REQUEST_ID_BYTES} bytes"
+            )
+        item.request_id = rid
     item.source = request.get("source")
     submitted = request.get("submitted_at")
     if isinstance(submitted, int) and submitted > 0:
@@ -165,13 +212,22 @@ def _fill(
         conf=options.get("confidence"),
         decode=options.get("decode_payloads"),
         submitted_at_ms=item.queue_start_ms,
+        trace_id=trace_id_of(hdrs.get(names.H_TRACEPARENT)),
     )
 
 
 def _decode_request(codec: Codec, value: bytes, topic: str) -> dict:
     try:
         record = codec.decode(value, topic)
+    except RegistryError:
+        raise  # the registry is away: not the message's fault
     except WireFormatError as exc:
+        kind = refused_kind(value)
+        if kind:
+            raise UnsupportedTypeError(
+                f"{kind} is not supported (send JPEG, PNG, WebP or BMP bytes, or an "
+                "ImageRequest carrying them)"
+            ) from exc
         raise BadMessageError(
             f"value is neither an Avro ImageRequest nor JPEG/PNG/WebP/BMP bytes: {exc}"
         ) from exc
@@ -185,18 +241,36 @@ def _decode_request(codec: Codec, value: bytes, topic: str) -> dict:
     return record
 
 
-def _read_reply_headers(item: Intake, hdrs: dict[str, bytes], default_topic: str) -> None:
+def _read_reply_headers(
+    item: Intake,
+    hdrs: dict[str, bytes],
+    replies_topic: str,
+    reply_partitions: ReplyPartitions | None,
+) -> None:
+    """A reply goes to the configured replies topic only, to a partition that exists."""
     topic = hdrs.get(names.H_REPLY_TOPIC)
     raw_partition = hdrs.get(names.H_REPLY_PARTITION)
     if topic is None and raw_partition is None:
         return
-    item.reply_topic = topic.decode("utf-8", errors="replace") if topic else default_topic
+    if topic is not None and topic != replies_topic.encode("utf-8"):
+        shown = topic[:100].decode("utf-8", errors="replace")
+        raise BadReplyRouteError(
+            f"{names.H_REPLY_TOPIC} {shown!r} is not the replies topic {replies_topic!r} "
+            "(set by QRSIGHT_TOPIC_REPLIES); no reply sent"
+        )
+    partition = None
     if raw_partition is not None:
         try:
-            item.reply_partition = names.decode_partition(raw_partition)
+            partition = names.decode_partition(raw_partition)
         except ValueError as exc:
-            item.reply_topic = None
-            raise BadMessageError(f"bad {names.H_REPLY_PARTITION} header: {exc}") from exc
+            raise BadReplyRouteError(f"bad {names.H_REPLY_PARTITION} header: {exc}") from exc
+        count = None if reply_partitions is None else reply_partitions(partition)
+        if partition < 0 or (count is not None and partition >= count):
+            raise BadReplyRouteError(
+                f"{names.H_REPLY_PARTITION} {partition} is not a partition of {replies_topic} "
+                f"({count if count is not None else 'unknown'} partitions); no reply sent"
+            )
+    item.reply_topic, item.reply_partition = replies_topic, partition
 
 
 def _check_deadline(item: Intake, hdrs: dict[str, bytes], now_ms: int) -> None:

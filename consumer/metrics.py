@@ -64,6 +64,46 @@ class WorkerMetrics:
             ["code"],
             registry=reg,
         )
+        self.retries = Counter(
+            PREFIX + "retries",
+            "retries of batches that failed for a reason other than their input",
+            registry=reg,
+        )
+        self.quarantined = Counter(
+            PREFIX + "quarantined",
+            "messages isolated and copied to the DLQ because processing them kept failing "
+            "(reason: error = an exception each retry, crash = the worker died with it)",
+            ["reason"],
+            registry=reg,
+        )
+        self.dropped_revoked = Counter(
+            PREFIX + "revoked_dropped",
+            "fetched messages left unprocessed because their partition was revoked during "
+            "the fetch (the new owner processes them)",
+            registry=reg,
+        )
+        self.transactions_aborted = Counter(
+            PREFIX + "transactions_aborted",
+            "exactly-once batches whose transaction was aborted and given back (the group "
+            "moved on during the batch); their partitions' owner redoes them",
+            registry=reg,
+        )
+        self.consumer_rebuilds = Counter(
+            PREFIX + "consumer_rebuilds",
+            "Kafka consumers replaced in place after librdkafka declared them fatally failed "
+            "(e.g. a static member fenced after a broker outage)",
+            registry=reg,
+        )
+        self.commit_failures = Counter(
+            PREFIX + "commit_failures",
+            "offset commits that failed (the next commit covers them)",
+            registry=reg,
+        )
+        self.dlq_truncated = Counter(
+            PREFIX + "dlq_truncated",
+            "DLQ copies cut to fit the topic's message size (header error.truncated)",
+            registry=reg,
+        )
         self.assigned = Gauge(
             PREFIX + "assigned_partitions", "partitions assigned to this worker", registry=reg
         )
@@ -71,6 +111,12 @@ class WorkerMetrics:
         self.ready_flag = Gauge(
             PREFIX + "ready", "1 when the model is loaded and partitions are assigned", registry=reg
         )
+        self.start_time = Gauge(
+            PREFIX + "start_time_seconds",
+            "when this worker process started (unix time); each change is a restart",
+            registry=reg,
+        )
+        self.start_time.set_to_current_time()
         self.model_loaded = False
         self.partitions_assigned = False
 

@@ -81,6 +81,7 @@ class Supervisor:
         self.command = command
         self._stopping = threading.Event()
         self._code = EXIT_OK
+        self.restarts = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -129,11 +130,14 @@ class Supervisor:
         slot.failures = 1 if now - slot.started >= STABLE_AFTER_S else slot.failures + 1
         delay = min(BACKOFF_FIRST_S * 2 ** (slot.failures - 1), BACKOFF_MAX_S)
         slot.restart_at = now + delay
+        self.restarts += 1
         logger.warning(
-            "worker exited, restarting worker=%d exit_code=%d restart_in_s=%.1f",
+            "worker exited, restarting worker=%d exit_code=%d%s restart_in_s=%.1f restarts=%d",
             slot.index,
             code,
+            f" signal={signal.Signals(-code).name}" if code < 0 else "",
             delay,
+            self.restarts,
         )
 
     def _shutdown(self) -> int:

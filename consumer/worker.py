@@ -2,37 +2,79 @@
 
 One loop, one batch at a time::
 
-    consume(max_batch, max_wait) → parse → Pipeline.run (decode pool, one ONNX run, NMS,
-    payloads) → produce results (+ reply partition, + DLQ copies) → delivered? → store offsets
+    fetch → parse → Pipeline.run (decode pool, one ONNX run, NMS, payloads) → produce
+    results (+ reply partition, + DLQ copies) → delivered? → commit the batch's offsets
 
-Offsets are stored only after every record of the batch is acknowledged (at-least-once);
-in ``exactly_once`` mode the records and the offsets commit in one transaction. Because a
-batch is finished before the next ``consume()`` call, a rebalance (served inside
-``consume()``) never sees a half-done batch. Bad input becomes an ``ERROR`` result plus a
-DLQ copy; a model or broker failure raises, so the process exits non-zero and its
-supervisor restarts it from the last committed offsets.
+**Fetch without idle wait.** A blocking ``consume`` for the first message, then whatever
+librdkafka has already fetched (``consume(max_batch - 1, timeout=0)``); only when images
+were already waiting does the worker top the batch up for at most
+``QRSIGHT_MAX_WAIT_MS``. A lone image runs at once; under load batches fill by themselves
+(continuous batching). Rebalance callbacks run inside ``consume()``, so a fetch keeps only
+messages of partitions still owned, by the same assignment, when it ends.
+
+**Offsets.** At-least-once: after every record of a batch is acknowledged the worker
+commits the batch's offsets (asynchronously: one OffsetCommit per batch, never blocking
+the loop during an outage), so a kill re-delivers about the batch in hand. Exactly-once:
+records and offsets commit in one transaction per batch, under a ``transactional.id``
+built from the worker's stable identity (``QRSIGHT_GROUP_INSTANCE_ID``, else the host
+name), so a restarted worker fences and aborts its predecessor's open transaction at once;
+a transaction the group's rebalance makes abortable is aborted and the batch given back.
+
+**Failures.** Bad input becomes an ``ERROR`` result plus a DLQ copy. A record the broker
+refuses for good (too large) does too. Any other exception from the pipeline is retried,
+isolated and quarantined (:mod:`consumer.recovery`); a message that kills the process is
+recognised after restarts (:mod:`consumer.journal`). A broken model or an unreachable
+broker raises, so the process exits non-zero without committing and its supervisor
+restarts it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from consumer.intake import Intake, parse_message
+from consumer.journal import CrashJournal, MessageId, journal_path
 from consumer.metrics import WorkerMetrics
-from consumer.outputs import DeliveryError, DeliveryTracker, OutRecord, produce_all, wait_delivered
+from consumer.outputs import (
+    DLQ_FALLBACK_BYTES,
+    DeliveryError,
+    DeliveryTracker,
+    Failure,
+    OutputConfig,
+    OutRecord,
+    dlq_record,
+    produce_all,
+    raise_unrecoverable,
+    result_records,
+    wait_delivered,
+)
+from consumer.recovery import BatchRecovery, RetryPolicy, Stopping
+from core.errors import QuarantinedError, UndeliverableError
 from core.images import ImageLimits
-from core.kafka import avro_codec, consumer_config, producer_config
+from core.kafka import avro_codec, consumer_config, message_limits, producer_config
 from core.pipeline import Pipeline
 from core.results import error_record, expired_record
 from core.settings import Settings
+from core.telemetry import BatchTrace, StageLog, header_traceparent, trace_id_of, tracing
 from schemas import names
+from schemas.codec import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +83,12 @@ IDLE_POLL_S = 0.5  # also how quickly an idle worker notices stop()
 DELIVERY_TIMEOUT_S = 120.0
 TXN_TIMEOUT_S = 30.0
 TXN_COMMIT_TRIES = 5
+DELIVERY_ROUNDS = 3  # first try, then records rebuilt after permanent refusals
+REPLY_METADATA_REFRESH_S = 10.0
+REGISTRY_TRIES = 10
+REBUILD_INTERVAL_S = 60.0
+
+Key = tuple[str, int]
 
 
 def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
@@ -62,6 +110,22 @@ def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
     return pipeline, facts
 
 
+class ConsumerFenced(Exception):  # noqa: N818  (a state, handled by replacing the consumer)
+    """librdkafka declared the consumer fatally failed (e.g. fenced)."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(error.str())
+        self.error = error
+
+
+@dataclass
+class Fetched:
+    """A message and the assignment epoch of its partition when ``consume()`` returned it."""
+
+    msg: Message
+    epoch: int
+
+
 class Worker:
     """One consumer-group member. ``run()`` blocks until ``stop()`` or a failure."""
 
@@ -80,16 +144,36 @@ class Worker:
         self._pipeline = pipeline
         self._owns_pipeline = False
         self._stop = threading.Event()
-        self._running = False
-        self._assigned: set[tuple[str, int]] = set()
-        self._stored: dict[tuple[str, int], int] = {}
+        self._assigned: set[Key] = set()
+        self._epochs: dict[Key, int] = {}  # bumped on every assign, revoke, loss
+        self._stored: dict[Key, int] = {}
         self._limits = ImageLimits.from_settings(settings)
         self._request_codec = avro_codec(settings, "ImageRequest")
         self._result_codec = avro_codec(settings, "DetectionResult")
+        self._out = OutputConfig(
+            settings.topic_detections,
+            settings.topic_dlq,
+            message_limits(settings).max_message_bytes,
+        )
+        self._recovery = BatchRecovery(
+            self._run_pipeline,
+            RetryPolicy.from_settings(settings),
+            self._stop.wait,
+            on_retry=self.metrics.retries.inc,
+            on_quarantine=self.metrics.quarantined.labels("error").inc,
+        )
+        path = journal_path(settings.state_dir, settings.consumer_group, self.identity, index)
+        self.journal = CrashJournal(path, settings.crash_limit)
         self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._reply_count: int | None = None
+        self._reply_checked = -REPLY_METADATA_REFRESH_S
         self._last_lag = 0.0
+        self._last_rebuild = -REBUILD_INTERVAL_S
+        self._trace: BatchTrace = BatchTrace()  # the batch in hand's spans
+        self._stages: StageLog | None = None
 
-    # --- lifecycle --------------------------------------------------------------------
+    # --- identity and lifecycle -------------------------------------------------------
     def stop(self) -> None:
         """Stop fetching; the batch in hand is finished, delivered and committed."""
         self._stop.set()
@@ -99,8 +183,18 @@ class Worker:
         return not self._stop.is_set()
 
     @property
+    def identity(self) -> str:
+        """This host's stable name: ``QRSIGHT_GROUP_INSTANCE_ID``, else the host name."""
+        return self.settings.group_instance_id or socket.gethostname()
+
+    @property
+    def group_instance_id(self) -> str | None:
+        base = self.settings.group_instance_id
+        return f"{base}-{self.index}" if base else None
+
+    @property
     def transactional_id(self) -> str:
-        return f"{self.settings.consumer_group}-{socket.gethostname()}-{self.index}"
+        return f"{self.settings.consumer_group}-{self.identity}-{self.index}"
 
     def run(self) -> None:
         """Consume until stopped. Raises on a model, broker or delivery failure."""
@@ -110,61 +204,143 @@ class Worker:
             self.metrics.set_model(facts)
         elif not self.metrics.model_loaded:
             self.metrics.set_model({"name": "injected"})
-        consumer = Consumer(self._consumer_config())
+        if self.journal.recover():
+            self.metrics.quarantined.labels("crash")  # make the series visible
         producer = Producer(self._producer_config())
-        self._consumer = consumer
+        self._producer = producer
+        consumer = self._subscribe()
         try:
             if self.exactly_once:
                 producer.init_transactions(TXN_TIMEOUT_S)
-            consumer.subscribe(
-                [self.settings.topic_images],
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-            )
             logger.info(
-                "worker started worker=%d group=%s topic=%s guarantee=%s max_batch=%d "
-                "max_wait_ms=%d",
+                "worker started worker=%d group=%s instance=%s topic=%s guarantee=%s "
+                "max_batch=%d max_wait_ms=%d",
                 self.index,
                 self.settings.consumer_group,
+                self.group_instance_id or "-",
                 self.settings.topic_images,
                 self.settings.processing_guarantee,
                 self.settings.max_batch,
                 self.settings.max_wait_ms,
             )
-            self._loop(consumer, producer)
+            while True:
+                try:
+                    self._loop(consumer, producer)
+                    break
+                except ConsumerFenced as exc:
+                    consumer = self._rebuild(consumer, exc)
             self._final_commit(consumer)
         finally:
+            self.journal.clear()  # leaving on our own: nothing in hand killed us
             self._close(consumer, producer)
+
+    def _subscribe(self) -> Consumer:
+        consumer = Consumer(self._consumer_config())
+        consumer.subscribe(
+            [self.settings.topic_images],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._consumer = consumer
+        return consumer
+
+    def _rebuild(self, consumer: Consumer, exc: ConsumerFenced) -> Consumer:
+        """A consumer librdkafka declared fatally failed is replaced in place, once a
+        minute at most (more often means a real duplicate ``group.instance.id``: exit).
+
+        Known cause: after a session timeout (a broker outage), librdkafka may still send
+        an offset commit with the reset member id, and the broker fences the static member
+        for good (librdkafka PR #5585). The batch in hand was not committed; the new
+        consumer rejoins under the same ``group.instance.id`` and resumes from the last
+        commit."""
+        now = time.monotonic()
+        if now - self._last_rebuild < REBUILD_INTERVAL_S:
+            raise KafkaException(exc.error) from exc
+        self._last_rebuild = now
+        self.metrics.consumer_rebuilds.inc()
+        logger.warning("consumer failed for good, replacing it error=%s", exc.error.str())
+        self.journal.clear()
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as close_exc:
+            logger.info("closing the failed consumer error=%s", close_exc)
+        self._forget([TopicPartition(t, p) for t, p in list(self._assigned)])
+        return self._subscribe()
 
     def _loop(self, consumer: Consumer, producer: Producer) -> None:
         while not self._stop.is_set():
             msgs = self._fetch(consumer)
             if msgs:
-                self.process_batch(msgs, consumer, producer)
+                try:
+                    self.process_batch(msgs, consumer, producer)
+                except Stopping:
+                    logger.info("stopped during a retry; the batch stays uncommitted")
+                    return
             self._maybe_update_lag(consumer)
 
+    # --- fetching ---------------------------------------------------------------------
     def _fetch(self, consumer: Consumer) -> list[Message]:
-        """One micro-batch: wait (up to IDLE_POLL_S) for a first message, then give the rest
-        of the batch at most ``max_wait_ms`` to arrive.
+        """One micro-batch, without idle wait, of messages of partitions still owned.
 
-        Same bound as ``consume(max_batch, max_wait)``, but an idle worker sleeps in
-        librdkafka instead of waking every ``max_wait_ms`` (or spinning when it is 0).
+        1. wait (up to IDLE_POLL_S) for a first message;
+        2. take what librdkafka has already fetched (no wait);
+        3. only if images were waiting and the batch is not full: top it up for at most
+           ``max_wait_ms``.
         """
-        msgs = consumer.consume(num_messages=1, timeout=IDLE_POLL_S)
-        if msgs and self.settings.max_batch > 1:
-            msgs += consumer.consume(
-                num_messages=self.settings.max_batch - 1,
-                timeout=self.settings.max_wait_ms / 1000.0,
+        max_batch = self.settings.max_batch
+        got = self._consume(consumer, 1, IDLE_POLL_S)
+        if got and max_batch > 1:
+            more = self._consume(consumer, max_batch - 1, 0)
+            got += more
+            wait_s = self.settings.max_wait_ms / 1000.0
+            if more and len(got) < max_batch and wait_s > 0:
+                got += self._consume(consumer, max_batch - len(got), wait_s)
+        return self._owned(consumer, got)
+
+    def _consume(self, consumer: Consumer, count: int, timeout_s: float) -> list[Fetched]:
+        msgs = consumer.consume(num_messages=count, timeout=timeout_s)
+        # after consume(): its rebalance callbacks have run, so this is the epoch they left
+        return [Fetched(m, self._epochs.get(_key(m), 0)) for m in msgs]
+
+    def _owned(self, consumer: Consumer, fetched: list[Fetched]) -> list[Message]:
+        """Drop messages whose partition was revoked (or revoked and re-assigned) after
+        ``consume()`` returned them: the partition's current owner reads them again."""
+        keep, dropped = split_owned(fetched, self._assigned, self._epochs)
+        if dropped:
+            self.metrics.dropped_revoked.inc(sum(len(v) for v in dropped.values()))
+            logger.info(
+                "dropped messages of partitions revoked during the fetch worker=%d count=%d",
+                self.index,
+                sum(len(v) for v in dropped.values()),
             )
-        return msgs
+            self._reseek(consumer, dropped, keep)
+        return keep
+
+    def _reseek(
+        self, consumer: Consumer, dropped: dict[Key, list[int]], keep: list[Message]
+    ) -> None:
+        """A partition revoked and re-assigned during the fetch resumes from its committed
+        offset; should its position already be past a dropped message, seek back to it."""
+        kept = {(m.topic(), m.partition()) for m in keep}
+        for key, offsets in dropped.items():
+            if key not in self._assigned or key in kept:
+                continue
+            first = min(offsets)
+            try:
+                (pos,) = consumer.position([TopicPartition(key[0], key[1])])
+                if pos.offset != OFFSET_INVALID and pos.offset > first:
+                    consumer.seek(TopicPartition(key[0], key[1], first))
+                    logger.info("re-seek partition=%s[%d] offset=%d", key[0], key[1], first)
+            except KafkaException as exc:
+                logger.warning("re-seek failed partition=%s[%d] error=%s", *key, exc)
 
     def _close(self, consumer: Consumer, producer: Producer) -> None:
         remaining = producer.flush(self.settings.shutdown_timeout_s / 2)
         if remaining:
             logger.warning("unflushed records at close count=%d", remaining)
-        consumer.close()  # leaves the group; commits stored offsets (auto commit)
-        self._consumer = None
+        consumer.close()  # leaves the group (a static member does not: it is expected back)
+        self._consumer = self._producer = None
         if self._owns_pipeline and self._pipeline is not None:
             self._pipeline.close()
         self.metrics.set_assigned(0)
@@ -174,23 +350,64 @@ class Worker:
     def process_batch(
         self, msgs: Sequence[Message], consumer: Consumer, producer: Producer
     ) -> None:
+        """Results for ``msgs``, delivered, then their offsets committed."""
+        ids = [message_id(m) for m in msgs if m.error() is None]
+        plan = self.journal.plan(ids)
+        if plan.one_at_a_time and len(msgs) > 1:
+            logger.warning(
+                "running a batch one message at a time: the worker died on it before "
+                "worker=%d messages=%d",
+                self.index,
+                len(msgs),
+            )
+            for msg in msgs:
+                self.process_batch([msg], consumer, producer)
+            return
+        self.journal.note(ids)
         items = self._parse(msgs)
         if not items:
+            self.journal.done(ids)
             return
         self.metrics.batch_size.observe(len(items))
-        results = self._results(items)
-        records = self._records(items, results)
-        started = time.perf_counter()
-        if self.exactly_once:
-            self._deliver_transaction(records, items, consumer, producer)
-        else:
-            self._deliver(records, producer)
-            self._store_offsets(items, consumer)
+        with tracing().batch(items, self.settings.consumer_group) as trace:
+            self._trace = trace
+            results = self._results(items, plan.doomed, trace.stages)
+            started = time.perf_counter()
+            if self.exactly_once:
+                if not self._deliver_transaction(items, results, consumer, producer):
+                    self.journal.done(ids)  # given back (rewound), not a death
+                    return
+            else:
+                self._deliver(items, results, producer)
+                self._commit_batch(items, consumer)
+        self.journal.done(ids)
         self.metrics.observe_produce(time.perf_counter() - started, len(items))
         for result in results:
             self.metrics.observe_result(result)
 
     def _parse(self, msgs: Sequence[Message]) -> list[Intake]:
+        """Parse the batch; while the Schema Registry is away (not the messages' fault),
+        back off and try again, then give up (exit without committing) after
+        REGISTRY_TRIES."""
+        for attempt in range(1, REGISTRY_TRIES + 1):
+            try:
+                return self._parse_once(msgs)
+            except RegistryError as exc:
+                if attempt == REGISTRY_TRIES:
+                    raise
+                delay = self._recovery.policy.delay_s(attempt)
+                logger.warning(
+                    "schema registry unavailable, retrying attempt=%d backoff_s=%.2f error=%s",
+                    attempt,
+                    delay,
+                    exc,
+                )
+                self.metrics.retries.inc()
+                if self._stop.wait(delay):
+                    raise Stopping("stopped while the schema registry was away") from exc
+        raise AssertionError("unreachable")
+
+    def _parse_once(self, msgs: Sequence[Message]) -> list[Intake]:
         items: list[Intake] = []
         for msg in msgs:
             err = msg.error()
@@ -203,21 +420,31 @@ class Worker:
                     self._request_codec,
                     self._limits,
                     default_replies_topic=self.settings.topic_replies,
+                    reply_partitions=self._reply_partitions,
                 )
             )
         return items
 
     def _consume_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            raise KafkaException(err)
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            raise ConsumerFenced(err)  # this consumer instance is done
+
         if err.code() != KafkaError._PARTITION_EOF:
             logger.warning("consume error code=%s error=%s", err.name(), err.str())
 
-    def _results(self, items: list[Intake]) -> list[dict[str, Any]]:
+    def _results(
+        self,
+        items: list[Intake],
+        doomed: frozenset[MessageId] = frozenset(),
+        stages: StageLog | None = None,
+    ) -> list[dict[str, Any]]:
         """One DetectionResult per item, same order; the model runs once for the batch."""
-        assert self._pipeline is not None
+        for item in items:
+            if item.job is not None and (item.topic, item.partition, item.offset) in doomed:
+                self._doom(item)
         jobs = [item.job for item in items if item.job is not None]
-        ran = iter(self._pipeline.run(jobs) if jobs else [])  # ModelError propagates
+        self._stages = stages
+        ran = iter(self._recovery.run(jobs))  # ModelError, Stopping propagate
         results: list[dict[str, Any]] = []
         for item in items:
             if item.error is not None:
@@ -228,6 +455,21 @@ class Worker:
                 results.append(next(ran))
         return results
 
+    def _doom(self, item: Intake) -> None:
+        suspect = self.journal.suspects[(item.topic, item.partition, item.offset)]
+        item.error = QuarantinedError(
+            f"the worker died {suspect.deaths} times with this message in hand "
+            f"(QRSIGHT_CRASH_LIMIT={self.settings.crash_limit}); quarantined without running",
+            request_id=item.request_id,
+        )
+        item.job = None
+        self.metrics.quarantined.labels("crash").inc()
+        logger.error("quarantined request_id=%s %s reason=crash", item.request_id, item.where)
+
+    def _run_pipeline(self, jobs: Sequence[Any]) -> list[dict[str, Any]]:
+        assert self._pipeline is not None
+        return self._pipeline.run(jobs, self._stages)
+
     @staticmethod
     def _expired(item: Intake) -> dict[str, Any]:
         now = int(time.time() * 1000)
@@ -236,91 +478,218 @@ class Worker:
             item.request_id, item.source, deadline_ms=item.deadline_ms, queue_ms=queued
         )
 
-    def _records(self, items: list[Intake], results: list[dict[str, Any]]) -> list[OutRecord]:
+    # --- output records -----------------------------------------------------------------
+    def _records(
+        self,
+        items: list[Intake],
+        results: list[dict[str, Any]],
+        dlq_caps: dict[int, int] | None = None,
+    ) -> list[OutRecord]:
         records: list[OutRecord] = []
-        for item, result in zip(items, results, strict=True):
-            records.extend(self._result_records(item, result))
+        caps = dlq_caps or {}
+        trace = self._trace
+        for i, (item, result) in enumerate(zip(items, results, strict=True)):
+            headers = functools.partial(trace.headers, item, result)
+            records.extend(
+                result_records(
+                    item, result, self._result_codec, self._out, i, trace_headers=headers
+                )
+            )
             if result.get("status") == names.STATUS_ERROR:
-                records.append(self._dlq_record(item, result))
+                error = result.get("error") or {}
+                code, message = str(error.get("code", "")), str(error.get("message", ""))
+                dlq = dlq_record(item, code, message, self._out, i, max_bytes=caps.get(i))
+                records.append(dlq)
+        return records
+
+    def _log_outcomes(self, items: list[Intake], results: list[dict[str, Any]]) -> None:
+        for item, result in zip(items, results, strict=True):
+            status = result.get("status")
+            if status == names.STATUS_ERROR:
+                error = result.get("error") or {}
+                self.metrics.dlq.labels(str(error.get("code", ""))).inc()
                 logger.warning(
                     "bad input request_id=%s %s code=%s message=%s",
                     item.request_id,
                     item.where,
-                    (result.get("error") or {}).get("code"),
-                    (result.get("error") or {}).get("message"),
+                    error.get("code"),
+                    error.get("message"),
+                    extra=_ids(item),
                 )
-            elif result.get("status") == names.STATUS_EXPIRED:
-                logger.info("expired request_id=%s %s", item.request_id, item.where)
-        return records
+            elif status == names.STATUS_EXPIRED:
+                logger.info(
+                    "expired request_id=%s %s", item.request_id, item.where, extra=_ids(item)
+                )
 
-    def _result_records(self, item: Intake, result: dict[str, Any]) -> list[OutRecord]:
-        key = item.request_id.encode("utf-8")
-        headers: list[tuple[str, bytes | None]] = [
-            (names.H_CORRELATION_ID, key),
-            *item.passthrough,
-        ]
-        topic = self.settings.topic_detections
-        out = [OutRecord(topic, key, self._result_codec.encode(result, topic), headers)]
-        if item.reply_topic:
-            value = self._result_codec.encode(result, item.reply_topic)
-            out.append(OutRecord(item.reply_topic, key, value, headers, item.reply_partition))
-        return out
-
-    def _dlq_record(self, item: Intake, result: dict[str, Any]) -> OutRecord:
-        error = result.get("error") or {}
-        headers = [
-            *item.headers,
-            (names.H_ERROR_CODE, str(error.get("code", "")).encode()),
-            (names.H_ERROR_MESSAGE, str(error.get("message", "")).encode("utf-8", "replace")),
-            (names.H_ERROR_OFFSET, str(item.offset).encode()),
-            (names.H_ERROR_PARTITION, str(item.partition).encode()),
-            (names.H_ERROR_TOPIC, item.topic.encode()),
-        ]
-        self.metrics.dlq.labels(str(error.get("code", ""))).inc()
-        return OutRecord(self.settings.topic_dlq, item.key, item.value, headers)
+    def _absorb(
+        self,
+        items: list[Intake],
+        results: list[dict[str, Any]],
+        failures: list[Failure],
+        dlq_caps: dict[int, int],
+    ) -> None:
+        """Turn records the broker refused for good into what can be delivered: an
+        ``ERROR`` result (and DLQ copy) for an image whose result is refused, a shorter
+        DLQ copy, no reply for a refused reply route. Raises for anything transient."""
+        raise_unrecoverable(failures)
+        for failure in failures:
+            rec, i = failure.record, failure.record.item
+            item = items[i]
+            if rec.kind == "dlq":
+                size = len(rec.value or b"")
+                dlq_caps[i] = DLQ_FALLBACK_BYTES if size > DLQ_FALLBACK_BYTES else 0
+                self.metrics.dlq_truncated.inc()
+                logger.warning(
+                    "DLQ copy refused, truncating request_id=%s size=%d cap=%d error=%s",
+                    item.request_id,
+                    rec.size(),
+                    dlq_caps[i],
+                    failure.error.str(),
+                )
+            elif rec.kind == "reply":
+                logger.warning(
+                    "reply refused, none sent request_id=%s error=%s",
+                    item.request_id,
+                    failure.error.str(),
+                )
+                item.reply_topic = None
+            else:
+                error = UndeliverableError(
+                    f"the broker refused this image's result: {failure.error.str()}",
+                    request_id=item.request_id,
+                )
+                results[i] = error_record(item.request_id, item.source, error)
 
     # --- delivery and offsets ---------------------------------------------------------
-    def _deliver(self, records: list[OutRecord], producer: Producer) -> None:
-        tracker = DeliveryTracker()
-        produce_all(producer, records, tracker)
-        wait_delivered(producer, tracker, DELIVERY_TIMEOUT_S)
+    def _deliver(
+        self, items: list[Intake], results: list[dict[str, Any]], producer: Producer
+    ) -> None:
+        """Produce and wait; records refused for good are rebuilt and sent once more."""
+        caps: dict[int, int] = {}
+        delivered: set[tuple[int, str]] = set()
+        for _round in range(DELIVERY_ROUNDS):
+            records = [
+                r for r in self._records(items, results, caps) if (r.item, r.kind) not in delivered
+            ]
+            tracker = DeliveryTracker()
+            produce_all(producer, records, tracker)
+            wait_delivered(producer, tracker, DELIVERY_TIMEOUT_S)
+            failed = {(f.record.item, f.record.kind) for f in tracker.failures}
+            delivered |= {(r.item, r.kind) for r in records} - failed
+            if not tracker.failures:
+                self._log_outcomes(items, results)
+                return
+            self._absorb(items, results, tracker.failures, caps)
+        raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} rounds")
 
-    def _store_offsets(self, items: list[Intake], consumer: Consumer) -> None:
+    def _commit_batch(self, items: list[Intake], consumer: Consumer) -> None:
+        """Store the batch's offsets and commit them at once, asynchronously: a kill then
+        re-delivers at most the batch in hand (not 5 s of auto-commit interval), and a
+        broker outage never blocks the worker in a commit (the next commit, or the one on
+        revoke or at close, covers a failed one)."""
         nxt = next_offsets(items)
         offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
         try:
             consumer.store_offsets(offsets=offsets)
+            consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # e.g. the partition was lost meanwhile
-            logger.warning("store_offsets failed error=%s", exc)
+            logger.warning("storing or committing offsets failed error=%s", exc)
             return
         self._stored.update(nxt)
 
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            self.metrics.commit_failures.inc()
+            logger.warning("commit failed (the next commit covers it) error=%s", err.str())
+
     def _deliver_transaction(
         self,
-        records: list[OutRecord],
         items: list[Intake],
+        results: list[dict[str, Any]],
         consumer: Consumer,
         producer: Producer,
-    ) -> None:
-        tracker = DeliveryTracker()
+    ) -> bool:
+        """Records and offsets in one transaction. False when the transaction had to be
+        aborted for a reason that is nobody's fault (a rebalance moved the group on): the
+        consumer is rewound to the batch and whoever owns its partitions next redoes it."""
+        caps: dict[int, int] = {}
+        offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets(items).items()]
+        for _round in range(DELIVERY_ROUNDS):
+            tracker = DeliveryTracker()
+            records = self._records(items, results, caps)
+            if not self._transaction(records, offsets, tracker, consumer):
+                self._rewind(items, consumer)
+                return False
+            if not tracker.failures:
+                self._log_outcomes(items, results)
+                return True
+            self._absorb(items, results, tracker.failures, caps)
+        raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} transactions")
+
+    def _transaction(
+        self,
+        records: list[OutRecord],
+        offsets: list[TopicPartition],
+        tracker: DeliveryTracker,
+        consumer: Consumer,
+    ) -> bool:
+        """One transaction: records + offsets. True when committed, or aborted because
+        records were refused for good (``tracker.failures`` says which); False when it
+        was aborted because the group moved on; raises for anything else."""
+        producer = self._producer
+        assert producer is not None
         producer.begin_transaction()
         try:
             produce_all(producer, records, tracker)
-            parts = [TopicPartition(t, p) for (t, p) in next_offsets(items)]
-            positions = consumer.position(parts)
+            wait_delivered(producer, tracker, DELIVERY_TIMEOUT_S)
+            if tracker.failures:
+                raise_unrecoverable(tracker.failures)
+                producer.abort_transaction(TXN_TIMEOUT_S)
+                return True
             producer.send_offsets_to_transaction(
-                positions, consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+                offsets, consumer.consumer_group_metadata(), TXN_TIMEOUT_S
             )
             _commit_transaction(producer)
-            if tracker.failures:
-                raise DeliveryError(f"result not delivered: {tracker.failures[0]}")
+            return True
         except KafkaException as exc:
-            logger.error("transaction failed, aborting error=%s", exc)
+            err = exc.args[0]
+            abortable = not err.fatal() and (err.txn_requires_abort() or err.retriable())
+            self._abort(producer, err)
+            if abortable:
+                self.metrics.transactions_aborted.inc()
+                logger.warning(
+                    "transaction aborted, batch given back error=%s (a rebalance moved the "
+                    "group on: the partitions' owner redoes it)",
+                    err.str(),
+                )
+                return False
+            raise DeliveryError(f"transaction of {len(records)} record(s) failed: {exc}") from exc
+        except DeliveryError as exc:
+            self._abort(producer, exc)
+            raise
+
+    @staticmethod
+    def _abort(producer: Producer, reason: object) -> None:
+        logger.warning("aborting transaction reason=%s", reason)
+        try:
+            producer.abort_transaction(TXN_TIMEOUT_S)
+        except KafkaException as abort_exc:
+            logger.error("abort_transaction failed error=%s", abort_exc)
+
+    def _rewind(self, items: list[Intake], consumer: Consumer) -> None:
+        """Seek the batch's partitions back to its first offsets (what the last committed
+        transaction left), so no message of an aborted transaction is skipped."""
+        first: dict[Key, int] = {}
+        for item in items:
+            key = (item.topic, item.partition)
+            first[key] = min(first.get(key, item.offset), item.offset)
+        for (topic, partition), offset in first.items():
+            if (topic, partition) not in self._assigned:
+                continue
             try:
-                producer.abort_transaction(TXN_TIMEOUT_S)
-            except KafkaException as abort_exc:
-                logger.error("abort_transaction failed error=%s", abort_exc)
-            raise DeliveryError(f"transaction of {len(items)} result(s) failed: {exc}") from exc
+                consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # revoked meanwhile: the new owner starts there
+                logger.info("rewind skipped partition=%s[%d] error=%s", topic, partition, exc)
 
     def _final_commit(self, consumer: Consumer) -> None:
         if self.exactly_once or not self._stored:
@@ -331,8 +700,43 @@ class Worker:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 logger.warning("final commit failed error=%s", exc)
 
+    # --- reply routes -----------------------------------------------------------------
+    def _reply_partitions(self, asked: int) -> int:
+        """Partitions of the replies topic, from metadata; refreshed (at most every
+        REPLY_METADATA_REFRESH_S) when a request names one beyond the known count."""
+        now = time.monotonic()
+        stale = self._reply_count is None or asked >= self._reply_count
+        if stale and now - self._reply_checked >= REPLY_METADATA_REFRESH_S:
+            self._reply_checked = now
+            self._refresh_reply_partitions()
+        if self._reply_count is None:  # metadata unknown (broker away): let produce decide
+            return asked + 1
+        return self._reply_count
+
+    def _refresh_reply_partitions(self) -> None:
+        topic = self.settings.topic_replies
+        producer = self._producer
+        if producer is None:
+            return
+        try:
+            meta = producer.list_topics(topic, timeout=5).topics.get(topic)
+        except KafkaException as exc:
+            logger.warning("replies topic metadata unavailable topic=%s error=%s", topic, exc)
+            return
+        if meta is None or meta.error is not None:
+            self._reply_count = 0
+            logger.warning("replies topic missing topic=%s error=%s", topic, meta and meta.error)
+            return
+        self._reply_count = len(meta.partitions)
+
     # --- rebalance callbacks ----------------------------------------------------------
+    def _bump(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._epochs[key] = self._epochs.get(key, 0) + 1
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._bump(partitions)
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         self.metrics.set_assigned(len(self._assigned))
         logger.info("partitions assigned worker=%d partitions=%s", self.index, _fmt(partitions))
@@ -363,6 +767,7 @@ class Worker:
             logger.warning("commit on revoke failed error=%s", exc)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
+        self._bump(partitions)
         for tp in partitions:
             self._assigned.discard((tp.topic, tp.partition))
             self._stored.pop((tp.topic, tp.partition), None)
@@ -390,11 +795,18 @@ class Worker:
 
     # --- client configs ---------------------------------------------------------------
     def _consumer_config(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"partition.assignment.strategy": "cooperative-sticky"}
+        extra: dict[str, Any] = {
+            "partition.assignment.strategy": "cooperative-sticky",
+            "on_commit": self._on_commit,
+        }
+        if self.group_instance_id:
+            extra["group.instance.id"] = self.group_instance_id
+        # Offsets are committed by the worker: per batch, on revoke and at close. No auto
+        # commit: librdkafka's revoke-time auto commit after a session timeout goes out with
+        # a reset member id, which fences a static member for good (librdkafka PR #5585).
+        extra["enable.auto.commit"] = False
         if self.exactly_once:
-            extra.update({"enable.auto.commit": False, "isolation.level": "read_committed"})
-        else:
-            extra["enable.auto.commit"] = True  # commits what store_offsets() stored
+            extra["isolation.level"] = "read_committed"
         return consumer_config(
             self.settings, self.settings.consumer_group, role=f"worker-{self.index}", **extra
         )
@@ -406,9 +818,37 @@ class Worker:
         return producer_config(self.settings, role=f"worker-{self.index}", **extra)
 
 
-def next_offsets(items: Sequence[Intake]) -> dict[tuple[str, int], int]:
+def _key(msg: Message) -> Key:
+    return (msg.topic() or "", msg.partition() or 0)
+
+
+def message_id(msg: Message) -> MessageId:
+    return (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+
+
+def split_owned(
+    fetched: Sequence[Fetched], assigned: set[Key], epochs: dict[Key, int]
+) -> tuple[list[Message], dict[Key, list[int]]]:
+    """Messages still owned (partition assigned, same assignment epoch as when they were
+    returned) and, per partition, the offsets of those that are not. Error events (no
+    partition of ours) are kept for the caller to log."""
+    keep: list[Message] = []
+    dropped: dict[Key, list[int]] = {}
+    for f in fetched:
+        if f.msg.error() is not None:
+            keep.append(f.msg)
+            continue
+        key = _key(f.msg)
+        if key in assigned and epochs.get(key, 0) == f.epoch:
+            keep.append(f.msg)
+        else:
+            dropped.setdefault(key, []).append(f.msg.offset() or 0)
+    return keep, dropped
+
+
+def next_offsets(items: Sequence[Intake]) -> dict[Key, int]:
     """Per partition, the offset to commit after this batch: the highest seen + 1."""
-    nxt: dict[tuple[str, int], int] = {}
+    nxt: dict[Key, int] = {}
     for item in items:
         key = (item.topic, item.partition)
         nxt[key] = max(nxt.get(key, 0), item.offset + 1)
@@ -427,6 +867,14 @@ def _commit_transaction(producer: Producer) -> None:
                 logger.warning("commit_transaction retry attempt=%d error=%s", attempt, err)
                 continue
             raise
+
+
+def _ids(item: Intake) -> dict[str, str | None]:
+    """A log line's request fields (``core.logs``)."""
+    return {
+        "request_id": item.request_id,
+        "trace_id": trace_id_of(header_traceparent(item.headers)),
+    }
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

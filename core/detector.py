@@ -198,6 +198,11 @@ class Detector:
         options.intra_op_num_threads = intra
         options.inter_op_num_threads = inter
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's idle intra-op threads spin by default; between runs a worker decodes, reads
+        # payloads and talks to Kafka on the same cores, and the spinning took them (measured:
+        # bench/README.md, "Serving").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(self.model_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own (non-exported) types

@@ -51,6 +51,13 @@ class BadMessageError(BadRequestError):
     code = "bad_message"
 
 
+class BadReplyRouteError(BadRequestError):
+    """``reply_topic``/``reply_partition`` headers that point anywhere but a partition of
+    the configured replies topic (a producer must not choose where a worker writes)."""
+
+    code = "bad_reply_route"
+
+
 class UnsupportedTypeError(QrsightError):
     code = "unsupported_type"
     http_status = 415
@@ -94,3 +101,48 @@ class ModelError(QrsightError):
     """The model could not be loaded or run: not the input's fault, so never a DLQ case."""
 
     code = "model_error"
+
+
+class QuarantinedError(QrsightError):
+    """A message that failed every retry while the messages around it (or a known-good
+    canary image) went through: isolated and copied to the DLQ so its partition moves on."""
+
+    code = "quarantined"
+
+
+class UndeliverableError(BadRequestError):
+    """The broker refused this image's result for good (too large, invalid record)."""
+
+    code = "result_undeliverable"
+
+
+def all_error_classes() -> list[type[QrsightError]]:
+    """:class:`QrsightError` and every subclass defined so far (adapters' too)."""
+    found: list[type[QrsightError]] = []
+    pending: list[type[QrsightError]] = [QrsightError]
+    while pending:
+        cls = pending.pop(0)
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_classes() -> dict[str, type[QrsightError]]:
+    """Stable code → error class (a base class wins over a subclass reusing its code)."""
+    found: dict[str, type[QrsightError]] = {}
+    for cls in all_error_classes():
+        found.setdefault(cls.code, cls)
+    return found
+
+
+def error_for_code(code: str, message: str, request_id: str | None = None) -> QrsightError:
+    """The error a stable ``code`` names (e.g. from an ``ERROR`` result), with ``message``.
+
+    An unknown code (a newer worker's) keeps its code on a plain :class:`QrsightError`.
+    """
+    cls = error_classes().get(code)
+    if cls is not None:
+        return cls(message, request_id=request_id)
+    error = QrsightError(message, request_id=request_id)
+    error.code = code
+    return error

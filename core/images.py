@@ -84,6 +84,19 @@ _MAX_HEADER_ITEMS = 4096  # JPEG segments / PNG or RIFF chunks walked before giv
 _PNG_BIT_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}
 _BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 _EXIF_ORIENTATION_TAG = 0x0112
+# Each progressive scan is one more pass over every coefficient: a 160 KB JPEG repeating a
+# 14-byte scan 10,000 times takes over a minute to decode. Encoders write about 10 scans.
+MAX_JPEG_SCANS = 100
+# Alpha compositing and 16-bit scaling run in row bands of at most this many pixels, so
+# their temporaries stay small next to the decoded image itself.
+_BAND_PIXELS = 1 << 20
+# OpenCV's imread flags for decoding at 1/scale (libjpeg DCT scaling for JPEG)
+_REDUCED_READ = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 
 
 @dataclass(frozen=True)
@@ -145,9 +158,29 @@ def probe(data: bytes, limits: ImageLimits) -> ImageInfo:
     return _probe(data, limits).info()
 
 
-def decode(data: bytes, limits: ImageLimits) -> np.ndarray:
-    """HxWx3 uint8 BGR pixels with EXIF orientation applied; probes (and refuses) first."""
+def jpeg_scale(info: ImageInfo, keep_side: int) -> int:
+    """The largest factor (8, 4 or 2) a JPEG can be decoded down by while its longer side
+    stays at least ``keep_side`` pixels; 1 for other formats or when none fits.
+
+    libjpeg scales while decoding (DCT scaling): it runs smaller inverse transforms and
+    converts fewer pixels, so a 12 MP photo decoded at 1/4 costs a fraction of a full
+    decode followed by a resize."""
+    if info.format != "jpeg" or keep_side <= 0:
+        return 1
+    longer = max(info.width, info.height)
+    return next((f for f in (8, 4, 2) if longer // f >= keep_side), 1)
+
+
+def decode(data: bytes, limits: ImageLimits, *, scale: int = 1) -> np.ndarray:
+    """HxWx3 uint8 BGR pixels with EXIF orientation applied; probes (and refuses) first.
+
+    ``scale`` (2, 4 or 8; JPEG only, see :func:`jpeg_scale`) decodes at that fraction of
+    the size: ceil(width / scale) x ceil(height / scale)."""
     header = _probe(data, limits)
+    if scale not in _REDUCED_READ or (scale != 1 and header.format != "jpeg"):
+        raise ValueError(
+            f"scale must be 1, or 2, 4 or 8 for a JPEG; got {scale} for {header.format}"
+        )
     if header.format == "jpeg" and data.find(b"\xff\xd9", header.scan_offset) < 0:
         raise CorruptImageError("truncated JPEG: no end-of-image marker after the scan data")
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -155,13 +188,15 @@ def decode(data: bytes, limits: ImageLimits) -> np.ndarray:
         raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         pixels = None if raw is None else _to_bgr8(raw)
     else:
-        pixels = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        pixels = cv2.imdecode(buf, _REDUCED_READ[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
     if pixels is None:
         kind = header.format.upper()
         raise CorruptImageError(f"corrupt or truncated {kind}: OpenCV cannot decode it")
-    if pixels.shape[:2] != (header.height, header.width):
+    expected = (-(-header.height // scale), -(-header.width // scale))
+    if pixels.shape[:2] != expected:
         raise CorruptImageError(
-            f"corrupt {header.format.upper()}: header says {header.width}x{header.height}, "
+            f"corrupt {header.format.upper()}: header says {header.width}x{header.height}"
+            f"{f' (1/{scale}: {expected[1]}x{expected[0]})' if scale > 1 else ''}, "
             f"pixels are {pixels.shape[1]}x{pixels.shape[0]}"
         )
     return np.ascontiguousarray(_orient(pixels, header.orientation))
@@ -181,7 +216,20 @@ def _probe(data: bytes, limits: ImageLimits) -> _Header:
     kind = sniff(data)
     header = _HEADER_READERS[kind](memoryview(data))
     _check_size(header, limits)
+    if kind == "jpeg":
+        _check_scans(data, header)
     return header
+
+
+def _check_scans(data: bytes, header: _Header) -> None:
+    """Refuse a decoding-cost bomb: far more scans than any encoder writes. After the
+    first scan, ``FF DA`` can only be a marker (entropy data stuffs every ``FF``)."""
+    scans = 1 + data.count(b"\xff\xda", header.scan_offset)
+    if scans > MAX_JPEG_SCANS:
+        raise CorruptImageError(
+            f"JPEG with {scans} scans, over the limit of {MAX_JPEG_SCANS} (encoders write "
+            "about 10): refused, it would take minutes to decode"
+        )
 
 
 def sniff(data: bytes) -> str:
@@ -204,6 +252,11 @@ def sniff(data: bytes) -> str:
     raise UnsupportedTypeError(
         f"not a {supported} image (unknown type, first bytes {head[:8].hex(' ')})"
     )
+
+
+def refused_kind(data: bytes) -> str | None:
+    """The name of a known non-image (or unsupported image) type, from its magic bytes."""
+    return _refused_kind(bytes(data[:1024]))
 
 
 def _refused_kind(head: bytes) -> str | None:
@@ -435,7 +488,24 @@ def _exif_orientation(tiff: bytes) -> int:
 
 
 def _to_bgr8(raw: np.ndarray) -> np.ndarray:
-    """Any OpenCV decode (gray/BGR/BGRA, 8/16-bit) as 8-bit BGR, alpha composited on white."""
+    """Any OpenCV decode (gray/BGR/BGRA, 8/16-bit) as 8-bit BGR, alpha composited on white.
+
+    Converted in row bands, so the peak stays near the decoded image plus the output
+    (12 bytes per pixel for 16-bit RGBA), not several copies of the whole image.
+    """
+    if raw.dtype == np.uint8 and raw.ndim == 2:
+        return cv2.cvtColor(raw, cv2.COLOR_GRAY2BGR)
+    height, width = raw.shape[:2]
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        out[top : top + rows] = _band_to_bgr8(raw[top : top + rows])
+    return out
+
+
+def _band_to_bgr8(raw: np.ndarray) -> np.ndarray:
+    if raw.dtype == np.uint8 and raw.ndim == 3 and raw.shape[2] == 4:
+        return _bgra8_on_white(raw)
     img = raw.astype(np.float32) / 257.0 if raw.dtype == np.uint16 else raw.astype(np.float32)
     if img.ndim == 2:
         img = img[:, :, None]
@@ -446,6 +516,18 @@ def _to_bgr8(raw: np.ndarray) -> np.ndarray:
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _bgra8_on_white(raw: np.ndarray) -> np.ndarray:
+    """8-bit BGRA on white in integer arithmetic: the same pixels as the float path of
+    :func:`_to_bgr8` (round(c·a/255 + 255 - a)) at a fraction of its cost; an opaque
+    alpha channel is simply dropped."""
+    alpha = raw[:, :, 3]
+    if int(alpha.min()) == 255:
+        return cv2.cvtColor(raw, cv2.COLOR_BGRA2BGR)
+    a = alpha[:, :, None].astype(np.uint16)
+    mixed = raw[:, :, :3].astype(np.uint16) * a + 255 * (255 - a) + 127
+    return (mixed // 255).astype(np.uint8)
 
 
 def _orient(img: np.ndarray, orientation: int) -> np.ndarray:

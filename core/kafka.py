@@ -8,6 +8,7 @@ clear error instead of hanging in a fetch that can never complete.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,9 @@ def check_value_size(settings: Settings, value: bytes | None, *, what: str = "me
         )
 
 
+LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
+
+
 def base_config(settings: Settings, role: str) -> dict[str, Any]:
     """Connection and security properties shared by every client."""
     if not settings.kafka_bootstrap:
@@ -58,6 +62,9 @@ def base_config(settings: Settings, role: str) -> dict[str, Any]:
         "bootstrap.servers": settings.kafka_bootstrap,
         "client.id": f"{settings.kafka_client_id}-{role}",
         "security.protocol": settings.kafka_security_protocol,
+        # librdkafka's own log lines go through Python logging (core.logs' format), served
+        # by the client's poll/consume calls, instead of straight to stderr
+        "logger": LIBRDKAFKA_LOGGER,
     }
     if settings.kafka_sasl_mechanism:
         conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
@@ -80,7 +87,7 @@ def producer_config(settings: Settings, role: str = "producer", **extra: Any) ->
         }
     )
     conf.update(extra)
-    conf.update(settings.kafka_extra)
+    conf.update(settings.kafka_extra_values())
     return conf
 
 
@@ -101,14 +108,14 @@ def consumer_config(
     if group_id is not None:
         conf["group.id"] = group_id
     conf.update(extra)
-    conf.update(settings.kafka_extra)
+    conf.update(settings.kafka_extra_values())
     return conf
 
 
 def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     conf = base_config(settings, "admin")
     conf.update(extra)
-    conf.update(settings.kafka_extra)
+    conf.update(settings.kafka_extra_values())
     return conf
 
 

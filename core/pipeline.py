@@ -29,14 +29,16 @@ import numpy as np
 from core.detections import Detections
 from core.detector import Detector
 from core.errors import CorruptImageError, QrsightError
-from core.images import ImageLimits, decode
+from core.images import ImageLimits, decode, jpeg_scale, probe
 from core.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
+from core.telemetry import StageLog
 from core.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
 
+REDUCE_KEEP = 2  # decode reduced only while the longer side stays >= this x the model input
 # unread QR boxes the verifier judges at least this plausible get the harder reads
 # (measured in models/README.md: below it they are not codes, and each costs the full
 # time of every attempt)
@@ -55,6 +57,7 @@ class ImageJob:
     conf: float | None = None
     decode: bool | None = None
     submitted_at_ms: int | None = None
+    trace_id: str | None = None  # the request's trace, for the log lines about it
 
 
 @dataclass
@@ -62,6 +65,8 @@ class _Intake:
     image: np.ndarray | None
     decode_ms: float
     error: QrsightError | None = None
+    started: float = 0.0  # perf_counter() at the decode's start
+    scale: int = 1  # decoded at 1/scale (a large JPEG, see QRSIGHT_REDUCED_DECODE)
 
 
 def _ms(start: float) -> float:
@@ -88,6 +93,10 @@ class Pipeline:
         self._missed_as = self._qr_id if settings.read_whole_image else None
         self.verifier = verifier or load_verifier(settings, self.detector.model_path)
         self.hard_attempts = HARD_ATTEMPTS  # the harder reads of unread boxes, in order
+        # a JPEG this much larger than the model input is decoded at 1/2, 1/4 or 1/8
+        self._keep_side = (
+            REDUCE_KEEP * max(self.detector.input_hw) if settings.reduced_decode else 0
+        )
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
@@ -106,13 +115,20 @@ class Pipeline:
     ) -> None:
         self.close()
 
-    def run(self, jobs: Sequence[ImageJob]) -> list[dict[str, Any]]:
+    def run(self, jobs: Sequence[ImageJob], stages: StageLog | None = None) -> list[dict[str, Any]]:
+        """``stages`` (tracing on) receives each job's stage intervals for its spans."""
         start, start_ms = time.perf_counter(), now_ms()
         queue_ms = [
             0.0 if j.submitted_at_ms is None else max(0.0, float(start_ms - j.submitted_at_ms))
             for j in jobs
         ]
-        intakes = list(self._pool.map(self._decode, jobs))
+        if len(jobs) == 1:  # no hand-off to the pool (and back) for a lone image
+            intakes = [self._decode(jobs[0])]
+        else:
+            intakes = list(self._pool.map(self._decode, jobs))
+        if stages is not None:
+            for job, intake in zip(jobs, intakes, strict=True):
+                stages.add(job, "decode", intake.started, intake.started + intake.decode_ms / 1e3)
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         good: list[int] = []
         for i, (job, intake) in enumerate(zip(jobs, intakes, strict=True)):
@@ -125,7 +141,7 @@ class Pipeline:
         step = self.settings.max_batch
         for first in range(0, len(good), step):
             chunk = good[first : first + step]
-            records = self._run_chunk(jobs, intakes, chunk, queue_ms, start)
+            records = self._run_chunk(jobs, intakes, chunk, queue_ms, start, stages=stages)
             for i, record in zip(chunk, records, strict=True):
                 results[i] = record
         logger.debug("pipeline run images=%d ok=%d ms=%.1f", len(jobs), len(good), _ms(start))
@@ -134,13 +150,17 @@ class Pipeline:
     def _decode(self, job: ImageJob) -> _Intake:
         start = time.perf_counter()
         try:
-            image = decode(job.data, self.limits)
+            scale = jpeg_scale(probe(job.data, self.limits), self._keep_side)
+            image = decode(job.data, self.limits, scale=scale)
         except QrsightError as exc:
-            return _Intake(None, _ms(start), exc)
+            return _Intake(None, _ms(start), exc, started=start)
         except Exception as exc:  # a decoder bug must not stop the batch: report it as bad input
-            logger.warning("image decode failed request_id=%s", job.request_id, exc_info=True)
-            return _Intake(None, _ms(start), CorruptImageError(f"cannot decode the image: {exc}"))
-        return _Intake(image, _ms(start))
+            logger.warning(
+                "image decode failed request_id=%s", job.request_id, exc_info=True, extra=_ids(job)
+            )
+            error = CorruptImageError(f"cannot decode the image: {exc}")
+            return _Intake(None, _ms(start), error, started=start)
+        return _Intake(image, _ms(start), started=start, scale=scale)
 
     def _run_chunk(
         self,
@@ -149,6 +169,8 @@ class Pipeline:
         chunk: Sequence[int],
         queue_ms: Sequence[float],
         start: float,
+        *,
+        stages: StageLog | None = None,
     ) -> list[dict[str, Any]]:
         images = [intakes[i].image for i in chunk]
         assert all(img is not None for img in images)
@@ -160,13 +182,21 @@ class Pipeline:
         t_post = time.perf_counter()
         confs = [jobs[i].conf for i in chunk]
         detections = self.detector.postprocess(raw, metas, confs)
-        post_share = _ms(t_post) / len(chunk)
+        t_done = time.perf_counter()
+        post_share = (t_done - t_post) * 1000.0 / len(chunk)
         records = []
         for i, image, found in zip(chunk, pixels, detections, strict=True):
             job = jobs[i]
             t_pay = time.perf_counter()
             read = self.settings.decode_payloads if job.decode is None else job.decode
-            dets = self.check(image, found, read=read, request_id=job.request_id)
+            scale = intakes[i].scale
+            dets = self.check(image, found, read=read, job=job, scale=scale)
+            if stages is not None:
+                stages.add(job, "infer", t_infer, t_post, images=len(chunk))
+                stages.add(job, "postprocess", t_post, t_done, images=len(chunk))
+                stages.add(job, "payloads", t_pay, time.perf_counter(), read=read)
+            height, width = self._full_size(image, scale, job)
+            dets = rescale(dets, scale)
             timing = {
                 "queue_ms": queue_ms[i],
                 "decode_ms": intakes[i].decode_ms,
@@ -179,8 +209,8 @@ class Pipeline:
                     job.request_id,
                     job.source,
                     dets,
-                    width=image.shape[1],
-                    height=image.shape[0],
+                    width=width,
+                    height=height,
                     model=self.detector.info,
                     timing=timing,
                 )
@@ -188,7 +218,13 @@ class Pipeline:
         return records
 
     def check(
-        self, image: np.ndarray, dets: Detections, *, read: bool = True, request_id: str = ""
+        self,
+        image: np.ndarray,
+        dets: Detections,
+        *,
+        read: bool = True,
+        job: ImageJob | None = None,
+        scale: int = 1,
     ) -> Detections:
         """The detector's boxes of one image → what the pipeline reports.
 
@@ -196,19 +232,26 @@ class Pipeline:
         outside every box, ``QRSIGHT_READ_WHOLE_IMAGE``). Then the verifier judges each
         unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
         them without a verifier) get the harder reads of ``hard_attempts`` (default
-        ``core.payload.HARD_ATTEMPTS``);
-        finally the verifier's rule keeps read boxes and those judged at its threshold,
-        with their calibrated confidence. Most confident first.
+        ``core.payload.HARD_ATTEMPTS``); finally the verifier's rule keeps read boxes and
+        those judged at its threshold, with their calibrated confidence. Most confident
+        first.
+
+        ``image`` may be ``job``'s JPEG decoded at 1/``scale`` (boxes in its pixels):
+        boxes it leaves unread are read again on full-resolution crops, the JPEG decoded
+        in full once, and only if there is such a box.
         """
+        full = _FullImage(image, job, scale, self.limits)
         if read:
-            dets = self._payloads(request_id, image, dets)
+            dets = self._payloads(job, image, dets)
+            if scale > 1:
+                dets = self._payloads_full(job, full, dets)
         judged = (
             self.verifier.judge(image, dets, self._qr_id)
             if self.verifier is not None
             else np.ones(len(dets), np.float32)
         )
         if read:
-            dets = self._read_harder(request_id, image, dets, judged)
+            dets = self._read_harder(job, full, dets, judged)
         if self.verifier is not None:
             dets = self.verifier.apply(dets, judged)
         if read:
@@ -216,27 +259,118 @@ class Pipeline:
         order = np.argsort(-dets.confidence, kind="stable")  # the contract: most confident first
         return dets if (order == np.arange(len(dets))).all() else dets[order]
 
-    def _payloads(self, request_id: str, image: np.ndarray, dets: Detections) -> Detections:
+    def _payloads(self, job: ImageJob | None, image: np.ndarray, dets: Detections) -> Detections:
         try:
             return drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as))
         except Exception:  # payload reading is best effort; the boxes still stand
-            logger.warning("payload reading failed request_id=%s", request_id, exc_info=True)
+            logger.warning(
+                "payload reading failed request_id=%s",
+                _request_id(job),
+                exc_info=True,
+                extra=_ids(job),
+            )
             return dets
 
     def _read_harder(
-        self, request_id: str, image: np.ndarray, dets: Detections, judged: np.ndarray
+        self, job: ImageJob | None, full: _FullImage, dets: Detections, judged: np.ndarray
     ) -> Detections:
+        """The harder reads of the unread QR boxes judged plausible, on full-resolution
+        crops (decoding a reduced JPEG in full only when there is such a box)."""
         assert dets.text is not None
         which = [
             i
             for i, (c, t, j) in enumerate(zip(dets.class_id, dets.text, judged, strict=True))
             if c == self._qr_id and t is None and j >= HARD_READ_MIN
         ]
-        try:
-            return read_harder(image, dets, which, self.hard_attempts)
-        except Exception:  # best effort, as the standard reads
-            logger.warning("harder reading failed request_id=%s", request_id, exc_info=True)
+        if not which or not self.hard_attempts:
             return dets
+        try:
+            image = full.get()
+            got = read_harder(image, rescale(dets, full.scale), which, self.hard_attempts)
+            return rescale(got, 1 / full.scale)
+        except Exception:  # best effort, as the standard reads
+            logger.warning(
+                "harder reading failed request_id=%s",
+                _request_id(job),
+                exc_info=True,
+                extra=_ids(job),
+            )
+            return dets
+
+    # --- large JPEGs decoded at 1/scale ------------------------------------------------
+    def _payloads_full(
+        self, job: ImageJob | None, full: _FullImage, dets: Detections
+    ) -> Detections:
+        """The boxes the reduced image left unread, read on full-resolution crops (in the
+        reduced image's coordinates), so a photo whose codes read at 1/scale is never
+        decoded in full."""
+        if dets.text is None or all(t is not None for t in dets.text):
+            return dets
+        try:
+            image = full.get()
+            return rescale(read_payloads(image, rescale(dets, full.scale)), 1 / full.scale)
+        except Exception:  # best effort, as in _payloads: the boxes still stand
+            logger.warning(
+                "full-resolution payload reading failed request_id=%s",
+                _request_id(job),
+                exc_info=True,
+                extra=_ids(job),
+            )
+            return dets
+
+    def _full_size(self, image: np.ndarray, scale: int, job: ImageJob) -> tuple[int, int]:
+        """(height, width) of the image as sent: the reduced size times ``scale``, read
+        from the header when reduced (ceil division loses the exact size)."""
+        if scale == 1:
+            return image.shape[0], image.shape[1]
+        info = probe(job.data, self.limits)
+        return info.height, info.width
+
+
+def rescale(dets: Detections, factor: float) -> Detections:
+    """The same detections with boxes and corners multiplied by ``factor``."""
+    if factor == 1 or len(dets) == 0:
+        return dets
+    corners = (
+        None if dets.corners is None else [None if c is None else c * factor for c in dets.corners]
+    )
+    return Detections(
+        xyxy=dets.xyxy * factor,
+        confidence=dets.confidence,
+        class_id=dets.class_id,
+        text=dets.text,
+        corners=corners,
+    )
+
+
+class _FullImage:
+    """The image at full resolution, decoded from ``job``'s bytes on first use when the
+    pipeline holds it at 1/``scale``."""
+
+    def __init__(
+        self, image: np.ndarray, job: ImageJob | None, scale: int, limits: ImageLimits
+    ) -> None:
+        if scale > 1 and job is None:
+            raise ValueError("a reduced image needs its job to decode it in full")
+        self._image, self._job, self.scale, self._limits = image, job, scale, limits
+        self._full: np.ndarray | None = image if scale == 1 else None
+
+    def get(self) -> np.ndarray:
+        if self._full is None:
+            assert self._job is not None
+            self._full = decode(self._job.data, self._limits)
+        return self._full
+
+
+def _ids(job: ImageJob | None) -> dict[str, str | None]:
+    """A log line's request fields (``core.logs``)."""
+    if job is None:
+        return {"request_id": None, "trace_id": None}
+    return {"request_id": job.request_id, "trace_id": job.trace_id}
+
+
+def _request_id(job: ImageJob | None) -> str:
+    return "" if job is None else job.request_id
 
 
 def qr_class(labels: Mapping[int, str]) -> int | None:

@@ -67,10 +67,16 @@ def letterbox_params(height: int, width: int, out_hw: tuple[int, int]) -> Letter
     """Scale and padding that fit a ``height`` x ``width`` image into ``out_hw``, centred."""
     out_h, out_w = out_hw
     scale = min(out_h / height, out_w / width)
-    new_w, new_h = round(width * scale), round(height * scale)
+    new_w, new_h = resized_size(width, height, scale)
     pad_x = round((out_w - new_w) / 2 - 0.1)
     pad_y = round((out_h - new_h) / 2 - 0.1)
     return Letterbox(scale, pad_x, pad_y, width, height)
+
+
+def resized_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The letterboxed image's (width, height): at least one pixel each, so an extreme
+    aspect ratio (1 x 1300, 8192 x 4) is squeezed to a line instead of vanishing."""
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def letterbox_batch(
@@ -88,7 +94,7 @@ def letterbox_batch(
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image {i} must be HxWx3 uint8, got {image.shape} {image.dtype}")
         lb = letterbox_params(image.shape[0], image.shape[1], (out_h, out_w))
-        new_w, new_h = round(lb.width * lb.scale), round(lb.height * lb.scale)
+        new_w, new_h = resized_size(lb.width, lb.height, lb.scale)
         resized = image
         if (new_w, new_h) != (lb.width, lb.height):
             resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -52,9 +52,10 @@ class Settings(BaseModel):
     kafka_sasl_password: SecretStr | None = Field(
         None, description="Kafka `sasl.password` (secret; never logged)"
     )
-    kafka_extra: dict[str, str] = Field(
+    kafka_extra: dict[str, str | SecretStr] = Field(
         default_factory=dict,
-        description="any librdkafka property, as `QRSIGHT_KAFKA__<PROPERTY>` (see above)",
+        description="any librdkafka property, as `QRSIGHT_KAFKA__<PROPERTY>` (see above); "
+        "one whose name says key, password, secret, token or credential is kept secret",
     )
     schema_registry_url: str | None = Field(
         None,
@@ -129,6 +130,12 @@ class Settings(BaseModel):
     )
     max_detections: int = Field(100, ge=1, description="most detections kept per image")
     decode_payloads: bool = Field(True, description="read QR payloads with zxing-cpp")
+    reduced_decode: bool = Field(
+        True,
+        description="decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when it "
+        "stays at least twice the model input; payloads are still read from "
+        "full-resolution crops",
+    )
     read_whole_image: bool = Field(
         True,
         description="when reading payloads, also read the whole image and add the QR codes "
@@ -139,7 +146,13 @@ class Settings(BaseModel):
     consumer_group: str = Field("qrsight-workers", description="consumer group of the workers")
     workers: int = Field(1, ge=1, description="worker processes `qrsight-consumer` starts")
     max_batch: int = Field(8, ge=1, description="most images per micro-batch")
-    max_wait_ms: int = Field(50, ge=0, description="longest wait to fill a micro-batch")
+    max_wait_ms: int = Field(
+        5,
+        ge=0,
+        description="top-up wait: when images are already queued but fewer than "
+        "`QRSIGHT_MAX_BATCH`, how long a worker waits for more before running the batch "
+        "(a lone image runs at once; 0 = take only what is queued)",
+    )
     decode_threads: int = Field(2, ge=1, description="threads decoding images per worker")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once", description="`exactly_once` uses Kafka transactions per batch"
@@ -149,6 +162,34 @@ class Settings(BaseModel):
     )
     shutdown_timeout_s: float = Field(
         10.0, gt=0, description="longest a worker takes to finish its batch and leave"
+    )
+    group_instance_id: str | None = Field(
+        None,
+        description="static group membership (`group.instance.id`): this host's stable "
+        "name, e.g. the StatefulSet pod name; worker i joins as `<id>-<i>` and its "
+        "`transactional.id` uses it too (unset: dynamic membership and the host name)",
+    )
+    retry_attempts: int = Field(
+        2,
+        ge=0,
+        description="retries of a batch that fails for a reason other than its input "
+        "(with back-off), before its messages are isolated and the failing one is "
+        "quarantined to the DLQ",
+    )
+    retry_backoff_ms: int = Field(
+        500, ge=0, description="first back-off between those retries (doubles each time)"
+    )
+    retry_backoff_max_ms: int = Field(10_000, ge=0, description="longest back-off")
+    crash_limit: int = Field(
+        3,
+        ge=1,
+        description="worker deaths (crash, OOM kill) on the same messages before they are "
+        "run one at a time and the one that kills the worker is quarantined to the DLQ",
+    )
+    state_dir: Path = Field(
+        Path("/tmp/qrsight"),
+        description="where each worker notes the batch in hand, to recognise a message "
+        "that kills it (an emptyDir on Kubernetes)",
     )
 
     # --- API --------------------------------------------------------------------------
@@ -164,10 +205,33 @@ class Settings(BaseModel):
     api_produce_timeout_ms: int = Field(
         2_000, ge=100, description="longest wait for Kafka to accept a request (then 503)"
     )
+    api_max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="most /detect requests one API process takes at once (uploading or "
+        "awaiting their reply); past it 503 with `Retry-After` at once (default: "
+        "`QRSIGHT_API_THREADS` less a quarter kept for /health and /ready, and no more than "
+        "the container's memory limit allows for images of `QRSIGHT_MAX_IMAGE_BYTES`)",
+    )
+    api_malloc_tuning: bool = Field(
+        True,
+        description="give freed upload buffers back to the OS (glibc `mallopt`: fixed mmap "
+        "threshold, 2 arenas); off = glibc's defaults",
+    )
+    api_trusted_proxy_hops: int = Field(
+        0,
+        ge=0,
+        description="reverse proxies in front of the API whose `X-Forwarded-For`/`-Proto` "
+        "are trusted for the client address (werkzeug `ProxyFix`); 0 = the socket's address",
+    )
     auth_enabled: bool = Field(False, description="require a JWT bearer token")
-    auth_jwt_secret: SecretStr | None = Field(None, description="HS256 secret (secret)")
+    auth_jwt_secret: SecretStr | None = Field(
+        None, description="HS256 secret (secret; at least 32 bytes)"
+    )
     auth_jwt_public_key: str | None = Field(
-        None, description="RS256 public key, PEM text or a file path"
+        None,
+        description="public key, PEM text or a file path: RSA (RS256), EC (ES256/384/512 "
+        "by curve) or Ed25519 (EdDSA)",
     )
     auth_jwt_audience: str | None = Field(None, description="required `aud` claim")
     auth_jwt_issuer: str | None = Field(None, description="required `iss` claim")
@@ -181,6 +245,11 @@ class Settings(BaseModel):
 
     # --- logs -------------------------------------------------------------------------
     log_level: str = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text` (`key=value` lines) or `json` (one object per line); every line "
+        "about a request carries its `request_id` and `trace_id`",
+    )
 
     @field_validator("onnx_providers", mode="before")
     @classmethod
@@ -201,12 +270,29 @@ class Settings(BaseModel):
             return None
         return Path(value).expanduser() if isinstance(value, str) else value
 
-    @property
-    def max_message_bytes(self) -> int:
-        """Largest Kafka record value; see :mod:`core.kafka` for how it is used."""
-        from core.kafka import message_limits
+    @field_validator("kafka_extra", mode="after")
+    @classmethod
+    def _hide_secret_properties(cls, value: dict[str, str | SecretStr]) -> dict[str, Any]:
+        return {
+            prop: SecretStr(v) if is_secret_property(prop) and isinstance(v, str) else v
+            for prop, v in value.items()
+        }
 
-        return message_limits(self).max_value_bytes
+    def kafka_extra_values(self) -> dict[str, str]:
+        """The ``QRSIGHT_KAFKA__*`` properties with the secret ones revealed, for librdkafka."""
+        return {
+            prop: v.get_secret_value() if isinstance(v, SecretStr) else v
+            for prop, v in self.kafka_extra.items()
+        }
+
+
+SECRET_PROPERTY_WORDS = ("key", "password", "secret", "token", "credential")
+
+
+def is_secret_property(prop: str) -> bool:
+    """Whether a librdkafka property's value must never be shown (``ssl.key.password``, …)."""
+    name = prop.lower()
+    return any(word in name for word in SECRET_PROPERTY_WORDS)
 
 
 def kafka_passthrough(environ: Mapping[str, str]) -> dict[str, str]:

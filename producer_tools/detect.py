@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from core.errors import ConfigError, ImageTooLargeError, ModelError, QrsightError
 from core.images import decode
+from core.logs import configure_from_settings
 from core.pipeline import ImageJob, Pipeline
 from core.results import error_record
 from core.settings import Settings, load_settings
@@ -174,11 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = build_settings(args)
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        )
+        configure_from_settings(settings)
         pipeline = Pipeline(settings)
     except ConfigError as exc:
         hint = " or pass --model PATH" if "QRSIGHT_MODEL_PATH" in exc.message else ""

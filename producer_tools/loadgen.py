@@ -16,7 +16,9 @@ import cv2
 import numpy as np
 
 from core.errors import QrsightError
+from core.logs import configure_from_settings
 from core.settings import REPO_ROOT, load_settings
+from core.telemetry import setup_tracing
 from producer_tools.publish import Item, Publisher, expand
 
 REPORT_EVERY_S = 5.0
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
+        configure_from_settings(settings, "WARNING")
+        setup_tracing("qrsight-loadgen")
         images = variations(list(expand(args.inputs)), args.variants, args.seed)
         publisher = Publisher(settings, raw=args.raw, source=None)
     except (QrsightError, FileNotFoundError) as exc:

@@ -32,7 +32,9 @@ from api.replies import ReplyClient  # the one request/reply client, shared with
 from core.errors import QrsightError
 from core.images import ImageLimits, decode, probe
 from core.kafka import avro_codec, check_value_size, producer_config
+from core.logs import configure_from_settings
 from core.settings import Settings, load_settings
+from core.telemetry import Span, setup_tracing, tracing
 from producer_tools.annotate import write_annotated
 from producer_tools.results import compact_line
 from schemas import names
@@ -128,10 +130,12 @@ class Publisher:
         self.delivered = 0
         self.failures: list[str] = []
 
-    def encode(self, item: Item) -> tuple[bytes, list[tuple[str, bytes]]]:
+    def encode(self, item: Item) -> tuple[bytes, list[tuple[str, str | bytes | None]]]:
         info = probe(item.data, self.limits)  # refuse what a worker would refuse, before sending
         source = self.source or item.source
-        headers = [(names.H_CORRELATION_ID, item.request_id.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [
+            (names.H_CORRELATION_ID, item.request_id.encode())
+        ]
         if self.raw:
             headers.append((names.H_CONTENT_TYPE, info.content_type.encode()))
             value = item.data
@@ -154,14 +158,17 @@ class Publisher:
         except QrsightError as exc:
             self.failures.append(f"{item.source}: {exc.code}: {exc.message}")
             return False
+        topic = self.settings.topic_images
+        span = tracing().send(topic, None, {"qrsight.request_id": item.request_id})
+        headers.append((names.H_TRACEPARENT, span.traceparent.encode()))
         while True:
             try:
                 self.producer.produce(
-                    self.settings.topic_images,
+                    topic,
                     value=value,
                     key=item.request_id.encode(),
                     headers=headers,
-                    on_delivery=self._delivered(item.source),
+                    on_delivery=self._delivered(item.source, span),
                 )
                 break
             except BufferError:
@@ -170,8 +177,9 @@ class Publisher:
         self.producer.poll(0)
         return True
 
-    def _delivered(self, source: str) -> Any:
+    def _delivered(self, source: str, span: Span) -> Any:
         def report(err: KafkaError | None, _msg: Message) -> None:
+            span.end(None if err is None else err.name())
             if err is None:
                 self.delivered += 1
             else:
@@ -311,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotate", metavar="OUT_DIR", help="with --wait: save annotated images")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     if (args.annotate or args.compact) and not args.wait:
         parser.error("--annotate and --compact need --wait")
     try:
         settings = load_settings()
+        configure_from_settings(settings, "WARNING")
+        setup_tracing("qrsight-publish")
         return wait_all(args, settings) if args.wait else publish_all(args, settings)
     except QrsightError as exc:
         print(f"qrsight-publish: {exc.message}", file=sys.stderr)

@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from core.errors import QrsightError
 from core.kafka import avro_codec, consumer_config
+from core.logs import configure_from_settings
 from core.settings import Settings, load_settings
 from schemas.codec import WireFormatError
 
@@ -106,10 +107,10 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     )
     parser.add_argument("--idle-exit", type=float, help="stop after this many idle seconds")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     matches = _matcher(args)
     try:
         settings = load_settings()
+        configure_from_settings(settings, "WARNING")
         for result in follow(
             settings, from_beginning=args.from_beginning, idle_exit_s=args.idle_exit
         ):

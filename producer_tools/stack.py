@@ -84,10 +84,24 @@ class Stack:
 
 
 def worker_count(settings: Settings, environ: dict[str, str]) -> int:
-    """``QRSIGHT_WORKERS`` if set, else one worker per two cores, at most one per partition."""
+    """``QRSIGHT_WORKERS`` if set, else one worker per core, at most one per partition.
+
+    One worker per core with one ONNX Runtime thread each (see :func:`serving_env`) gave
+    the most images per second on CPU (``bench/serving.py``'s ceiling: N plain processes
+    beat one process with N ORT threads, since decoding, NMS and payload reading run in
+    Python between the model's runs)."""
     if env_name("workers") in environ:
         return settings.workers
-    return max(1, min((os.cpu_count() or 2) // 2, settings.topic_partitions))
+    return max(1, min(os.cpu_count() or 1, settings.topic_partitions))
+
+
+def serving_env(settings: Settings, environ: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """The worker count and the environment `make up` runs the workers and the API with
+    (``bench/serving.py`` uses the same, so its figures are those of `make up`)."""
+    workers = worker_count(settings, environ)
+    env = dict(environ)
+    env.setdefault(env_name("ort_intra_threads"), str(max(1, (os.cpu_count() or 2) // workers)))
+    return workers, env
 
 
 def wait_ready(url: str, stack: Stack, timeout_s: float) -> None:
@@ -135,9 +149,7 @@ def run(settings: Settings, environ: dict[str, str]) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    workers = worker_count(settings, environ)
-    env = dict(environ)
-    env.setdefault(env_name("ort_intra_threads"), str(max(1, (os.cpu_count() or 2) // workers)))
+    workers, env = serving_env(settings, environ)
     py = sys.executable
     try:
         stack.kafka_up(env)

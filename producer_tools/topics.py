@@ -23,6 +23,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 
 from core.errors import ConfigError, KafkaUnavailableError, QrsightError
 from core.kafka import admin_config, topic_specs
+from core.logs import configure_from_settings
 from core.settings import Settings, env_name, load_settings
 
 logger = logging.getLogger(__name__)
@@ -222,9 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        logging.basicConfig(
-            level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
-        )
+        configure_from_settings(settings)
         if args.command == "create":
             states = ensure_topics(settings, timeout_s=args.timeout)
         else:

@@ -26,6 +26,7 @@ H_ERROR_MESSAGE = "error.message"
 H_ERROR_OFFSET = "error.offset"
 H_ERROR_PARTITION = "error.partition"
 H_ERROR_TOPIC = "error.topic"
+H_ERROR_TRUNCATED = "error.truncated"  # set when a DLQ copy was cut to fit; says what was cut
 
 STATUS_OK = "OK"
 STATUS_ERROR = "ERROR"

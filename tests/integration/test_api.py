@@ -13,191 +13,41 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import jwt
 import numpy as np
 import pytest
 import requests
-from pydantic import SecretStr
 
 from api import create_app
-from core.settings import DEFAULT_MODEL, Settings, env_name, load_settings
+from core.settings import load_settings
 from producer_tools.topics import create_topics
-from tests.integration.kafka_topics import delete_topics, fresh_settings
-from tests.unit.onnx_models import make_fixed_output_model
-from tests.unit.qr_factory import CodeSpec, scene
+from tests.integration.api_stack import (
+    FIXED_BOX,
+    IMAGE_SIZE,
+    REPO,
+    SECRET,
+    Stack,
+    free_port,
+    make_stack,
+    metric,
+    payloads,
+    qr_png,
+    token,
+    wait_ready,
+)
+from tests.integration.kafka_topics import fresh_settings
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-SECRET = "integration-test-secret-long-enough-for-hs256"
-# The stand-in model's one fixed box (YOLOv8 layout, cx cy w h score in a 640 input).
-FIXED_BOX = (320.0, 320.0, 200.0, 200.0)
-IMAGE_SIZE = 640
 BOOT_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a subprocess these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QRSIGHT_")}
-    for name, value in settings.model_dump(exclude_defaults=True).items():
-        if name == "kafka_extra":
-            env.update(
-                {f"QRSIGHT_KAFKA__{k.upper().replace('.', '_')}": v for k, v in value.items()}
-            )
-        elif isinstance(value, SecretStr):
-            env[env_name(name)] = value.get_secret_value()
-        elif isinstance(value, list):
-            env[env_name(name)] = ",".join(value)
-        elif value is not None:
-            env[env_name(name)] = str(value)
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-def model_path(tmp: Path) -> tuple[Path, bool]:
-    """The shipped model if there is one (real boxes), else a graph with one fixed box."""
-    if DEFAULT_MODEL.is_file():
-        return DEFAULT_MODEL, True
-    out = np.array([[*FIXED_BOX, 0.9]], np.float32).T  # (5, 1)
-    return make_fixed_output_model(tmp / "fixed.onnx", out, "yolov8", imgsz=640), False
-
-
-def qr_png(text: str) -> tuple[bytes, np.ndarray]:
-    image, codes = scene(
-        [CodeSpec(text, center=(320, 320), module_px=6)], size=(IMAGE_SIZE, IMAGE_SIZE)
-    )
-    ok, buf = cv2.imencode(".png", image)
-    assert ok
-    return buf.tobytes(), codes[0].xyxy
-
-
-@dataclass
-class Stack:
-    url: str
-    settings: Settings
-    real_model: bool
-    procs: list[subprocess.Popen[bytes]]
-    api_log: Path
-
-    def stop(self) -> None:
-        """Stop the processes (SIGTERM, then SIGKILL) and drop the stack's topics."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        delete_topics(self.settings)
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
-
-
-def all_workers_ready(stack: Stack, workers: int) -> bool:
-    """Every gunicorn worker has built its app (one partition sample each) and says ready."""
-    text = requests.get(f"{stack.url}/api/v1/metrics", timeout=5).text
-    if len(re.findall(r"^qrsight_api_reply_partition\{", text, re.MULTILINE)) != workers:
-        return False
-    return all(
-        requests.get(f"{stack.url}/api/v1/ready", timeout=5).status_code == 200
-        for _ in range(4 * workers)
-    )
-
-
-def wait_ready(stack: Stack, workers: int) -> None:
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for proc in stack.procs:
-            assert proc.poll() is None, stack.api_log.read_text()[-3000:]
-        try:
-            if all_workers_ready(stack, workers):
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("API not ready:\n" + stack.api_log.read_text()[-3000:])
-
-
-def warm_up(stack: Stack) -> None:
-    """One round trip, so the detection worker has loaded its model and joined its group."""
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    while time.monotonic() < deadline:
-        response = requests.post(
-            f"{stack.url}/api/v1/detect?timeout_ms=30000",
-            data=qr_png("warm-up")[0],
-            headers={"Content-Type": "image/png"},
-            timeout=40,
-        )
-        if response.status_code == 200:
-            return
-        assert response.status_code == 504, response.text
-    raise AssertionError("no detection answer in time")
-
-
-def make_stack(
-    kafka_bootstrap: str, tmp: Path, *, api_workers: int, detection_workers: int, **overrides: Any
-) -> Stack:
-    uid = uuid.uuid4().hex[:8]
-    model, real = model_path(tmp)
-    settings = fresh_settings(
-        kafka_bootstrap,
-        uid,
-        topic_partitions=2,
-        model_path=model,
-        api_host="127.0.0.1",
-        api_port=free_port(),
-        api_workers=api_workers,
-        api_threads=32,
-        metrics_port=free_port(),
-        ort_intra_threads=1,
-        max_image_bytes=2_000_000,
-        **overrides,
-    )
-    create_topics(settings)
-    env = settings_env(settings)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / f"metrics-{uid}")
-    procs = []
-    if detection_workers:
-        procs.append(
-            start(
-                [sys.executable, "-m", "consumer.cli", "--workers", str(detection_workers)],
-                env,
-                tmp / f"workers-{uid}.log",
-            )
-        )
-    api_log = tmp / f"api-{uid}.log"
-    procs.append(start([sys.executable, "-m", "api.cli"], env, api_log))
-    stack = Stack(f"http://127.0.0.1:{settings.api_port}", settings, real, procs, api_log)
-    try:
-        wait_ready(stack, api_workers)
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +58,9 @@ def full(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         api_workers=2,
         detection_workers=1,
         rate_limit="off",
+        # room for 100 concurrent requests even if one gunicorn worker accepts them all
+        api_threads=108,
+        api_max_in_flight=100,
     )
     yield stack
     stack.stop()
@@ -227,16 +80,6 @@ def bare(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     )
     yield stack
     stack.stop()
-
-
-def token(subject: str) -> dict[str, str]:
-    signed = jwt.encode({"sub": subject, "exp": int(time.time()) + 300}, SECRET)
-    return {"Authorization": f"Bearer {signed}"}
-
-
-def payloads(body: dict[str, Any]) -> set[str]:
-    """The decoded texts of a response (boxes the reader could not decode left out)."""
-    return {r["text"] for r in body["results"] if r["text"] is not None}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -280,7 +123,8 @@ def test_multipart_and_raw_body_get_the_box_and_payload(full: Stack) -> None:
         timeout=30,
     )
     assert raw.status_code == 200, raw.text
-    assert raw.json()["request_id"] == "raw-1"
+    assert raw.headers["X-Request-ID"] == "raw-1"  # the caller's id is echoed, not used
+    assert raw.json()["request_id"] != "raw-1"
     check_detection(full, raw.json(), "https://example.com/parcel/42", true_box)
 
 
@@ -297,31 +141,60 @@ def test_decode_off_returns_boxes_without_payloads(full: Stack) -> None:
     assert payloads(response.json()) == set()
 
 
-def test_50_concurrent_requests_each_get_their_own_answer(full: Stack) -> None:
-    sent = [f"payload-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(50)]
-    images = {p: qr_png(p)[0] for p in sent}
+def test_100_concurrent_requests_sharing_50_request_ids_each_get_their_own_payload(
+    full: Stack,
+) -> None:
+    """The caller's X-Request-ID is echoed, never the correlation id: two requests that
+    share one cannot take each other's reply (nor strand each other in a timeout)."""
+    sent = [
+        (f"client-id-{i % 50:02d}", f"payload-{i:03d}-{uuid.uuid4().hex[:6]}") for i in range(100)
+    ]
+    images = {payload: qr_png(payload)[0] for _, payload in sent}
 
-    def post(payload: str) -> tuple[str, requests.Response]:
+    def post(item: tuple[str, str]) -> tuple[str, str, requests.Response]:
+        client_id, payload = item
         # a new connection per request, so both gunicorn workers take some
         response = requests.post(
-            f"{full.url}/api/v1/detect",
+            f"{full.url}/api/v1/detect?timeout_ms=30000",
             data=images[payload],
-            headers={"Content-Type": "image/png", "Connection": "close"},
+            headers={"Content-Type": "image/png", "Connection": "close", "X-Request-ID": client_id},
             timeout=60,
         )
-        return payload, response
+        return client_id, payload, response
 
-    with ThreadPoolExecutor(50) as pool:
+    with ThreadPoolExecutor(100) as pool:
         answers = list(pool.map(post, sent))
-    for payload, response in answers:
-        assert response.status_code == 200, response.text
+    statuses = Counter(response.status_code for _, _, response in answers)
+    assert statuses == {200: 100}, statuses
+    for client_id, payload, response in answers:
         assert payloads(response.json()) == {payload}
-    ids = {response.json()["request_id"] for _, response in answers}
-    assert len(ids) == 50
-    served_by = Counter(
-        re.findall(r'"POST /api/v1/detect HTTP/1.1" 200 .* pid=<?(\d+)>?', full.api_log.read_text())
-    )
+        assert response.headers["X-Request-ID"] == client_id
+    assert len({response.json()["request_id"] for _, _, response in answers}) == 100
+    log = full.api_log.read_text()
+    served = r'"POST /api/v1/detect\?\S* HTTP/1.1" 200 .* pid=<?(\d+)>?'
+    served_by = Counter(re.findall(served, log))
     assert len(served_by) == 2, served_by  # both gunicorn workers answered some
+    for client_id, _, response in answers[:5]:  # the access line has our id and the caller's
+        rid = response.json()["request_id"]
+        lines = [
+            line for line in log.splitlines() if f"request_id={rid}" in line and "POST" in line
+        ]
+        assert len(lines) == 2, lines  # the app's request line and gunicorn's access line
+        assert all(f"client_request_id={client_id} " in line for line in lines), lines
+
+
+def test_gunicorns_own_refusals_are_json_errors(full: Stack) -> None:
+    long_header = requests.get(
+        f"{full.url}/api/v1/health", headers={"X-Big": "x" * 9000}, timeout=10
+    )
+    long_line = requests.get(f"{full.url}/api/v1/health?pad={'x' * 5000}", timeout=10)
+    for response, status, code in (
+        (long_header, 431, "headers_too_large"),
+        (long_line, 414, "uri_too_long"),
+    ):
+        assert response.status_code == status
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.json()["error"]["code"] == code
 
 
 INVALID = [
@@ -356,14 +229,6 @@ def test_pixel_bomb_is_refused_from_its_header(full: Stack) -> None:
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "image_too_large"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_metrics_add_up_the_counts_of_both_workers(full: Stack) -> None:
@@ -472,6 +337,8 @@ def test_503_fast_when_the_broker_is_unreachable() -> None:
         ready = client.get("/api/v1/ready")
         assert ready.status_code == 503
         assert "not assigned" in ready.get_json()["error"]["message"]
+        for answer in (response, ready):  # no broker address for clients to learn
+            assert settings.kafka_bootstrap not in answer.get_data(as_text=True)
     finally:
         app.extensions["qrsight"].replies.close()
 
@@ -546,6 +413,8 @@ def test_503_within_the_produce_timeout_when_the_broker_stops(tmp_path: Path) ->
         ready = client.get("/api/v1/ready")
         assert ready.status_code == 503
         assert "unreachable" in ready.get_json()["error"]["message"]
+        for answer in (response, ready):
+            assert f"127.0.0.1:{port}" not in answer.get_data(as_text=True)
     finally:
         if app is not None:
             app.extensions["qrsight"].replies.close()

@@ -142,7 +142,7 @@ def read_topic(
                 continue
             decoded = None if topic == settings.topic_dlq else codec.decode(msg.value(), topic)
             seen.append((msg, decoded))
-            keys.add((msg.key() or b"").decode())
+            keys.add((msg.key() or b"").decode("utf-8", "backslashreplace"))
             if done_at is None and expected <= keys:
                 done_at = time.monotonic() + linger_s
     finally:
@@ -185,8 +185,10 @@ def settings(kafka_settings: Settings, model_path: Path) -> Settings:
 
 
 @contextmanager
-def worker_thread(settings: Settings, index: int = 0) -> Iterator[Worker]:
-    worker = Worker(settings, index)
+def worker_thread(
+    settings: Settings, index: int = 0, worker: Worker | None = None
+) -> Iterator[Worker]:
+    worker = worker or Worker(settings, index)
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -386,7 +388,7 @@ def bad_inputs(settings: Settings) -> list[tuple[str, bytes | None, list[tuple[s
         raw("bad-gif", b"GIF89a\x10\x00\x10\x00\x00\x00\x00;", "unsupported_type"),
         raw("bad-corrupt-png", bytes(corrupt_png), "corrupt_image"),
         raw("bad-deadline-header", good, "bad_message", (names.H_DEADLINE_MS, b"soon")),
-        raw("bad-reply-partition", good, "bad_message", (names.H_REPLY_PARTITION, b"\x01")),
+        raw("bad-reply-partition", good, "bad_reply_route", (names.H_REPLY_PARTITION, b"\x01")),
         (
             "bad-request-not-image",
             image_request(settings, "bad-request-not-image", b"just some text"),
@@ -696,7 +698,7 @@ def test_supervisor_restarts_a_crashed_worker_and_stops_cleanly(
 class BrokenModel(Pipeline):
     """A pipeline whose model fails (e.g. the GPU went away): not the input's fault."""
 
-    def run(self, jobs: Any) -> list[dict[str, Any]]:
+    def run(self, jobs: Any, stages: Any = None) -> list[dict[str, Any]]:
         raise ModelError("the model failed: CUDA error (test)")
 
 

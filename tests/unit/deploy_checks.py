@@ -59,6 +59,32 @@ def load_one(path: Path) -> Doc:
 
 
 # --- compose ------------------------------------------------------------------------------
+COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+
+
+def interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """Compose's variable substitution (``${VAR:-default}``, ``${VAR}``, ``$$``) throughout."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(3)
+        return env.get(name) or (match.group(2) or "")
+
+    return COMPOSE_VARIABLE.sub(one, value)
+
+
+def load_compose(path: Path, env: Mapping[str, str] | None = None) -> Doc:
+    """The compose file as ``docker compose`` reads it with ``env`` (default: none set)."""
+    return dict(interpolate(load_one(path), env or {}))
+
+
 def compose_env(service: Mapping[str, Any]) -> dict[str, str]:
     """A service's environment as a dict (merge keys already resolved by the YAML loader)."""
     env = service.get("environment") or {}
@@ -209,6 +235,32 @@ def instruction_problems(instr: str, args: str, where: str) -> list[str]:
             problems.append(f"{where}: apt lists are left in the layer")
     if instr == "RUN" and re.search(r"\bsudo\b", args):
         problems.append(f"{where}: sudo in RUN")
+    return problems
+
+
+PIP_SECRET_MOUNTS = (
+    "--mount=type=secret,id=pip.conf,target=/etc/pip.conf",
+    "--mount=type=secret,id=pip-ca",
+)
+PIP_FETCH = re.compile(r"\bpip3? +(install|wheel|download)\b")
+PIP_SETTING_ENV = re.compile(
+    r"\bPIP_(CERT|INDEX_URL|EXTRA_INDEX_URL|CLIENT_CERT|CONFIG_FILE|PROXY)\b"
+)
+
+
+def pip_secret_problems(text: str, where: str) -> list[str]:
+    """A build that fetches from PyPI gets the machine's pip settings (private index, proxy
+    CA) as build secrets on every pip step, and never keeps them in a layer."""
+    problems = []
+    for instr, args in dockerfile_instructions(text):
+        if instr == "RUN" and PIP_FETCH.search(args):
+            missing = [m for m in PIP_SECRET_MOUNTS if m not in args]
+            if missing:
+                problems.append(f"{where}: RUN {args[:50]}... runs pip without {missing}")
+        if instr in ("COPY", "ADD") and re.search(r"pip\.conf|\.pem\b|\.crt\b", args):
+            problems.append(f"{where}: {instr} {args} bakes pip settings into a layer")
+        if instr in ("ENV", "ARG") and PIP_SETTING_ENV.search(args):
+            problems.append(f"{where}: {instr} {args} keeps pip settings in the image")
     return problems
 
 
@@ -372,3 +424,50 @@ def literal_env(container: Doc) -> dict[str, str]:
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- Kubernetes: the workers' identity ------------------------------------------------
+def worker_identity_problems(docs: Iterable[Doc], name: str = "qrsight-workers") -> list[str]:
+    """What keeps a restarted worker pod from coming back as the same static group member
+    and the same transactional producer (so it would stall its partitions for
+    session.timeout.ms and read_committed readers for transaction.timeout.ms)."""
+    docs = list(docs)
+    found = [d for d in docs if d["metadata"]["name"] == name and pod_spec(d) is not None]
+    if not found:
+        return [f"no workload named {name}"]
+    doc = found[0]
+    where = f"{doc['kind']}/{name}"
+    problems = []
+    if doc["kind"] != "StatefulSet":
+        problems.append(
+            f"{where}: pod names change when a pod is replaced; a StatefulSet keeps them, and "
+            "with them QRSIGHT_GROUP_INSTANCE_ID and the transactional.id"
+        )
+    else:
+        governing = doc["spec"].get("serviceName")
+        headless = [
+            d
+            for d in docs
+            if d["kind"] == "Service"
+            and d["metadata"]["name"] == governing
+            and d["spec"].get("clusterIP") == "None"
+        ]
+        if not headless:
+            problems.append(f"{where}: serviceName {governing!r} names no headless Service")
+    spec = pod_spec(doc) or {}
+    container = next(containers(doc))
+    env = {e["name"]: e for e in container.get("env", [])}
+    field = (
+        env.get("QRSIGHT_GROUP_INSTANCE_ID", {})
+        .get("valueFrom", {})
+        .get("fieldRef", {})
+        .get("fieldPath")
+    )
+    if field != "metadata.name":
+        problems.append(f"{where}: QRSIGHT_GROUP_INSTANCE_ID must be the pod name (metadata.name)")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append(
+            f"{where}: automountServiceAccountToken must be false (workers never call the "
+            "Kubernetes API; no token to steal)"
+        )
+    return problems

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import logging
 import time
 from pathlib import Path
@@ -10,7 +14,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from flask import Flask
 
 from api import create_app
@@ -161,3 +165,109 @@ def test_no_secret_or_token_in_logs(app: Flask, caplog: pytest.LogCaptureFixture
     assert logged  # the requests were logged
     assert SECRET not in logged
     assert token not in logged
+
+
+# --- hostile headers and claims: always 401, never a 500 -------------------------------
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def raw_token(header: Any, payload: Any, key: bytes = SECRET.encode()) -> str:
+    """A token whose header and payload are any JSON, HS256-signed with ``key``."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+FUTURE = int(time.time()) + 600
+HOSTILE = [
+    ("alg is a list", raw_token({"alg": ["HS256"], "typ": "JWT"}, claims())),
+    ("alg is a number", raw_token({"alg": 256}, claims())),
+    ("alg is an object", raw_token({"alg": {"HS256": True}}, claims())),
+    ("alg is null", raw_token({"alg": None}, claims())),
+    ("alg missing", raw_token({"typ": "JWT"}, claims())),
+    ("alg with a space", raw_token({"alg": "HS256 "}, claims())),
+    ("header is a list", raw_token(["HS256"], claims())),
+    ("payload is a list", raw_token({"alg": "HS256"}, ["sub", "alice"])),
+    ("payload is a string", raw_token({"alg": "HS256"}, "alice")),
+    ("exp is a string", raw_token({"alg": "HS256"}, claims(exp="tomorrow"))),
+    ("exp is NaN", raw_token({"alg": "HS256"}, claims(exp=float("nan")))),
+    ("exp is Infinity", raw_token({"alg": "HS256"}, claims(exp=float("inf")))),
+    ("no iss while one is required", "Bearer " + hs(iss=None)),
+    ("nbf in the future", "Bearer " + hs(nbf=FUTURE)),
+    ("iat in the future", "Bearer " + hs(iat=FUTURE)),
+    ("sub is not a string", raw_token({"alg": "HS256"}, claims(sub={"id": 1}))),
+    (
+        "HS256 signed with the RSA public key's PEM (algorithm confusion)",
+        raw_token({"alg": "HS256", "typ": "JWT"}, claims(), key=RSA_PUBLIC.encode()),
+    ),
+    ("ES256 header with an RSA signature", raw_token({"alg": "ES256"}, claims())),
+    ("two dots only", "Bearer .."),
+    ("four segments", "Bearer a.b.c.d"),
+    ("not base64", "Bearer !!!.???.***"),
+    ("bearer in lower case, bad token", "bearer x.y.z"),
+]
+
+
+@pytest.mark.parametrize("header", [h[1] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_tokens_get_401_not_500(app: Flask, header: str) -> None:
+    if not header.lower().startswith("bearer "):
+        header = f"Bearer {header}"
+    response = post(app, header)
+    assert response.status_code == 401, response.get_json()
+    assert response.get_json()["error"]["code"] == "unauthorized"
+    challenge_header = response.headers["WWW-Authenticate"]
+    assert challenge_header.startswith('Bearer realm="qrsight", error="invalid_token"')
+    assert "\n" not in challenge_header and "\r" not in challenge_header
+
+
+def test_algorithm_confusion_is_refused_when_only_the_public_key_is_set() -> None:
+    app = offline_app(api_settings(auth_enabled=True, auth_jwt_public_key=RSA_PUBLIC))
+    forged = raw_token({"alg": "HS256"}, claims(aud=None, iss=None), key=RSA_PUBLIC.encode())
+    assert post(app, f"Bearer {forged}").status_code == 401
+    assert post(app, f"Bearer {rs(aud=None, iss=None)}").status_code == 503
+
+
+def ec_and_ed_keys() -> list[tuple[str, Any, str]]:
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    ed = ed25519.Ed25519PrivateKey.generate()
+    return [("ES256", p256, pem(p256)), ("ES384", p384, pem(p384)), ("EdDSA", ed, pem(ed))]
+
+
+def pem(private: Any) -> str:
+    public: bytes = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return public.decode()
+
+
+@pytest.mark.parametrize(("alg", "key", "public"), ec_and_ed_keys(), ids=lambda v: str(v)[:6])
+def test_each_key_type_accepts_its_one_algorithm(alg: str, key: Any, public: str) -> None:
+    app = offline_app(api_settings(auth_enabled=True, auth_jwt_public_key=public))
+    good = jwt.encode(claims(aud=None, iss=None), key, algorithm=alg)
+    assert post(app, f"Bearer {good}").status_code == 503  # past auth
+    for other in ("RS256", "HS256", "none"):
+        forged = raw_token({"alg": other}, claims(aud=None, iss=None), key=public.encode())
+        assert post(app, f"Bearer {forged}").status_code == 401
+
+
+SMALL_RSA = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+BAD_KEYS = [
+    ("HS256 secret too short", {"auth_jwt_secret": "short-secret"}, "QRSIGHT_AUTH_JWT_SECRET"),
+    ("PEM in the secret", {"auth_jwt_secret": RSA_PUBLIC}, "QRSIGHT_AUTH_JWT_PUBLIC_KEY"),
+    ("RSA under 2048 bits", {"auth_jwt_public_key": pem(SMALL_RSA)}, "2048"),
+    (
+        "not a public key",
+        {"auth_jwt_public_key": "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"},
+        "QRSIGHT_AUTH_JWT_PUBLIC_KEY",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "named"), [b[1:] for b in BAD_KEYS], ids=[b[0] for b in BAD_KEYS]
+)
+def test_unsafe_keys_refuse_to_start(values: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        create_app(api_settings(auth_enabled=True, **values))

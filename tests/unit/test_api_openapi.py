@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from api.openapi import document
-from api.replies import child_traceparent
 from api.slots import lowest_free_slot, reply_partition, set_process_slot
 from core.errors import ConfigError
+from core.telemetry import child_traceparent
 from tests.unit.test_api_helpers import api_settings, offline_app
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
@@ -75,3 +77,37 @@ def test_traceparent_is_new_when_missing_or_invalid(incoming: str | None) -> Non
     parts = out.split("-")
     assert [len(p) for p in parts] == [2, 32, 16, 2]
     assert parts[1] != "0" * 32
+
+
+def resolve(ref_or_obj: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in ref_or_obj:
+        name = ref_or_obj["$ref"].rsplit("/", 1)[1]
+        resolved: dict[str, Any] = document()["components"]["responses"][name]
+        return resolved
+    return ref_or_obj
+
+
+def test_every_status_the_api_can_give_is_documented() -> None:
+    """The app's own errors on /detect, gunicorn's on every operation, 503 with Retry-After."""
+    from api.admission import OverloadedError
+    from api.detect import all_error_classes
+    from api.protocol_errors import CODES
+
+    app_statuses = {cls.http_status for cls in all_error_classes()} | {
+        OverloadedError.http_status,
+        429,  # flask-limiter
+    }
+    protocol = set(CODES) - {403}  # 403: proxy protocol and TLS client certs, both off
+    for path, item in document()["paths"].items():
+        for method, operation in item.items():
+            documented = {int(status) for status in operation["responses"]}
+            assert protocol <= documented, (path, method)
+            if path == "/api/v1/detect":
+                assert app_statuses <= documented
+            for status, ref in operation["responses"].items():
+                response = resolve(ref)
+                if status == "503":
+                    assert "Retry-After" in response["headers"]
+                if int(status) >= 400:
+                    content = response["content"]["application/json"]["schema"]
+                    assert content == {"$ref": "#/components/schemas/Error"}

@@ -39,8 +39,9 @@ def result(status: str, code: str | None = None) -> dict[str, Any]:
         ("ERROR", "bad_message", 400, "bad_message"),
         ("ERROR", "image_too_large", 413, "image_too_large"),
         ("ERROR", "unsupported_type", 415, "unsupported_type"),
-        ("ERROR", "model_error", 500, "model_error"),
-        ("ERROR", "something_new", 500, "something_new"),
+        # never a 500: the model failing is retried (503), an unknown code is bad input (400)
+        ("ERROR", "model_error", 503, "model_error"),
+        ("ERROR", "something_new", 400, "something_new"),
         ("EXPIRED", None, 504, "timeout"),
     ],
 )

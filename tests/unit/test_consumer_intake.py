@@ -12,6 +12,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 from consumer.intake import Intake, looks_like_image, parse_message
 from consumer.worker import next_offsets
 from core.images import ImageLimits
+from core.telemetry import trace_headers
 from schemas import names
 from schemas.codec import Codec
 
@@ -57,8 +58,18 @@ def message(value: bytes | None, *headers: tuple[str, bytes], offset: int = 42) 
     )
 
 
+REPLY_PARTITIONS = 16
+
+
 def parse(msg: Message) -> Intake:
-    return parse_message(msg, CODEC, LIMITS, default_replies_topic="qr.replies", now_ms=NOW_MS)
+    return parse_message(
+        msg,
+        CODEC,
+        LIMITS,
+        default_replies_topic="qr.replies",
+        reply_partitions=lambda _asked: REPLY_PARTITIONS,
+        now_ms=NOW_MS,
+    )
 
 
 CID = names.H_CORRELATION_ID
@@ -96,7 +107,12 @@ def test_request_id_is_header_then_record_then_position(msg: Message, request_id
         (request(b""), (), "empty_image"),
         (request(b"not an image"), (), "unsupported_type"),
         (jpeg(), ((names.H_DEADLINE_MS, b"later"),), "bad_message"),
-        (jpeg(), ((names.H_REPLY_PARTITION, b"\x01\x02"),), "bad_message"),
+        (jpeg(), ((names.H_REPLY_PARTITION, b"\x01\x02"),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_PARTITION, names.encode_partition(16)),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_PARTITION, names.encode_partition(-1)),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_TOPIC, b"qr.detections"),), "bad_reply_route"),
+        (jpeg(), ((names.H_REPLY_TOPIC, b"\xff\xfe"),), "bad_reply_route"),
+        (b"", ((names.H_CONTENT_TYPE, b"image/png"),), "empty_image"),
     ],
     ids=[
         "null",
@@ -111,6 +127,11 @@ def test_request_id_is_header_then_record_then_position(msg: Message, request_id
         "request-not-image",
         "bad-deadline",
         "bad-reply-partition",
+        "reply-partition-out-of-range",
+        "reply-partition-negative",
+        "reply-topic-not-the-replies-topic",
+        "reply-topic-not-utf8",
+        "empty-value-claiming-png",
     ],
 )
 def test_bad_input_is_reported_not_raised(
@@ -162,12 +183,12 @@ def test_deadline(deadline: int, expired: bool) -> None:
     [
         ((), None, None),
         (
-            ((names.H_REPLY_TOPIC, b"my.replies"), (names.H_REPLY_PARTITION, b"\x00\x00\x00\x07")),
-            "my.replies",
-            7,
+            ((names.H_REPLY_TOPIC, b"qr.replies"), (names.H_REPLY_PARTITION, b"\x00\x00\x00\x0f")),
+            "qr.replies",
+            15,
         ),
         (((names.H_REPLY_PARTITION, names.encode_partition(3)),), "qr.replies", 3),
-        (((names.H_REPLY_TOPIC, b"my.replies"),), "my.replies", None),
+        (((names.H_REPLY_TOPIC, b"qr.replies"),), "qr.replies", None),
     ],
     ids=["none", "topic-and-partition", "partition-only", "topic-only"],
 )
@@ -178,10 +199,47 @@ def test_reply_routing(
     assert (item.reply_topic, item.reply_partition) == (topic, partition)
 
 
-def test_traceparent_is_passed_through_and_nothing_else() -> None:
+def test_the_job_carries_the_trace_id_of_its_traceparent() -> None:
     trace = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     item = parse(message(jpeg(), (names.H_TRACEPARENT, trace), ("x-other", b"1")))
-    assert item.passthrough == [(names.H_TRACEPARENT, trace)]
+    assert item.job is not None and item.job.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert parse(message(jpeg(), (names.H_TRACEPARENT, b"garbage"))).job.trace_id is None
+
+
+@pytest.mark.parametrize(
+    "trace", [b"x" * 100_000, b"not-a-trace", b"00-0af7651916cd43dd8448eb211c80319c-b7ad-01"]
+)
+def test_a_traceparent_that_is_not_w3c_is_dropped_not_copied_into_results(trace: bytes) -> None:
+    item = parse(message(jpeg(), (names.H_TRACEPARENT, trace), ("tracestate", b"k=v")))
+    assert item.error is None and item.job is not None and item.job.trace_id is None
+    assert trace_headers(item.headers) == [], "what the results would carry on"
+
+
+def test_a_valid_traceparent_and_a_sane_tracestate_are_passed_on() -> None:
+    trace = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = [(names.H_TRACEPARENT, trace), ("tracestate", b"k=v"), ("x", b"1")]
+    assert trace_headers(headers) == headers[:2]
+    assert trace_headers([headers[0], ("tracestate", b"k" * 10_000)]) == headers[:1]
+
+
+def test_a_non_utf8_id_is_refused_but_echoed_so_the_caller_can_match_the_error() -> None:
+    raw = b"id-\xff\xfe"
+    item = parse(message(jpeg(), (CID, raw)))
+    assert item.error is not None and item.error.code == "bad_message"
+    assert item.result_key == raw
+    assert item.request_id == "id-\\xff\\xfe"
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [message(jpeg(), (CID, b"i" * 100_000)), message(request(jpeg(), "r" * 300))],
+    ids=["header", "record"],
+)
+def test_an_oversized_id_is_refused_and_the_result_keyed_by_position(msg: Message) -> None:
+    item = parse(msg)
+    assert item.error is not None and item.error.code == "bad_message"
+    assert item.request_id == f"{TOPIC}-2-42"
+    assert item.result_key == item.request_id.encode()
 
 
 def test_next_offsets_is_highest_plus_one_per_partition() -> None:

@@ -34,7 +34,7 @@ DOCKERFILES = [dc.ROOT / "deploy/docker/Dockerfile", dc.ROOT / "deploy/docker/Do
 OVERLAYS = ["cpu", "gpu"]
 # oldest supported (the API's pod-index label is on by default from 1.28) and newest bundled
 K8S_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
-CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor"}
+CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 QRSIGHT_SERVICES = ["topics", "consumer", "consumer-gpu", "api"]
 
 
@@ -44,7 +44,7 @@ def defaults() -> Settings:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return dc.load_one(COMPOSE_FILE)
+    return dc.load_compose(COMPOSE_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,27 @@ def test_compose_mounts_exist(compose: dict[str, Any]) -> None:
             assert (dc.ROOT / build["context"] / build["dockerfile"]).is_file()
 
 
+def test_compose_host_ports_are_variables_and_kafka_advertises_the_published_one() -> None:
+    """Another free port on the host (``make compose-test`` on a shared machine) moves the
+    published port and the address Kafka gives host clients together."""
+    env = {"KAFKA_HOST_PORT": "19092", "API_HOST_PORT": "18000"}
+    env |= {"PROMETHEUS_HOST_PORT": "19090", "GRAFANA_HOST_PORT": "13000"}
+    services = dc.load_compose(COMPOSE_FILE, env)["services"]
+    assert services["kafka"]["ports"] == ["19092:9092"]
+    advertised = dc.compose_env(services["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
+    assert "EXTERNAL://localhost:19092" in advertised.split(",")
+    assert services["api"]["ports"] == [f"18000:{defaults().api_port}"]
+    assert services["prometheus"]["ports"] == ["19090:9090"]
+    assert services["grafana"]["ports"] == ["13000:3000"]
+
+
+def test_compose_prometheus_keeps_its_data_in_its_volume(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prometheus["command"])
+    mounts = {v.split(":")[1] for v in prometheus["volumes"] if not v.startswith("./")}
+    assert flags["--storage.tsdb.path"] in mounts
+
+
 # --- Prometheus and Grafana ---------------------------------------------------------------
 def test_prometheus_scrapes_what_the_code_serves(
     compose: dict[str, Any], api_routes: set[str], worker_server: int
@@ -288,7 +309,6 @@ def test_k8s_core_objects_match_the_kubernetes_schemas(
         "Namespace",
         "ConfigMap",
         "Job",
-        "Deployment",
         "StatefulSet",
         "Service",
         "HorizontalPodAutoscaler",
@@ -317,11 +337,11 @@ def test_k8s_names_only_real_settings_with_valid_values(base_docs: list[dc.Doc])
 def test_a_wrong_env_name_in_k8s_is_reported(base_docs: list[dc.Doc]) -> None:
     broken = json.loads(json.dumps(base_docs))
     dc.find(broken, "ConfigMap")["data"]["QRSIGHT_KAFKA_BOOTSTRAP_SERVERS"] = "k:9092"
-    workers = dc.find(broken, "Deployment", "qrsight-workers")
+    workers = dc.find(broken, "StatefulSet", "qrsight-workers")
     next(dc.containers(workers))["env"].append({"name": "QRSIGHT_WORKER", "value": "2"})
     assert dc.k8s_problems(broken) == [
         "ConfigMap/qrsight-config: QRSIGHT_KAFKA_BOOTSTRAP_SERVERS is not a qrsight setting",
-        "Deployment/qrsight-workers: QRSIGHT_WORKER is not a qrsight setting",
+        "StatefulSet/qrsight-workers: QRSIGHT_WORKER is not a qrsight setting",
     ]
 
 
@@ -357,7 +377,7 @@ def test_k8s_worker_probes_hit_what_the_worker_serves(
     base_docs: list[dc.Doc], worker_server: int
 ) -> None:
     config = dc.find(base_docs, "ConfigMap", "qrsight-config")["data"]
-    container = next(dc.containers(dc.find(base_docs, "Deployment", "qrsight-workers")))
+    container = next(dc.containers(dc.find(base_docs, "StatefulSet", "qrsight-workers")))
     settings = load_settings({**config, **dc.literal_env(container)})
     assert settings.workers == 1
     found = probes(container)
@@ -408,7 +428,7 @@ def test_k8s_keda_scales_workers_on_images_lag_up_to_the_partitions(
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "qrsight-workers"
-    dc.find(base_docs, "Deployment", spec["scaleTargetRef"]["name"])
+    dc.find(base_docs, spec["scaleTargetRef"]["kind"], spec["scaleTargetRef"]["name"])
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] == settings.topic_partitions
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "kafka"
@@ -421,7 +441,62 @@ def test_k8s_keda_scales_workers_on_images_lag_up_to_the_partitions(
     assert meta["allowIdleConsumers"] == "false"
     workers_conf = consumer_config(settings, settings.consumer_group)
     assert meta["offsetResetPolicy"] == workers_conf["auto.offset.reset"]
-    assert "replicas" not in dc.find(base_docs, "Deployment", "qrsight-workers")["spec"]
+    assert "replicas" not in dc.find(base_docs, "StatefulSet", "qrsight-workers")["spec"]
+
+
+def test_k8s_workers_keep_their_identity_across_restarts(
+    overlay: tuple[str, list[dc.Doc]], tmp_path: Path
+) -> None:
+    """StatefulSet pod name → QRSIGHT_GROUP_INSTANCE_ID → group.instance.id and
+    transactional.id, the same after a restart (and no service-account token)."""
+    _, docs = overlay
+    assert dc.worker_identity_problems(docs) == []
+    workers = dc.find(docs, "StatefulSet", "qrsight-workers")
+    config = dc.find(docs, "ConfigMap", "qrsight-config")["data"]
+    container = next(dc.containers(workers))
+    pod = "qrsight-workers-3"  # what Kubernetes puts in metadata.name
+    settings = load_settings(
+        {**config, **dc.literal_env(container), "QRSIGHT_GROUP_INSTANCE_ID": pod},
+        state_dir=tmp_path,
+    )
+    from consumer.worker import Worker
+
+    worker = Worker(settings, 0)
+    assert worker.group_instance_id == f"{pod}-0"
+    assert worker.transactional_id == f"{settings.consumer_group}-{pod}-0"
+    grace = workers["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > settings.shutdown_timeout_s, "SIGTERM finishes the batch before SIGKILL"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "problem"),
+    [
+        ("deployment", "a StatefulSet keeps them"),
+        ("no-instance-id", "QRSIGHT_GROUP_INSTANCE_ID must be the pod name"),
+        ("token", "automountServiceAccountToken must be false"),
+        ("no-service", "names no headless Service"),
+    ],
+)
+def test_a_worker_identity_lost_on_restart_is_reported(
+    base_docs: list[dc.Doc], breakage: str, problem: str
+) -> None:
+    broken = json.loads(json.dumps(base_docs))
+    workers = dc.find(broken, "StatefulSet", "qrsight-workers")
+    container = next(dc.containers(workers))
+    if breakage == "deployment":
+        workers["kind"] = "Deployment"
+    elif breakage == "no-instance-id":
+        container["env"] = [e for e in container["env"] if e["name"] != "QRSIGHT_GROUP_INSTANCE_ID"]
+    elif breakage == "token":
+        del workers["spec"]["template"]["spec"]["automountServiceAccountToken"]
+    else:
+        broken = [
+            d
+            for d in broken
+            if d["metadata"]["name"] != workers["spec"]["serviceName"] or d["kind"] != "Service"
+        ]
+    problems = dc.worker_identity_problems(broken)
+    assert len(problems) == 1 and problem in problems[0], problems
 
 
 def pod_labels(docs: list[dc.Doc]) -> list[dict[str, str]]:
@@ -458,7 +533,7 @@ def test_k8s_monitors_scrape_the_metrics_endpoints(
     assert endpoint["port"] in {p["name"] for p in matched[0]["spec"]["ports"]}
     assert endpoint["path"] in api_routes
     pod_monitor = dc.find(base_docs, "PodMonitor", "qrsight-workers")
-    workers = dc.find(base_docs, "Deployment", "qrsight-workers")
+    workers = dc.find(base_docs, "StatefulSet", "qrsight-workers")
     assert dc.selects(
         pod_monitor["spec"]["selector"]["matchLabels"],
         workers["spec"]["template"]["metadata"]["labels"],
@@ -484,7 +559,7 @@ def test_k8s_pods_run_as_the_image_user_without_root(overlay: tuple[str, list[dc
 def test_k8s_overlays_pick_cpu_or_gpu_workers(overlay: tuple[str, list[dc.Doc]]) -> None:
     name, docs = overlay
     assert dc.k8s_problems(docs) == []
-    workers = next(dc.containers(dc.find(docs, "Deployment", "qrsight-workers")))
+    workers = next(dc.containers(dc.find(docs, "StatefulSet", "qrsight-workers")))
     api = next(dc.containers(dc.find(docs, "StatefulSet", "qrsight-api")))
     limits = workers["resources"]["limits"]
     env = dc.literal_env(workers)
@@ -619,6 +694,28 @@ def test_dockerfile_lint_catches_mistakes(snippet: str, problem: str) -> None:
     assert any(problem in p for p in problems), problems
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pip_steps_get_the_machines_pip_settings_as_build_secrets(path: Path) -> None:
+    # Dockerfile.cuda's pip steps had no secret mounts: behind a proxy with its own CA (as on
+    # the machines that build it in CI) its build could not reach PyPI.
+    assert dc.pip_secret_problems(path.read_text(), path.name) == []
+
+
+@pytest.mark.parametrize(
+    ("snippet", "problem"),
+    [
+        ("RUN pip install numpy\n", "runs pip without"),
+        ("RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf pip wheel .\n", "pip-ca"),
+        ("COPY pip.conf /etc/pip.conf\n", "bakes pip settings"),
+        ("ENV PIP_CERT=/etc/ssl/certs/proxy.pem\n", "keeps pip settings"),
+    ],
+)
+def test_pip_secret_check_catches_mistakes(snippet: str, problem: str) -> None:
+    broken = DOCKERFILES[0].read_text() + snippet
+    problems = dc.pip_secret_problems(broken, "Dockerfile")
+    assert any(problem in p for p in problems), problems
+
+
 def test_dockerignore_keeps_what_the_images_copy() -> None:
     patterns = dc.dockerignore_patterns((dc.ROOT / ".dockerignore").read_text())
     sources = {s for path in DOCKERFILES for s in dc.copy_sources(path.read_text())}
@@ -630,6 +727,49 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
         )
     for private in (".git", ".kafka", "tests", "models/run-3/best.onnx", "core/__pycache__"):
         assert dc.dockerignored(private, patterns), private
+
+
+# Base images deploy/local/containers.sh builds a local stand-in for (no registry reachable
+# on the project's machines), and the one it does not have (Grafana: not run there).
+STAND_INS = {"python", "nvidia/cuda", "apache/kafka", "prom/prometheus"}
+WITHOUT_STAND_IN = {"grafana/grafana"}
+
+
+def external_images(compose: dict[str, Any]) -> set[str]:
+    """Every image the Dockerfiles build FROM and every compose image not built here."""
+    found = set()
+    for path in DOCKERFILES:
+        instructions = dc.dockerfile_instructions(path.read_text())
+        args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+        stage_names = set()
+        for instr, line in instructions:
+            if instr == "FROM":
+                words = line.split()
+                image = dc.resolve_from(words[0], args)
+                if image not in stage_names:
+                    found.add(image)
+                if len(words) == 3 and words[1].upper() == "AS":
+                    stage_names.add(words[2])
+    for service in compose["services"].values():
+        if "build" not in service:
+            found.add(service["image"])
+    return found
+
+
+def test_every_base_image_has_a_local_stand_in_or_is_named_in_the_readme(
+    compose: dict[str, Any],
+) -> None:
+    """A new base image needs a stand-in recipe (or ``make compose-test`` silently runs
+    without it), and the README's compose section names each stand-in and its tag."""
+    images = external_images(compose)
+    assert {image.rsplit(":", 1)[0] for image in images} == STAND_INS | WITHOUT_STAND_IN
+    script = (dc.ROOT / "deploy/local/containers.sh").read_text()
+    for name in ("python", "kafka", "prometheus"):
+        assert (dc.ROOT / "deploy/local/images" / name / "Containerfile").is_file()
+    assert "cuda_base()" in script
+    section = deploy_section()
+    for image in images:
+        assert f"`{image}`" in section, image
 
 
 def free_port() -> int:
@@ -699,6 +839,28 @@ def test_readme_compose_commands_match_the_compose_file(compose: dict[str, Any])
                 assert value.split("=")[0] in services, command
             if flag == "-f":
                 assert (dc.ROOT / value).is_file(), command
+
+
+def containers_sh_commands() -> tuple[set[str], str]:
+    """``deploy/local/containers.sh``'s subcommands (its final ``case``) and its usage text."""
+    text = (dc.ROOT / "deploy/local/containers.sh").read_text()
+    case = text[text.rindex('case "$command" in') :]
+    usage = text[: text.index("set -euo pipefail")]
+    return set(re.findall(r"^  ([a-z][a-z-]*)\)", case, flags=re.M)), usage
+
+
+def test_readme_container_commands_exist() -> None:
+    commands, usage = containers_sh_commands()
+    makefile = (dc.ROOT / "Makefile").read_text()
+    used = [shlex.split(c.split("#")[0]) for c in readme_commands()]
+    assert ["make", "compose-test"] in used
+    for words in used:
+        if words[:1] == ["deploy/local/containers.sh"]:
+            assert words[1] in commands, words
+        if words[:1] == ["make"]:
+            assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), words
+    for command in commands:
+        assert f"containers.sh {command}" in usage, f"containers.sh's usage misses {command}"
 
 
 def test_readme_names_the_ports_compose_publishes(compose: dict[str, Any]) -> None:
@@ -775,3 +937,131 @@ def test_deploy_commands_are_the_packaged_console_scripts(
     subcommands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out)
     assert subcommands and "create" in subcommands.group(1).split(",")
     assert all(c[1:] == ["create"] for c in commands if c[0] == "qrsight-topics")
+
+
+# --- Kubernetes: the API's pod hardening and the network policies ----------------------
+def workload(docs: list[dc.Doc], component: str) -> dc.Doc:
+    """The one controller (any kind) whose pods are this component's."""
+    found = [
+        doc
+        for doc in docs
+        if dc.pod_spec(doc) is not None
+        and doc["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        == component
+    ]
+    assert len(found) == 1, [d["metadata"]["name"] for d in found]
+    return found[0]
+
+
+def pod_labels_of(doc: dc.Doc) -> dict[str, str]:
+    labels: dict[str, str] = doc["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def policies_for(docs: list[dc.Doc], labels: dict[str, str]) -> list[dc.Doc]:
+    return [
+        doc
+        for doc in docs
+        if doc["kind"] == "NetworkPolicy"
+        and dc.selects(doc["spec"]["podSelector"].get("matchLabels", {}), labels)
+    ]
+
+
+def rule_ports(rules: list[dc.Doc], where: str) -> tuple[set[tuple[str, int]], list[str]]:
+    """(protocol, port) pairs the rules allow; a rule without ports opens every port."""
+    allowed: set[tuple[str, int]] = set()
+    problems = []
+    for rule in rules:
+        if not rule.get("ports"):
+            problems.append(f"{where}: a rule without ports allows every port")
+        for port in rule.get("ports", []):
+            allowed.add((port.get("protocol", "TCP"), int(port["port"])))
+    return allowed, problems
+
+
+def url_port(url: str, default: int) -> int:
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    return int(host.rsplit(":", 1)[1]) if ":" in host else default
+
+
+def needed_egress(settings: Settings, component: str) -> set[tuple[str, int]]:
+    """DNS, every bootstrap broker's port, the registry's and (API) a shared limit store's."""
+    ports = {("UDP", 53), ("TCP", 53)}
+    ports |= {
+        ("TCP", url_port(s.strip(), 9092)) for s in (settings.kafka_bootstrap or "").split(",")
+    }
+    if settings.schema_registry_url:
+        ports.add(("TCP", url_port(settings.schema_registry_url, 8081)))
+    uri = settings.rate_limit_storage_uri
+    if component == "api" and uri.startswith(("redis://", "rediss://")):
+        ports.add(("TCP", url_port(uri, 6379)))
+    return ports
+
+
+def served_ports(docs: list[dc.Doc], component: str) -> set[tuple[str, int]]:
+    """The ports the component's container exposes, which its probes and monitors use."""
+    container = next(dc.containers(workload(docs, component)))
+    ports = {("TCP", p["containerPort"]) for p in container["ports"]}
+    for _, port in probes(container).values():
+        assert ("TCP", port) in ports
+    return ports
+
+
+def network_policy_problems(docs: list[dc.Doc]) -> list[str]:
+    config = dc.find(docs, "ConfigMap", "qrsight-config")["data"]
+    problems = []
+    for component in ("api", "worker"):
+        owner = workload(docs, component)
+        settings = load_settings({**config, **dc.literal_env(next(dc.containers(owner)))})
+        policies = policies_for(docs, pod_labels_of(owner))
+        if len(policies) != 1:
+            problems.append(f"{component}: {len(policies)} network policies select its pods")
+            continue
+        spec = policies[0]["spec"]
+        where = f"NetworkPolicy/{policies[0]['metadata']['name']}"
+        if set(spec.get("policyTypes", [])) != {"Ingress", "Egress"}:
+            problems.append(f"{where}: policyTypes must be Ingress and Egress")
+        ingress, bad_in = rule_ports(spec.get("ingress", []), where)
+        egress, bad_out = rule_ports(spec.get("egress", []), where)
+        problems += bad_in + bad_out
+        if ingress != served_ports(docs, component):
+            problems.append(f"{where}: ingress {sorted(ingress)} is not the served ports")
+        if egress != needed_egress(settings, component):
+            wanted = sorted(needed_egress(settings, component))
+            problems.append(f"{where}: egress {sorted(egress)}, needed {wanted}")
+    return problems
+
+
+def test_k8s_api_pods_mount_no_service_account_token(overlay: tuple[str, list[dc.Doc]]) -> None:
+    _, docs = overlay
+    spec = dc.pod_spec(workload(docs, "api"))
+    assert spec is not None
+    assert spec.get("automountServiceAccountToken") is False
+
+
+def test_k8s_network_policies_open_only_what_the_api_and_workers_use(
+    overlay: tuple[str, list[dc.Doc]],
+) -> None:
+    _, docs = overlay
+    assert network_policy_problems(docs) == []
+    for doc in docs:
+        if doc["kind"] == "NetworkPolicy":
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_network_policy_checks_catch_drift(base_docs: list[dc.Doc]) -> None:
+    moved = json.loads(json.dumps(base_docs))
+    config = dc.find(moved, "ConfigMap", "qrsight-config")["data"]
+    config["QRSIGHT_KAFKA_BOOTSTRAP"] = "kafka-0:9093,kafka-1:9093"
+    config["QRSIGHT_RATE_LIMIT_STORAGE_URI"] = "redis://redis:6380/0"
+    open_all = json.loads(json.dumps(base_docs))
+    dc.find(open_all, "NetworkPolicy", "qrsight-workers")["spec"]["ingress"] = [{}]
+    relabeled = json.loads(json.dumps(base_docs))
+    pods = workload(relabeled, "worker")["spec"]["template"]["metadata"]["labels"]
+    pods["app.kubernetes.io/name"] = "renamed"
+    assert [p.split(":")[0] for p in network_policy_problems(moved)] == [
+        "NetworkPolicy/qrsight-api",
+        "NetworkPolicy/qrsight-workers",
+    ]
+    assert any("allows every port" in p for p in network_policy_problems(open_all))
+    assert network_policy_problems(relabeled) == ["worker: 0 network policies select its pods"]

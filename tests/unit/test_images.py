@@ -457,3 +457,59 @@ def test_limits_from_settings() -> None:
     assert ImageLimits.from_settings(settings) == ImageLimits(
         max_bytes=2048, max_side=100, max_pixels=5000
     )
+
+
+# --- reduced-scale JPEG decoding and alpha compositing ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "w", "h", "keep", "expected"),
+    [
+        ("jpeg", 4032, 3024, 832, 4),  # 1008 >= 832, 504 is not
+        ("jpeg", 3024, 4032, 832, 4),  # portrait: the longer side counts
+        ("jpeg", 8000, 6000, 832, 8),
+        ("jpeg", 1600, 1200, 832, 1),  # 800 < 832: full size
+        ("jpeg", 640, 480, 832, 1),
+        ("jpeg", 4032, 3024, 0, 1),  # off
+        ("png", 4032, 3024, 832, 1),  # only libjpeg scales while decoding
+    ],
+)
+def test_jpeg_scale(fmt: str, w: int, h: int, keep: int, expected: int) -> None:
+    info = ImageInfo(fmt, w, h, images.CONTENT_TYPES[fmt])
+    assert images.jpeg_scale(info, keep) == expected
+
+
+@pytest.mark.parametrize(("w", "h", "scale"), [(1001, 750, 2), (1001, 750, 4), (640, 480, 8)])
+def test_decode_at_reduced_scale(w: int, h: int, scale: int) -> None:
+    data = encode(".jpg", pattern(h, w), cv2.IMWRITE_JPEG_QUALITY, 95)
+    pixels = decode(data, LIMITS, scale=scale)
+    assert pixels.shape == (-(-h // scale), -(-w // scale), 3)  # ceil, as libjpeg
+    full = cv2.resize(decode(data, LIMITS), pixels.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(pixels.astype(int) - full.astype(int)).mean() < 4
+
+
+def test_decode_reduced_keeps_the_exif_orientation() -> None:
+    data = jpeg_with_exif(pattern(400, 600), 6)
+    pixels = decode(data, LIMITS, scale=2)
+    assert pixels.shape == (300, 200, 3)  # 600x400 stored, rotated 90°: 400x600 shown
+
+
+@pytest.mark.parametrize("scale", [3, 16])
+def test_decode_refuses_other_scales(scale: int) -> None:
+    with pytest.raises(ValueError, match="scale"):
+        decode(encode(".jpg", pattern(64, 64)), LIMITS, scale=scale)
+
+
+def test_decode_png_at_reduced_scale_is_refused() -> None:
+    with pytest.raises(ValueError, match="png"):
+        decode(encode(".png", pattern(64, 64)), LIMITS, scale=2)
+
+
+def test_bgra_on_white_equals_the_float_formula() -> None:
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    color, alpha = raw[:, :, :3].astype(np.float64), raw[:, :, 3:].astype(np.float64) / 255
+    expected = np.clip(color * alpha + 255 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(images._to_bgr8(raw), expected)
+    raw[:, :, 3] = 255
+    assert np.array_equal(images._to_bgr8(raw), raw[:, :, :3])

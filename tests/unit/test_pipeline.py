@@ -248,3 +248,32 @@ def test_without_a_verifier_every_unread_box_is_read_harder(tmp_path: Path) -> N
     (result,) = run(settings, [job])
     assert [d["text"] for d in result["detections"]] == [text]
     assert result["detections"][0]["confidence"] == pytest.approx(0.5)  # the detector's
+
+
+def test_large_jpeg_same_answer_with_reduced_decode(dark_model: Path) -> None:
+    """A 2560x2560 JPEG (4x the QR scene) is decoded at 1/2 for the 640 model when
+    QRSIGHT_REDUCED_DECODE is on: same boxes, size and payload, in the sent image's pixels."""
+    big = cv2.resize(qr_image(), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)
+    data = encode(big, ".jpg")
+    results = {}
+    for reduced in (False, True):
+        settings = load_settings({}, model_path=dark_model, reduced_decode=reduced)
+        (results[reduced],) = run(settings, [ImageJob("big", data)])
+    full, small = results[False], results[True]
+    assert small["status"] == full["status"] == "OK"
+    assert small["image"] == full["image"] == {"width": 2560, "height": 2560}
+    assert small["timings"]["decode_ms"] < full["timings"]["decode_ms"]
+    assert [d["text"] for d in small["detections"]] == [d["text"] for d in full["detections"]]
+    assert PAYLOAD in [d["text"] for d in small["detections"]]
+
+    def boxes(r: dict[str, Any]) -> np.ndarray:
+        return np.array([[d[k] for k in ("x1", "y1", "x2", "y2")] for d in r["detections"]])
+
+    assert np.allclose(boxes(small), boxes(full), atol=2)
+    (code,) = [d for d in small["detections"] if d["text"]]
+    (ref,) = [d for d in full["detections"] if d["text"]]
+
+    def xy(points: list[dict[str, float]]) -> np.ndarray:
+        return np.array([[p["x"], p["y"]] for p in points])
+
+    assert np.allclose(xy(code["corners"]), xy(ref["corners"]), atol=8)

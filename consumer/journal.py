@@ -1,0 +1,146 @@
+"""Recognising a message that kills the worker (a native crash, an OOM kill).
+
+An exception can be retried in the process (:mod:`consumer.recovery`); a death cannot.
+Without help, a worker that dies on a message is restarted, reads the same uncommitted
+batch and dies again, for ever, and the partition stops. So before each batch the worker
+notes the batch's messages in a small file (``QRSIGHT_STATE_DIR``, one file per worker
+identity) and removes the note when the batch is done. A note found at start means the
+previous worker with this identity died with those messages in hand:
+
+- after fewer than ``QRSIGHT_CRASH_LIMIT`` deaths on a message, its batch runs as usual;
+- at the limit, the batch runs one message at a time (each noted alone), so the next
+  death names the one message that causes it;
+- a message that was alone in hand at the limit is not run again: it gets an ``ERROR``
+  result with code ``quarantined`` and its DLQ copy.
+
+Writing the note costs one small file write per batch (no fsync: a process death keeps
+the page cache; a machine crash is not a poison message). The note is per worker
+identity, so it follows a restarted worker (same supervisor slot, same StatefulSet pod:
+``/tmp`` is an ``emptyDir`` that outlives container restarts); a partition that moves to
+another worker starts that worker's count afresh, which bounds the deaths per poison
+message by workers x limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MessageId = tuple[str, int, int]  # topic, partition, offset
+
+
+@dataclass(frozen=True)
+class Suspect:
+    deaths: int  # worker deaths with this message in hand
+    alone: bool  # it was the only message in hand at the last death
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to run a batch: ``doomed`` are quarantined unrun; ``one_at_a_time`` splits it."""
+
+    doomed: frozenset[MessageId]
+    one_at_a_time: bool
+
+
+class CrashJournal:
+    def __init__(self, path: Path | None, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.suspects: dict[MessageId, Suspect] = {}
+        self._noted = False
+
+    def recover(self) -> int:
+        """Read a note a dead predecessor left; returns how many messages it names."""
+        if self.path is None or not self.path.exists():
+            return 0
+        try:
+            note = json.loads(self.path.read_text(encoding="utf-8"))
+            entries = [(str(t), int(p), int(o), int(d)) for t, p, o, d in note["messages"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("unreadable worker note ignored path=%s error=%s", self.path, exc)
+            return 0
+        alone = len(entries) == 1
+        for t, p, o, d in entries:
+            self.suspects[(t, p, o)] = Suspect(d + 1, alone)
+        worst = max((d + 1 for *_, d in entries), default=0)
+        logger.warning(
+            "the previous worker died with messages in hand messages=%d deaths=%d limit=%d pid=%s",
+            len(entries),
+            worst,
+            self.limit,
+            note.get("pid"),
+        )
+        return len(entries)
+
+    def plan(self, ids: Iterable[MessageId]) -> Plan:
+        doomed: set[MessageId] = set()
+        split = False
+        for mid in ids:
+            suspect = self.suspects.get(mid)
+            if suspect is None or suspect.deaths < self.limit:
+                continue
+            if suspect.alone:
+                doomed.add(mid)
+            else:
+                split = True
+        return Plan(frozenset(doomed), split)
+
+    def note(self, ids: Iterable[MessageId]) -> None:
+        """Before a batch: these messages are in hand (with the deaths seen on them)."""
+        if self.path is None:
+            return
+        messages = [
+            [t, p, o, self.suspects[(t, p, o)].deaths if (t, p, o) in self.suspects else 0]
+            for t, p, o in ids
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "messages": messages}), "utf-8")
+            tmp.replace(self.path)
+            self._noted = True
+        except OSError as exc:
+            logger.warning(
+                "cannot write the worker note, crash detection off path=%s error=%s "
+                "(set QRSIGHT_STATE_DIR to a writable folder)",
+                self.path,
+                exc,
+            )
+            self.path = None
+
+    def clear(self) -> None:
+        """The worker is leaving by its own decision (stop, model or broker failure): what
+        it had in hand did not kill it, so it must not count as a death."""
+        self.done(())
+
+    def done(self, ids: Iterable[MessageId]) -> None:
+        """After a batch is delivered and committed: nothing is in hand."""
+        for mid in ids:
+            self.suspects.pop(mid, None)
+        if self.path is not None and self._noted:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._noted = False
+
+
+def journal_path(state_dir: Path, group: str, identity: str, index: int) -> Path | None:
+    """The note file of one worker identity; None (no notes) when the folder is unusable."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        logger.warning(
+            "no worker notes, crash detection off state_dir=%s error=%s "
+            "(set QRSIGHT_STATE_DIR to a writable folder)",
+            state_dir,
+            exc,
+        )
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{group}.{identity}")
+    return state_dir / f"{safe}.{index}.json"

@@ -1,0 +1,59 @@
+"""A qrsight worker whose pipeline kills its own process (SIGKILL, as the kernel's OOM killer
+or a segfault in a native decoder would) when an image carries :data:`MARKER`.
+
+``python -m tests.integration.crashy_worker --worker-index I`` is one such worker;
+``python -m tests.integration.crashy_worker --supervise`` runs the real
+:class:`consumer.supervisor.Supervisor` over one of them, so a test sees what production
+would: deaths, restarts with back-off, and the worker noticing what killed it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from consumer import worker as worker_module
+from consumer.cli import configure_logging, main
+from consumer.supervisor import Supervisor
+from core.pipeline import ImageJob
+from core.settings import load_settings
+
+MARKER = b"KILL-ME"
+
+
+def _deadly_load(settings: Any) -> Any:
+    pipeline, facts = _original_load(settings)
+    run = pipeline.run
+
+    def deadly(jobs: Sequence[ImageJob], stages: Any = None) -> list[dict[str, Any]]:
+        if any(MARKER in job.data for job in jobs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return run(jobs, stages)
+
+    pipeline.run = deadly  # type: ignore[method-assign]
+    return pipeline, facts
+
+
+_original_load = worker_module.load_pipeline
+
+
+def command(index: int) -> list[str]:
+    return [sys.executable, "-m", "tests.integration.crashy_worker", "--worker-index", str(index)]
+
+
+def run(argv: list[str]) -> int:
+    if argv == ["--supervise"]:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        supervisor = Supervisor(1, settings.shutdown_timeout_s, command=command)
+        supervisor.install_signal_handlers()
+        return supervisor.run()
+    worker_module.load_pipeline = _deadly_load
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
