@@ -397,8 +397,7 @@ def export(
     meta = {
         "description": "qrsight QR crop verifier (synthetic data)",
         "author": "qrsight",
-        "date": time.strftime("%Y-%m-%d"),
-        "version": version,
+        "version": version,  # no date: the same recipe gives the same bytes on any day
         "task": "verify",
         "imgsz": f"[{size}, {size}]",
         "margin": f"{DEFAULT_MARGIN}",
