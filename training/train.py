@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         select_main(
             [str(args.run_dir / "best.pt"), "--out", str(args.out), "--version", args.version]
         )
-    if args.smoke or not (args.no_select or args.no_verifier):
+    if (args.smoke or not args.no_select) and not args.no_verifier:
         # the crop verifier learns from the exported detector's boxes (core/verifier.py)
         verify_main(["--detector", str(final), "--out", str(args.out)] + ["--smoke"] * args.smoke)
     return 0
