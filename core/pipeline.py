@@ -352,7 +352,7 @@ class _FullImage:
     ) -> None:
         if scale > 1 and job is None:
             raise ValueError("a reduced image needs its job to decode it in full")
-        self._image, self._job, self.scale, self._limits = image, job, scale, limits
+        self._job, self.scale, self._limits = job, scale, limits
         self._full: np.ndarray | None = image if scale == 1 else None
 
     def get(self) -> np.ndarray:

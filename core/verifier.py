@@ -125,9 +125,7 @@ class Verifier:
         """P(a QR code) of unread boxes from both scores (the metadata's calibration)."""
         if self.calibration is None:
             raise ConfigError(f"{self.model_path} has no calibration (a version 1 verifier)")
-        a, b, c = self.calibration
-        z = a * _logit(detector_score) + b * _logit(verifier_score) + c
-        return np.asarray(1.0 / (1.0 + np.exp(-z)), np.float32)
+        return calibrated(self.calibration, detector_score, verifier_score)
 
     def judge(self, image_bgr: np.ndarray, dets: Detections, qr_id: int | None) -> np.ndarray:
         """Per detection, what the keep rule compares with the threshold: for an unread QR
@@ -174,9 +172,21 @@ class Verifier:
         return self.apply(dets, self.judge(image_bgr, dets, qr_id))
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), p clipped to [1e-6, 1 - 1e-6]."""
     q = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
     return np.asarray(np.log(q / (1 - q)))
+
+
+def calibrated(
+    calibration: tuple[float, float, float],
+    detector_score: np.ndarray,
+    verifier_score: np.ndarray,
+) -> np.ndarray:
+    """``sigmoid(a * logit(detector) + b * logit(verifier) + c)`` for ``(a, b, c)``."""
+    a, b, c = calibration
+    z = a * logit(detector_score) + b * logit(verifier_score) + c
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), np.float32)
 
 
 def _calibration(value: str | None, path: Path) -> tuple[float, float, float] | None:

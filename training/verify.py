@@ -49,7 +49,14 @@ from torch import nn
 from core.detector import Detector
 from core.payload import HARD_ATTEMPTS, read_harder, read_payloads
 from core.postprocess import box_iou
-from core.verifier import DEFAULT_MARGIN, Verifier, crop_patches, file_sha256
+from core.verifier import (
+    DEFAULT_MARGIN,
+    Verifier,
+    calibrated,
+    crop_patches,
+    file_sha256,
+    logit,
+)
 from training.evaluate import image_metrics, operating_score
 from training.export import save_with_metadata, torch_export
 from training.families import POSITIVE, SYMBOLS, TEXTURES, scene
@@ -316,11 +323,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 50
     return w
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    q = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
-    return np.log(q / (1 - q))
-
-
 def calibrate(
     model: VerifierNet, detector: Path, jobs: list[Job], workers: int
 ) -> tuple[tuple[float, float, float], float, dict[str, float], dict[str, float]]:
@@ -338,7 +340,7 @@ def calibrate(
             continue
         on_code = box_iou(boxes, gt).max(1) >= 0.5 if len(gt) else np.zeros(len(boxes), bool)
         v = predict(model, crops[~read])
-        feats.append(np.stack([_logit(conf[~read]), _logit(v)], 1))
+        feats.append(np.stack([logit(conf[~read]), logit(v)], 1))
         labels.append(on_code[~read])
     if not feats:  # nothing left unread (a smoke run): the plain product of the odds
         logger.warning("calibration: no unread box in %d images; using [1, 1, 0]", len(jobs))
@@ -353,7 +355,7 @@ def calibrate(
         p = np.ones(len(boxes))
         if (~read).any():
             v = predict(model, crops[~read])
-            p[~read] = 1 / (1 + np.exp(-(a * _logit(conf[~read]) + b * _logit(v) + c)))
+            p[~read] = calibrated((a, b, c), conf[~read], v)
         preds.append((boxes, p))
         gts.append(gt)
     alone = image_metrics([(bx, np.ones(len(bx))) for bx, _ in preds], gts, 0.5)
