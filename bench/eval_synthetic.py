@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.images import decode
 from core.pipeline import ImageJob, Pipeline
 from core.postprocess import box_iou
 from core.settings import Settings, load_settings
@@ -148,7 +149,6 @@ def timing(args: argparse.Namespace, settings: Settings) -> int:
     """ms of ``Pipeline.check`` per image (payloads, verifier, harder reads) for the
     default and the baselines, on the same decoded images and detections, interleaved."""
     from bench.payload_attempts import LIMITS
-    from core.images import decode
 
     default = Pipeline(settings)
     configs = {"default": default}

@@ -30,9 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.eval_detector import LIMITS
 from bench.eval_synthetic import cases
 from core.detector import Detector
-from core.images import ImageLimits, decode
+from core.images import decode
 from core.payload import (
     CANDIDATE_ATTEMPTS,
     HARD_ATTEMPTS,
@@ -45,7 +46,6 @@ from core.settings import DEFAULT_MODEL
 from training.families import NEGATIVE, POSITIVE
 
 TUNE_SEED = 6_100_003
-LIMITS = ImageLimits(max_bytes=50 << 20, max_side=16384, max_pixels=100_000_000)
 
 
 def unread_boxes(
