@@ -7,7 +7,7 @@ LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
 export QRSIGHT_KAFKA_PORT
 
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
-        train train-smoke bench eval chaos chaos-ci soak
+        train train-smoke train-verifier bench eval chaos chaos-ci soak
 
 install: .installed  ## install qrsight's runtime (editable): what `make up` needs, no more
 
@@ -85,6 +85,9 @@ train: .installed-train  ## reproduce the shipped detector and its crop verifier
 
 train-smoke: .installed-train
 	$(PYTHON) -m training.train --smoke --out runs/smoke
+
+train-verifier: .installed-train  ## only the crop verifier and its calibration, for the shipped detector (~20 min)
+	$(PYTHON) -m training.verify --detector models/qrsight-qr-v3.onnx --out models/
 
 eval: .installed-bench  ## evaluate the shipped detector on a manifest: make eval DATA=../shared/data/qr-real-dev
 	$(PYTHON) bench/eval_detector.py $(DATA)

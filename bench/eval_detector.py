@@ -7,9 +7,10 @@ Reads ``manifest.jsonl`` (one JSON per image: ``path``, ``texts``, ``kind`` =
 the same decoded images (``core.images.decode``, BGR):
 
 - **qrsight**: ``core.detector.Detector`` at its default threshold, then
-  ``core.payload.read_payloads`` (crops, then the whole image) for the texts, then the
-  crop verifier (``core.verifier``; ``--verifier off`` = without), as the pipeline does;
-  a row of the detector alone (crops read, no verifier) is added when a verifier is on;
+  ``core.pipeline.Pipeline.check`` as the pipeline runs it: payloads read from the crops
+  (then the whole image), the crop verifier's judgement (``core.verifier``; ``--verifier
+  off`` = without), harder reads of the plausible unread boxes, the verifier's keep rule;
+  a row of the detector alone (no verifier) is added when a verifier is on;
 - **zxing-cpp**: ``core.payload.read_whole`` on the whole image (its corners give boxes);
 - **OpenCV**: ``cv2.QRCodeDetectorAruco().detectAndDecodeMulti``.
 
@@ -20,7 +21,7 @@ negatives with ≥ 1 detection. *Mean IoU* — best IoU per reference box, 0 whe
 *Decode rate* — QR images where every expected text was read. *ms/img* — wall time per
 image of the method (qrsight: detection + payload reading + verification). The recall /
 FP curve over the detector's threshold is given for the detector alone and with the
-verifier (its own threshold; there no payload read overrides it). Writes ``eval.md``,
+verifier (its judgement at its threshold; there no payload read overrides it). Writes ``eval.md``,
 ``eval.json`` and ``recall_vs_conf.png`` to ``--out``. ``--speed`` adds ORT timings at
 320 and 640 (2 threads, batch 1) of the model and of a YOLOv8n-sized reference graph.
 """
@@ -44,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.detections import Detections
 from core.detector import Detector
 from core.images import ImageLimits, decode
-from core.payload import read_payloads, read_whole
-from core.pipeline import qr_class
+from core.payload import read_whole
+from core.pipeline import Pipeline, qr_class
+from core.postprocess import box_iou
 from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
 from core.verifier import Verifier, load_verifier
 
@@ -110,31 +112,12 @@ def quad_box(quad: np.ndarray) -> np.ndarray:
     return np.array([q[:, 0].min(), q[:, 1].min(), q[:, 0].max(), q[:, 1].max()], np.float32)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 # --------------------------------------------------------------------------- methods
-def run_qrsight(
-    det: Detector,
-    img: np.ndarray,
-    add_missed_as: int | None = None,
-    verifier: Verifier | None = None,
-) -> Outcome:
-    """Default-threshold outcome (timed), as ``core.pipeline`` makes it.
-
-    ``add_missed_as`` is what the pipeline does by default (``QRSIGHT_READ_WHOLE_IMAGE``):
-    codes a whole-image read finds outside every box are added as detections.
-    """
+def run_qrsight(pipeline: Pipeline, img: np.ndarray) -> Outcome:
+    """Default-threshold outcome (timed): the detector, then ``Pipeline.check`` (payloads,
+    the verifier's judgement, harder reads, its keep rule), as ``core.pipeline`` runs it."""
     t0 = time.perf_counter()
-    d = det.predict([img])[0]
-    d = read_payloads(img, d, add_missed_as=add_missed_as)
-    if verifier is not None:
-        d = verifier.filter(img, d, qr_class(det.info.labels))
+    d = pipeline.check(img, pipeline.detector.predict([img])[0])
     ms = (time.perf_counter() - t0) * 1000
     texts = [t for t in (d.text or []) if t is not None]
     return Outcome(d.xyxy, d.confidence, texts, ms)
@@ -148,7 +131,7 @@ def low_detections(
     low = det.predict([img], conf=0.01)[0]
     ok = np.ones(len(low), bool)
     if verifier is not None and len(low):
-        ok = verifier.scores(img, low.xyxy) >= verifier.threshold
+        ok = verifier.judge(img, low, qr_class(det.info.labels)) >= verifier.threshold
     return low, ok
 
 
@@ -174,7 +157,8 @@ def run_opencv(cv: cv2.QRCodeDetectorAruco, img: np.ndarray) -> Outcome:
 def found(item: Item, boxes: np.ndarray) -> tuple[bool, list[float]]:
     if item.refs is None:
         return len(boxes) > 0, []
-    best = [max((iou(r, b) for b in boxes), default=0.0) for r in item.refs]
+    ious = box_iou(np.array(item.refs), boxes)
+    best = [float(v) for v in ious.max(1)] if len(boxes) else [0.0] * len(item.refs)
     return all(v >= IOU_MATCH for v in best), best
 
 
@@ -363,17 +347,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     conf = det.default_thresholds[0]
     # the pipeline's rule: "off" = none; left out (with a warning) for another detector
-    settings = load_settings({}, verifier_path=args.verifier, ort_intra_threads=args.threads)
+    base = {"model_path": args.model, "ort_intra_threads": args.threads, "decode_threads": 1}
+    settings = load_settings({}, verifier_path=args.verifier, read_whole_image=False, **base)
     ver = load_verifier(settings, args.model)
-    qr_id = qr_class(det.info.labels)
+    crops_only = Pipeline(settings, detector=det, verifier=ver)
+    piped_default = Pipeline(
+        load_settings({}, verifier_path=args.verifier, read_whole_image=True, **base),
+        detector=det,
+        verifier=ver,
+    )
+    no_verifier = Pipeline(
+        load_settings({}, verifier_path="off", read_whole_image=False, **base), detector=det
+    )
     cvdet = cv2.QRCodeDetectorAruco()
     ours, piped, alone, zx, ocv, lows = [], [], [], [], [], []
     for item in items:
         img = decode(item.path.read_bytes(), LIMITS)
-        ours.append(run_qrsight(det, img, verifier=ver))
-        piped.append(run_qrsight(det, img, add_missed_as=qr_id, verifier=ver))
+        ours.append(run_qrsight(crops_only, img))
+        piped.append(run_qrsight(piped_default, img))
         if ver is not None:
-            alone.append(run_qrsight(det, img))
+            alone.append(run_qrsight(no_verifier, img))
         lows.append(low_detections(det, img, ver))
         zx.append(run_zxing(img))
         ocv.append(run_opencv(cvdet, img))

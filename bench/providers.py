@@ -56,6 +56,7 @@ from core.detections import Detections
 from core.detector import Detector, choose_providers
 from core.images import decode
 from core.pipeline import ImageJob, Pipeline
+from core.postprocess import box_iou
 from core.settings import DEFAULT_MODEL, load_settings
 
 logger = logging.getLogger("bench.providers")
@@ -175,16 +176,6 @@ def inference_rows(
     return rows
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes ``a`` [N,4] and ``b`` [M,4]."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), -1)
-    area_a = np.prod(a[:, 2:] - a[:, :2], -1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], -1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def agreement(
     ref: Sequence[Detections], other: Sequence[Detections]
 ) -> tuple[int, float, float, int]:
@@ -195,7 +186,7 @@ def agreement(
             differ += 1
         if len(a.xyxy) == 0 or len(b.xyxy) == 0:
             continue
-        iou = _iou(a.xyxy, b.xyxy)
+        iou = box_iou(a.xyxy, b.xyxy)
         best = iou.argmax(1)
         for i, j in enumerate(best):
             n += 1

@@ -14,6 +14,7 @@ and binary payloads come through as they are (``HRI`` would rewrite them as ``<N
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -43,6 +44,105 @@ class _Code:
     @property
     def center(self) -> np.ndarray:
         return np.asarray(self.corners.mean(axis=0))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One more way to read a box whose crop the standard reads missed: the crop (box plus
+    ``margin`` of its longer side) scaled so its short side is ``short`` px (0: as it is),
+    passed through ``prepare`` and read with ``binarizer``."""
+
+    name: str
+    short: int
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None
+    binarizer: zxingcpp.Binarizer = zxingcpp.Binarizer.LocalAverage
+    margin: float = MARGIN_FRACTION
+
+
+def _sharpen(gray: np.ndarray) -> np.ndarray:
+    """Unsharp mask: restores module edges that defocus or motion softened."""
+    return cv2.addWeighted(gray, 2.0, cv2.GaussianBlur(gray, (0, 0), 2.0), -1.0, 0)
+
+
+def _flatten(gray: np.ndarray) -> np.ndarray:
+    """Divide out the lighting (glare, shadow, vignetting) and stretch to 0..255."""
+    sigma = max(gray.shape[:2]) / 10
+    light = cv2.GaussianBlur(gray, (0, 0), sigma).astype(np.float32) + 1.0
+    flat = gray.astype(np.float32) / light
+    lo, hi = float(flat.min()), float(flat.max())
+    return ((flat - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
+
+
+def _clahe(gray: np.ndarray) -> np.ndarray:
+    return cv2.createCLAHE(clipLimit=3.0, tileGridSize=(4, 4)).apply(gray)
+
+
+def _median(gray: np.ndarray) -> np.ndarray:
+    return cv2.medianBlur(gray, 3)
+
+
+def _smooth(gray: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(gray, (0, 0), 1.2)
+
+
+def _stretch(gray: np.ndarray) -> np.ndarray:
+    """Contrast stretch between the 2nd and 98th percentiles."""
+    lo, hi = np.percentile(gray, (2, 98))
+    scaled = (gray.astype(np.float32) - lo) * (255.0 / max(float(hi - lo), 1.0))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _pad(gray: np.ndarray) -> np.ndarray:
+    """A light border around the crop: the quiet zone of a code cut by the frame, or
+    printed without one (zxing-cpp needs light around the finder patterns)."""
+    border = max(8, round(0.12 * min(gray.shape[:2])))
+    light = int(np.percentile(gray, 95))
+    return cv2.copyMakeBorder(
+        gray, border, border, border, border, cv2.BORDER_CONSTANT, value=light
+    )
+
+
+def _adaptive(gray: np.ndarray) -> np.ndarray:
+    """Local mean threshold over about a sixth of the crop (uneven light)."""
+    block = max(3, (min(gray.shape[:2]) // 6) | 1)
+    return cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, block, 4)
+
+
+GLOBAL = zxingcpp.Binarizer.GlobalHistogram
+FIXED = zxingcpp.Binarizer.FixedThreshold
+# every extra way tried (``bench/payload_attempts.py`` measures each on synthetic hard codes)
+CANDIDATE_ATTEMPTS: dict[str, Attempt] = {
+    a.name: a
+    for a in (
+        Attempt("global-histogram", TARGET_SHORT_SIDE, binarizer=GLOBAL),
+        Attempt("upscale-2x", 2 * TARGET_SHORT_SIDE),
+        Attempt("upscale-3x", 3 * TARGET_SHORT_SIDE),
+        Attempt("downscale", TARGET_SHORT_SIDE // 2),
+        Attempt("sharpen", 2 * TARGET_SHORT_SIDE, _sharpen),
+        Attempt("sharpen-global", 2 * TARGET_SHORT_SIDE, _sharpen, GLOBAL),
+        Attempt("flatten", TARGET_SHORT_SIDE, _flatten),
+        Attempt("flatten-fixed", TARGET_SHORT_SIDE, lambda g: _stretch(_flatten(g)), FIXED),
+        Attempt("clahe", TARGET_SHORT_SIDE, _clahe),
+        Attempt("stretch-fixed", TARGET_SHORT_SIDE, _stretch, FIXED),
+        Attempt("median", TARGET_SHORT_SIDE, _median),
+        Attempt("smooth", 2 * TARGET_SHORT_SIDE, _smooth),
+        Attempt("smooth-global", 2 * TARGET_SHORT_SIDE, _smooth, GLOBAL),
+        Attempt("wide-margin", TARGET_SHORT_SIDE, margin=0.35),
+        Attempt("tight-margin", TARGET_SHORT_SIDE, margin=0.04),
+        Attempt("pad", TARGET_SHORT_SIDE, _pad),
+        Attempt("pad-upscale-2x", 2 * TARGET_SHORT_SIDE, _pad),
+        Attempt("pad-sharpen", 2 * TARGET_SHORT_SIDE, lambda g: _pad(_sharpen(g))),
+        Attempt("adaptive", TARGET_SHORT_SIDE, _adaptive, FIXED),
+        Attempt("adaptive-2x", 2 * TARGET_SHORT_SIDE, _adaptive, FIXED),
+    )
+}
+
+# the attempts that paid for their time there (models/README.md, *Reading harder*), in the
+# order they are tried: most new reads per millisecond first
+HARD_ATTEMPTS: tuple[Attempt, ...] = (
+    CANDIDATE_ATTEMPTS["upscale-3x"],
+    CANDIDATE_ATTEMPTS["sharpen"],
+)
 
 
 def read_whole(image_bgr: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -138,9 +238,14 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
 
 
-def _read(gray: np.ndarray) -> list[_Code]:
+def _read(
+    gray: np.ndarray, binarizer: zxingcpp.Binarizer = zxingcpp.Binarizer.LocalAverage
+) -> list[_Code]:
     results = zxingcpp.read_barcodes(
-        np.ascontiguousarray(gray), formats=QR_FORMATS, text_mode=zxingcpp.TextMode.Plain
+        np.ascontiguousarray(gray),
+        formats=QR_FORMATS,
+        text_mode=zxingcpp.TextMode.Plain,
+        binarizer=binarizer,
     )
     codes = []
     for r in results:
@@ -150,9 +255,11 @@ def _read(gray: np.ndarray) -> list[_Code]:
     return codes
 
 
-def _crop_window(box: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+def _crop_window(
+    box: np.ndarray, shape: tuple[int, ...], fraction: float = MARGIN_FRACTION
+) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = (float(v) for v in box)
-    margin = max(MARGIN_FRACTION * max(x2 - x1, y2 - y1), MIN_MARGIN_PX)
+    margin = max(fraction * max(x2 - x1, y2 - y1), MIN_MARGIN_PX)
     h, w = shape[:2]
     left, top = max(int(x1 - margin), 0), max(int(y1 - margin), 0)
     right, bottom = min(int(np.ceil(x2 + margin)), w), min(int(np.ceil(y2 + margin)), h)
@@ -184,6 +291,58 @@ def _read_box(gray: np.ndarray, box: np.ndarray) -> _Code | None:
             codes = [_Code(c.text, _unscale(c.corners, sx, sy, left, top)) for c in found]
             return _nearest_inside(codes, box)
     return None
+
+
+def read_box_with(gray: np.ndarray, box: np.ndarray, attempt: Attempt) -> _Code | None:
+    """The code in ``box`` read the ``attempt``'s way, or None."""
+    left, top, right, bottom = _crop_window(box, gray.shape, attempt.margin)
+    if right - left < 8 or bottom - top < 8:
+        return None
+    crop = gray[top:bottom, left:right]
+    scaled = crop
+    if attempt.short:
+        short, long = min(crop.shape[:2]), max(crop.shape[:2])
+        scale = min(attempt.short / short, MAX_CROP_SIDE / long)
+        size = (max(8, round(crop.shape[1] * scale)), max(8, round(crop.shape[0] * scale)))
+        interp = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+        scaled = cv2.resize(crop, size, interpolation=interp)
+    ready = attempt.prepare(scaled) if attempt.prepare is not None else scaled
+    found = _read(ready, attempt.binarizer)
+    if not found:
+        return None
+    sx, sy = scaled.shape[1] / crop.shape[1], scaled.shape[0] / crop.shape[0]
+    return _nearest_inside(
+        [_Code(c.text, _unscale(c.corners, sx, sy, left, top)) for c in found], box
+    )
+
+
+def read_harder(
+    image_bgr: np.ndarray,
+    detections: Detections,
+    which: Sequence[int],
+    attempts: Sequence[Attempt] = (),
+) -> Detections:
+    """``detections`` with the boxes ``which`` (unread ones) read by ``attempts`` in
+    turn, each box until one of them reads it."""
+    if not which or not attempts:
+        return detections
+    assert detections.text is not None and detections.corners is not None
+    gray = _gray(image_bgr)
+    texts, corners = list(detections.text), list(detections.corners)
+    for i in which:
+        for attempt in attempts:
+            code = read_box_with(gray, detections.xyxy[i], attempt)
+            if code is not None:
+                texts[i], corners[i] = code.text, code.corners
+                logger.debug("payload read harder box=%d attempt=%s", i, attempt.name)
+                break
+    return Detections(
+        xyxy=detections.xyxy,
+        confidence=detections.confidence,
+        class_id=detections.class_id,
+        text=texts,
+        corners=corners,
+    )
 
 
 def _unscale(pts: np.ndarray, sx: float, sy: float, left: int, top: int) -> np.ndarray:

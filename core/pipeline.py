@@ -1,9 +1,10 @@
 """The one path from image bytes to ``DetectionResult`` dicts.
 
 decode (thread pool) → letterbox → one ONNX run per chunk of ``max_batch`` → NMS and
-rescale → payload reading → crop verifier (``core.verifier``: QR boxes whose payload was
-not read are kept only if it confirms them; ``QRSIGHT_VERIFIER_PATH``, used with the
-detector it was trained for) → records. The workers, ``qrsight-detect`` and the
+rescale → :meth:`Pipeline.check`: payload reading, the crop verifier's judgement of the
+unread QR boxes (``core.verifier``; ``QRSIGHT_VERIFIER_PATH``, used with the detector it
+was trained for), harder reads of the plausible ones, the verifier's keep rule and
+calibrated confidence → records. The workers, ``qrsight-detect`` and the
 benchmarks all call :meth:`Pipeline.run`, so their boxes are identical.
 
 Timings per image: ``queue_ms`` from ``submitted_at_ms`` to the start of the run;
@@ -29,7 +30,7 @@ from core.detections import Detections
 from core.detector import Detector
 from core.errors import CorruptImageError, QrsightError
 from core.images import ImageLimits, decode, jpeg_scale, probe
-from core.payload import drop_duplicate_reads, read_payloads
+from core.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
 from core.results import error_record, now_ms, result_record
 from core.settings import Settings
 from core.telemetry import StageLog
@@ -38,6 +39,10 @@ from core.verifier import Verifier, load_verifier
 logger = logging.getLogger(__name__)
 
 REDUCE_KEEP = 2  # decode reduced only while the longer side stays >= this x the model input
+# unread QR boxes the verifier judges at least this plausible get the harder reads
+# (measured in models/README.md: below it they are not codes, and each costs the full
+# time of every attempt)
+HARD_READ_MIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Pipeline:
         self._qr_id = qr_class(self.detector.info.labels)
         self._missed_as = self._qr_id if settings.read_whole_image else None
         self.verifier = verifier or load_verifier(settings, self.detector.model_path)
+        self.hard_attempts = HARD_ATTEMPTS  # the harder reads of unread boxes, in order
         # a JPEG this much larger than the model input is decoded at 1/2, 1/4 or 1/8
         self._keep_side = (
             REDUCE_KEEP * max(self.detector.input_hw) if settings.reduced_decode else 0
@@ -184,12 +190,7 @@ class Pipeline:
             t_pay = time.perf_counter()
             read = self.settings.decode_payloads if job.decode is None else job.decode
             scale = intakes[i].scale
-            if read and scale > 1:
-                dets = self._payloads_reduced(job, image, found, scale)
-            else:
-                dets = self._payloads(job, image, found) if read else found
-            if self.verifier is not None:
-                dets = self.verifier.filter(image, dets, self._qr_id)
+            dets = self.check(image, found, read=read, job=job, scale=scale)
             if stages is not None:
                 stages.add(job, "infer", t_infer, t_post, images=len(chunk))
                 stages.add(job, "postprocess", t_post, t_done, images=len(chunk))
@@ -216,36 +217,102 @@ class Pipeline:
             )
         return records
 
-    def _payloads(self, job: ImageJob, image: np.ndarray, dets: Detections) -> Detections:
+    def check(
+        self,
+        image: np.ndarray,
+        dets: Detections,
+        *,
+        read: bool = True,
+        job: ImageJob | None = None,
+        scale: int = 1,
+    ) -> Detections:
+        """The detector's boxes of one image → what the pipeline reports.
+
+        With ``read``: payloads the standard way (and codes a whole-image read finds
+        outside every box, ``QRSIGHT_READ_WHOLE_IMAGE``). Then the verifier judges each
+        unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
+        them without a verifier) get the harder reads of ``hard_attempts`` (default
+        ``core.payload.HARD_ATTEMPTS``); finally the verifier's rule keeps read boxes and
+        those judged at its threshold, with their calibrated confidence. Most confident
+        first.
+
+        ``image`` may be ``job``'s JPEG decoded at 1/``scale`` (boxes in its pixels):
+        boxes it leaves unread are read again on full-resolution crops, the JPEG decoded
+        in full once, and only if there is such a box.
+        """
+        full = _FullImage(image, job, scale, self.limits)
+        if read:
+            dets = self._payloads(job, image, dets)
+            if scale > 1:
+                dets = self._payloads_full(job, full, dets)
+        judged = (
+            self.verifier.judge(image, dets, self._qr_id)
+            if self.verifier is not None
+            else np.ones(len(dets), np.float32)
+        )
+        if read:
+            dets = self._read_harder(job, full, dets, judged)
+        if self.verifier is not None:
+            dets = self.verifier.apply(dets, judged)
+        if read:
+            dets = drop_duplicate_reads(dets)
+        order = np.argsort(-dets.confidence, kind="stable")  # the contract: most confident first
+        return dets if (order == np.arange(len(dets))).all() else dets[order]
+
+    def _payloads(self, job: ImageJob | None, image: np.ndarray, dets: Detections) -> Detections:
         try:
             return drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as))
         except Exception:  # payload reading is best effort; the boxes still stand
             logger.warning(
                 "payload reading failed request_id=%s",
-                job.request_id,
+                _request_id(job),
+                exc_info=True,
+                extra=_ids(job),
+            )
+            return dets
+
+    def _read_harder(
+        self, job: ImageJob | None, full: _FullImage, dets: Detections, judged: np.ndarray
+    ) -> Detections:
+        """The harder reads of the unread QR boxes judged plausible, on full-resolution
+        crops (decoding a reduced JPEG in full only when there is such a box)."""
+        assert dets.text is not None
+        which = [
+            i
+            for i, (c, t, j) in enumerate(zip(dets.class_id, dets.text, judged, strict=True))
+            if c == self._qr_id and t is None and j >= HARD_READ_MIN
+        ]
+        if not which or not self.hard_attempts:
+            return dets
+        try:
+            image = full.get()
+            got = read_harder(image, rescale(dets, full.scale), which, self.hard_attempts)
+            return rescale(got, 1 / full.scale)
+        except Exception:  # best effort, as the standard reads
+            logger.warning(
+                "harder reading failed request_id=%s",
+                _request_id(job),
                 exc_info=True,
                 extra=_ids(job),
             )
             return dets
 
     # --- large JPEGs decoded at 1/scale ------------------------------------------------
-    def _payloads_reduced(
-        self, job: ImageJob, image: np.ndarray, found: Detections, scale: int
+    def _payloads_full(
+        self, job: ImageJob | None, full: _FullImage, dets: Detections
     ) -> Detections:
-        """Payloads of an image decoded at 1/``scale``, in its coordinates. The reduced
-        image is read first (crops and the whole-image read); only when a box stays
-        unread is the JPEG decoded at full resolution and that box's full-resolution
-        crop read, so a photo whose codes read at 1/``scale`` is never decoded in full."""
-        dets = self._payloads(job, image, found)
+        """The boxes the reduced image left unread, read on full-resolution crops (in the
+        reduced image's coordinates), so a photo whose codes read at 1/scale is never
+        decoded in full."""
         if dets.text is None or all(t is not None for t in dets.text):
             return dets
         try:
-            full = decode(job.data, self.limits)
-            return rescale(read_payloads(full, rescale(dets, scale)), 1 / scale)
+            image = full.get()
+            return rescale(read_payloads(image, rescale(dets, full.scale)), 1 / full.scale)
         except Exception:  # best effort, as in _payloads: the boxes still stand
             logger.warning(
                 "full-resolution payload reading failed request_id=%s",
-                job.request_id,
+                _request_id(job),
                 exc_info=True,
                 extra=_ids(job),
             )
@@ -276,9 +343,34 @@ def rescale(dets: Detections, factor: float) -> Detections:
     )
 
 
-def _ids(job: ImageJob) -> dict[str, str | None]:
+class _FullImage:
+    """The image at full resolution, decoded from ``job``'s bytes on first use when the
+    pipeline holds it at 1/``scale``."""
+
+    def __init__(
+        self, image: np.ndarray, job: ImageJob | None, scale: int, limits: ImageLimits
+    ) -> None:
+        if scale > 1 and job is None:
+            raise ValueError("a reduced image needs its job to decode it in full")
+        self._job, self.scale, self._limits = job, scale, limits
+        self._full: np.ndarray | None = image if scale == 1 else None
+
+    def get(self) -> np.ndarray:
+        if self._full is None:
+            assert self._job is not None
+            self._full = decode(self._job.data, self._limits)
+        return self._full
+
+
+def _ids(job: ImageJob | None) -> dict[str, str | None]:
     """A log line's request fields (``core.logs``)."""
+    if job is None:
+        return {"request_id": None, "trace_id": None}
     return {"request_id": job.request_id, "trace_id": job.trace_id}
+
+
+def _request_id(job: ImageJob | None) -> str:
+    return "" if job is None else job.request_id
 
 
 def qr_class(labels: Mapping[int, str]) -> int | None:

@@ -235,18 +235,19 @@ DECODERS: dict[str, Callable[[np.ndarray, float], Candidates]] = {
 # --- NMS ---------------------------------------------------------------------------------
 
 
-def box_iou_one(box: np.ndarray, boxes: np.ndarray, areas: np.ndarray | None = None) -> np.ndarray:
-    """IoU of one xyxy box against many (``areas`` of ``boxes`` if already known)."""
-    ix1 = np.maximum(box[0], boxes[:, 0])
-    iy1 = np.maximum(box[1], boxes[:, 1])
-    ix2 = np.minimum(box[2], boxes[:, 2])
-    iy2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    if areas is None:
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
-    return np.asarray(inter / np.maximum(union, 1e-9))
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix ``(N, M)`` of xyxy boxes ``a (N, 4)`` and ``b (M, 4)``, in float64.
+
+    The one IoU of the project: NMS here, the training's scoring and the benchmarks use it.
+    """
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9))
 
 
 def nms(
@@ -266,13 +267,12 @@ def nms(
     order = np.argsort(-scores, kind="stable")[:MAX_NMS]
     b = boxes[order].astype(np.float64)
     c = class_ids[order]
-    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     remaining = np.arange(len(order))
     keep: list[int] = []
     while remaining.size and len(keep) < max_det:
         i, rest = remaining[0], remaining[1:]
         keep.append(int(i))
-        iou = box_iou_one(b[i], b[rest], areas[rest])
+        iou = box_iou(b[i : i + 1], b[rest])[0]
         remaining = rest[(iou <= iou_threshold) | (c[rest] != c[i])]
     return order[np.asarray(keep, dtype=np.int64)]
 

@@ -26,7 +26,7 @@ ENV_PREFIX = "QRSIGHT_"
 KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v3.onnx"
-DEFAULT_VERIFIER = REPO_ROOT / "models" / "qrsight-qrverify-v1.onnx"
+DEFAULT_VERIFIER = REPO_ROOT / "models" / "qrsight-qrverify-v2.onnx"
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class Settings(BaseModel):
     verifier_path: Path | None = Field(
         DEFAULT_VERIFIER,
         description="ONNX crop verifier: a QR box whose payload was not read is kept only "
-        "if it confirms it; used with the detector it was trained for (`off` = none)",
+        "if it confirms it, and its confidence becomes the calibrated probability of a code "
+        "(1.0 once read); used with the detector it was trained for (`off` = none)",
     )
     onnx_providers: list[str] | None = Field(
         None,

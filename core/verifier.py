@@ -6,10 +6,15 @@ around it, so it can tell a QR code (three finder patterns in the corners) from 
 2-D symbols, lattices and module-like textures the detector confuses with one. It is
 trained by ``training/verify.py`` on synthetic crops and shipped next to the detector.
 
-Rule (:func:`Verifier.filter`): a QR-class detection stays when its payload was read (a
-decoded QR code needs no second opinion) or when the verifier scores its crop at or
-above the threshold in the model's metadata; detections of other classes pass
-untouched.
+Rule (:func:`Verifier.filter` = :func:`Verifier.judge` then :func:`Verifier.apply`): a
+QR-class detection stays when its payload was read (a decoded QR code needs no second
+opinion) or when its judged score reaches the threshold in the model's metadata;
+detections of other classes pass untouched. The judged score of a version 1 verifier is
+its raw score. A verifier with a ``calibration`` in its metadata (version 2 on) judges
+``P(code) = sigmoid(a * logit(detector score) + b * logit(verifier score) + c)``, fitted
+on synthetic boxes the pipeline would have checked, and that probability becomes the
+box's reported ``confidence`` (1.0 for a read box): a number a downstream consumer can
+threshold (``models/README.md`` has its reliability table).
 
 A verifier learns the mistakes of one detector (its training crops are that detector's
 boxes), so its metadata names the detector file it was trained for (``detector_sha256``)
@@ -92,6 +97,7 @@ class Verifier:
         self.size = int(imgsz[0] if isinstance(imgsz, list | tuple) else imgsz)
         self.margin = float(meta.get("margin", DEFAULT_MARGIN))
         self.threshold = float(meta.get("threshold", 0.5))
+        self.calibration = _calibration(meta.get("calibration"), self.model_path)
         self.version = meta.get("version", "unknown")
         self.detector_sha256 = meta.get("detector_sha256")
         self.input_name = self.session.get_inputs()[0].name
@@ -115,19 +121,83 @@ class Verifier:
             raise ModelError(f"verifier inference failed ({self.model_path}): {exc}") from exc
         return np.asarray(out, np.float32).reshape(-1)
 
-    def filter(self, image_bgr: np.ndarray, dets: Detections, qr_id: int | None) -> Detections:
-        """``dets`` without the QR-class boxes that are unread and score below threshold."""
+    def probability(self, detector_score: np.ndarray, verifier_score: np.ndarray) -> np.ndarray:
+        """P(a QR code) of unread boxes from both scores (the metadata's calibration)."""
+        if self.calibration is None:
+            raise ConfigError(f"{self.model_path} has no calibration (a version 1 verifier)")
+        return calibrated(self.calibration, detector_score, verifier_score)
+
+    def judge(self, image_bgr: np.ndarray, dets: Detections, qr_id: int | None) -> np.ndarray:
+        """Per detection, what the keep rule compares with the threshold: for an unread QR
+        box its probability of being a code (a version 1 verifier: its raw score); 1.0
+        for a read one; NaN for other classes (they are not judged)."""
+        out = np.full(len(dets), np.nan, np.float32)
         if qr_id is None or len(dets) == 0:
+            return out
+        assert dets.text is not None
+        qr = dets.class_id == qr_id
+        unread = qr & np.array([t is None for t in dets.text], bool)
+        out[qr] = 1.0
+        if unread.any():
+            scores = self.scores(image_bgr, dets.xyxy[unread])
+            if self.calibration is not None:
+                scores = self.probability(dets.confidence[unread], scores)
+            out[unread] = scores
+        return out
+
+    def apply(self, dets: Detections, judged: np.ndarray) -> Detections:
+        """``dets`` without the judged boxes below the threshold (unless read since they
+        were judged). With a calibration, each judged box's confidence becomes its
+        probability of being a code, 1.0 once read."""
+        if len(dets) == 0:
             return dets
         assert dets.text is not None
-        check = np.array(
-            [c == qr_id and t is None for c, t in zip(dets.class_id, dets.text, strict=True)]
-        )
-        if not check.any():
-            return dets
-        keep = np.ones(len(dets), bool)
-        keep[check] = self.scores(image_bgr, dets.xyxy[check]) >= self.threshold
+        read = np.array([t is not None for t in dets.text], bool)
+        judged = np.where(read & ~np.isnan(judged), 1.0, judged)
+        keep = np.isnan(judged) | (judged >= self.threshold)
+        if self.calibration is not None:
+            confidence = np.where(np.isnan(judged), dets.confidence, judged).astype(np.float32)
+            dets = Detections(
+                xyxy=dets.xyxy,
+                confidence=confidence,
+                class_id=dets.class_id,
+                text=dets.text,
+                corners=dets.corners,
+            )
         return dets if keep.all() else dets[keep]
+
+    def filter(self, image_bgr: np.ndarray, dets: Detections, qr_id: int | None) -> Detections:
+        """:meth:`judge` then :meth:`apply`: unread QR boxes below the threshold dropped
+        and, with a calibration, every QR box's confidence its probability of being a code."""
+        return self.apply(dets, self.judge(image_bgr, dets, qr_id))
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), p clipped to [1e-6, 1 - 1e-6]."""
+    q = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.asarray(np.log(q / (1 - q)))
+
+
+def calibrated(
+    calibration: tuple[float, float, float],
+    detector_score: np.ndarray,
+    verifier_score: np.ndarray,
+) -> np.ndarray:
+    """``sigmoid(a * logit(detector) + b * logit(verifier) + c)`` for ``(a, b, c)``."""
+    a, b, c = calibration
+    z = a * logit(detector_score) + b * logit(verifier_score) + c
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), np.float32)
+
+
+def _calibration(value: str | None, path: Path) -> tuple[float, float, float] | None:
+    """The metadata's ``calibration`` ``[a, b, c]``, or None when there is none."""
+    if value is None:
+        return None
+    parsed = parse_literal(value)
+    if not isinstance(parsed, list | tuple) or len(parsed) != 3:
+        raise ConfigError(f"{path}: calibration metadata must be [a, b, c], got {value!r}")
+    a, b, c = (float(v) for v in parsed)
+    return a, b, c
 
 
 def file_sha256(path: str | Path) -> str:

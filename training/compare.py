@@ -13,9 +13,11 @@ rule for replacing the shipped model: the candidate must score higher here.
 threshold before the exported ``score_bias``; 0.45 for the shipped model).
 
 ``--verifier V.onnx`` scores the exported detector (``--detector``, through
-``core.detector``) on the same images without and with the crop verifier at its own
-threshold, at the detector's default threshold and at the best one of the grid (and,
-with ``--families``, the family rates at the default threshold).
+``core.detector``) on the same images without and with the crop verifier's judgement
+(its calibrated probability, or a version 1 verifier's score) at its own threshold (no
+payload is read here, so every box is judged), at the detector's default threshold and
+at the best one of the grid (and, with ``--families``, the family rates at the default
+threshold).
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ import torch
 from core.detector import Detector
 from core.settings import DEFAULT_MODEL
 from core.verifier import Verifier
-from training.select import load_ema
-from training.synth import NEG_FAMILIES, family_sample, make_sample
-from training.train import (
+from training.evaluate import (
     CONF_GRID,
     best_operating_point,
+    image_metrics,
     operating_score,
     predict_val,
     score_predictions,
 )
-from training.verify import image_metrics
+from training.select import load_ema
+from training.synth import NEG_FAMILIES, family_sample, make_sample
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def compare_verifier(
         for img, _ in images:
             bgr = np.ascontiguousarray(img[..., ::-1])
             d = detector.predict([bgr], conf=0.05)[0]
-            out.append((d.xyxy, d.confidence, verifier.scores(bgr, d.xyxy)))
+            out.append((d.xyxy, d.confidence, verifier.judge(bgr, d, 0)))  # none read
         return out
 
     def at(preds: list, conf: float, vt: float, gts: list) -> dict[str, float]:

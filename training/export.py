@@ -23,6 +23,8 @@ from training.model import ExportWrapper, QRDet, fuse_bn
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+MODEL_VERSION = "3"  # the shipped detector: models/qrsight-qr-v3.onnx
+MODEL_NAME = f"qrsight-qr-v{MODEL_VERSION}.onnx"
 # the dynamic axes of a detector export: batch, height and width in, batch and points out
 DETECTOR_AXES = {
     "images": {0: "batch", 2: "height", 3: "width"},

@@ -22,10 +22,10 @@ import cv2
 import numpy as np
 import torch
 
-from training.export import export_onnx
+from training.evaluate import best_operating_point, predict_val
+from training.export import MODEL_NAME, MODEL_VERSION, export_onnx
 from training.model import ModelConfig, QRDet
 from training.synth import make_sample
-from training.train import MODEL_NAME, MODEL_VERSION, best_operating_point, predict_val
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ import numpy as np
 import segno
 import zxingcpp
 
+from core.postprocess import box_iou
+
 logger = logging.getLogger(__name__)
 
 PAD_VALUE = 114
@@ -436,14 +438,6 @@ def _paste(
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / max(union, 1e-6))
-
-
 def _place(
     rng: np.random.Generator,
     canvas: np.ndarray,
@@ -481,7 +475,7 @@ def _place(
         cx = float(rng.uniform(margin, max(margin + 1, w - margin)))
         cy = float(rng.uniform(margin, max(margin + 1, h - margin)))
         approx = np.array([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2])
-        if all(_iou(approx, t) < 0.05 for t in taken):
+        if not taken or box_iou(approx[None], np.array(taken)).max() < 0.05:
             box = _paste(rng, canvas, dark, quiet=quiet, size=size, center=(cx, cy))
             if box is not None:
                 taken.append(box)

@@ -10,7 +10,7 @@ at the sizes the detector runs at. Checkpoints, the log and intermediate exports
 by its *synthetic* validation set is exported to ``<out>/qrsight-qr-v<version>.onnx`` every
 time it improves, so a run can be stopped at any time. At the end ``training.select``
 picks the inference size and threshold, and ``training.verify`` trains the crop verifier
-on the exported detector's boxes (``<out>/qrsight-qrverify-v1.onnx``; ``--no-verifier``
+on the exported detector's boxes (``<out>/qrsight-qrverify-v2.onnx``; ``--no-verifier``
 skips it).
 """
 
@@ -31,15 +31,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from training.export import export_onnx
+from training.evaluate import best_operating_point, predict_val
+from training.export import MODEL_NAME, MODEL_VERSION, export_onnx
 from training.loss import detection_loss
 from training.model import ModelConfig, QRDet, anchor_points, count_macs, n_params
+from training.select import main as select_main
 from training.synth import BASE, FINETUNE, Mix, make_sample
+from training.verify import main as verify_main
 
 logger = logging.getLogger(__name__)
 
-MODEL_VERSION = "3"
-MODEL_NAME = f"qrsight-qr-v{MODEL_VERSION}.onnx"
 WEIGHT_DECAY = 0.05
 VAL_SEED_OFFSET = 1_000_003
 
@@ -99,127 +100,6 @@ class EMA:
                 v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
             else:
                 v.copy_(msd[k])
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5) -> np.ndarray:
-    order = scores.argsort()[::-1]
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        xx1 = np.maximum(boxes[i, 0], boxes[order[1:], 0])
-        yy1 = np.maximum(boxes[i, 1], boxes[order[1:], 1])
-        xx2 = np.minimum(boxes[i, 2], boxes[order[1:], 2])
-        yy2 = np.minimum(boxes[i, 3], boxes[order[1:], 3])
-        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
-        area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-        ious = inter / (area(boxes[i]) + area(boxes[order[1:]]) - inter + 1e-7)
-        order = order[1:][ious < iou]
-    return np.array(keep, dtype=np.int64)
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    aa = (a[:, 2:] - a[:, :2]).prod(-1)
-    ab = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (aa[:, None] + ab[None] - inter + 1e-7)
-
-
-NMS_IOU = 0.7  # the core detector's default for the YOLOv8 layout
-
-
-@torch.no_grad()
-def predict_val(
-    model: torch.nn.Module, val: list[tuple[np.ndarray, np.ndarray]]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Raw ``(boxes xyxy, logits)`` of every validation image (runs of equal size batched)."""
-    model.eval()
-    out: list[tuple[np.ndarray, np.ndarray]] = []
-    start = 0
-    while start < len(val):
-        shape = val[start][0].shape
-        end = start + 1
-        while end < len(val) and end - start < 32 and val[end][0].shape == shape:
-            end += 1
-        chunk, start = val[start:end], end
-        x = torch.from_numpy(np.stack([c[0] for c in chunk])).permute(0, 3, 1, 2).float() / 255
-        boxes, logits = model(x)
-        out += list(zip(boxes.numpy(), logits[..., 0].numpy(), strict=True))
-    return out
-
-
-def score_predictions(
-    preds: list[tuple[np.ndarray, np.ndarray]],
-    val: list[tuple[np.ndarray, np.ndarray]],
-    conf: float = 0.25,
-    bias: float = 0.0,
-) -> dict[str, float]:
-    """Box recall (IoU >= 0.5), image recall, FP images and precision at ``conf``."""
-    found = total = fp_dets = tp_dets = 0
-    img_hit = img_pos = fp_images = img_neg = 0
-    for (_, gt), (b_all, l_all) in zip(val, preds, strict=True):
-        s_all = 1 / (1 + np.exp(-(l_all + bias)))
-        keep = s_all >= conf
-        b, s = b_all[keep], s_all[keep]
-        k = nms(b, s, NMS_IOU) if len(s) else np.zeros(0, np.int64)
-        b = b[k]
-        if len(gt):
-            img_pos += 1
-            ious = iou_matrix(gt, b) if len(b) else np.zeros((len(gt), 0))
-            hit = (ious >= 0.5).any(1) if len(b) else np.zeros(len(gt), bool)
-            found += int(hit.sum())
-            total += len(gt)
-            img_hit += int(hit.all())
-            matched = (ious >= 0.5).any(0) if len(b) else np.zeros(0, bool)
-            tp_dets += int(matched.sum())
-            fp_dets += int((~matched).sum())
-        else:
-            img_neg += 1
-            fp_images += int(len(b) > 0)
-            fp_dets += len(b)
-    return {
-        "box_recall": found / max(total, 1),
-        "image_recall": img_hit / max(img_pos, 1),
-        "fp_images": fp_images / max(img_neg, 1),
-        "precision": tp_dets / max(tp_dets + fp_dets, 1),
-    }
-
-
-CONF_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(16))  # 0.10 .. 0.85
-DEFAULT_CONF = 0.25  # the core detector's default for the YOLOv8 layout
-
-
-def operating_score(m: dict[str, float]) -> float:
-    """What the acceptance asks: every code found, nothing on negatives (then precision)."""
-    return m["image_recall"] - m["fp_images"] + 0.1 * m["precision"]
-
-
-def best_operating_point(
-    preds: list[tuple[np.ndarray, np.ndarray]], val: list[tuple[np.ndarray, np.ndarray]]
-) -> tuple[float, float, dict[str, float]]:
-    """``(score, logit bias, metrics)`` of the best threshold on the grid.
-
-    The bias moves that threshold to :data:`DEFAULT_CONF`, so the exported model works
-    at the core detector's default without a setting.
-    """
-    best: tuple[float, float, dict[str, float]] | None = None
-    for conf in CONF_GRID:
-        m = score_predictions(preds, val, conf)
-        score = operating_score(m)
-        if best is None or score > best[0] + 1e-9:
-            bias = math.log(DEFAULT_CONF / (1 - DEFAULT_CONF)) - math.log(conf / (1 - conf))
-            best = (score, bias, {**m, "conf": conf})
-    assert best is not None
-    return best
-
-
-def validate(
-    model: torch.nn.Module, val: list[tuple[np.ndarray, np.ndarray]], conf: float = 0.25
-) -> dict[str, float]:
-    """Metrics of ``model`` on a synthetic validation set at threshold ``conf``."""
-    return score_predictions(predict_val(model, val), val, conf)
 
 
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
@@ -450,15 +330,11 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         smoke_check(final, args.export_imgsz)
     elif not args.no_select:
-        from training.select import main as select_main
-
         # choose the shipped inference size on synthetic data, re-export the best weights
         select_main(
             [str(args.run_dir / "best.pt"), "--out", str(args.out), "--version", args.version]
         )
-    if args.smoke or not (args.no_select or args.no_verifier):
-        from training.verify import main as verify_main
-
+    if (args.smoke or not args.no_select) and not args.no_verifier:
         # the crop verifier learns from the exported detector's boxes (core/verifier.py)
         verify_main(["--detector", str(final), "--out", str(args.out)] + ["--smoke"] * args.smoke)
     return 0

@@ -199,3 +199,20 @@ def make_single_image_model(path: str | Path, imgsz: int = 640) -> Path:
     ]
     meta = ultralytics_metadata({0: "qr"}, imgsz, description="fails on batches > 1")
     return _save(path, nodes, inits, out_dims=(300, 6), imgsz=imgsz, batch=None, metadata=meta)
+
+
+def with_metadata(path: Path, out: Path, **changes: str | None) -> Path:
+    """A copy of the verifier at ``path`` with metadata entries changed (None = removed)."""
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(out))
+    return out

@@ -719,7 +719,7 @@ def test_pip_secret_check_catches_mistakes(snippet: str, problem: str) -> None:
 def test_dockerignore_keeps_what_the_images_copy() -> None:
     patterns = dc.dockerignore_patterns((dc.ROOT / ".dockerignore").read_text())
     sources = {s for path in DOCKERFILES for s in dc.copy_sources(path.read_text())}
-    assert {"models/qrsight-qr-v3.onnx", "models/qrsight-qrverify-v1.onnx"} <= sources
+    assert {"models/qrsight-qr-v3.onnx", "models/qrsight-qrverify-v2.onnx"} <= sources
     for source in sources:
         assert not dc.dockerignored(source, patterns), source
         assert (dc.ROOT / source).exists() or source.endswith(".onnx") or source == "README.md", (

@@ -208,3 +208,38 @@ def test_whole_image_codes_the_detector_missed_are_added_once(boxes: list[int]) 
         assert text == code.text
         assert conf == 1.0 and cid == 3
         assert np.abs(box - code.xyxy).max() < 6  # the bounding box of the code's corners
+
+
+# --- harder reads of boxes the standard reads missed -----------------------------------
+def blurred_code() -> tuple[np.ndarray, PlacedCode]:
+    """A code defocused so much that the standard reads miss it (sigma 2.8, 5 px modules)."""
+    import cv2
+
+    image, codes = scene([CodeSpec("https://example.org/blurred?id=7", (320, 240), 5, angle=10)])
+    return cv2.GaussianBlur(image, (0, 0), 2.8), codes[0]
+
+
+def test_harder_reads_read_what_the_standard_reads_miss_and_only_where_asked() -> None:
+    from core.payload import CANDIDATE_ATTEMPTS, read_harder
+
+    image, code = blurred_code()
+    given = detections([padded(code), np.array([20, 20, 120, 120], np.float32)])
+    standard = read_payloads(image, given)
+    assert standard.text == [None, None]
+    sharpen = [CANDIDATE_ATTEMPTS["sharpen"]]
+    assert read_harder(image, standard, [1], sharpen).text == [None, None]  # not asked
+    got = read_harder(image, standard, [0, 1], sharpen)
+    assert got.text == [code.text, None]
+    assert got.corners is not None and got.corners[0] is not None
+    assert np.abs(got.corners[0] - code.corners).max() < 6  # in image pixels
+    assert np.array_equal(got.confidence, given.confidence)
+    assert read_harder(image, standard, [0], []).text == [None, None]  # no attempts
+
+
+def test_the_shipped_harder_reads_are_measured_candidates_that_read_it() -> None:
+    from core.payload import CANDIDATE_ATTEMPTS, HARD_ATTEMPTS, read_harder
+
+    assert HARD_ATTEMPTS and all(CANDIDATE_ATTEMPTS[a.name] is a for a in HARD_ATTEMPTS)
+    image, code = blurred_code()
+    standard = read_payloads(image, detections([padded(code)]))
+    assert read_harder(image, standard, [0], HARD_ATTEMPTS).text == [code.text]

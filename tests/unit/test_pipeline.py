@@ -19,6 +19,7 @@ from tests.unit.onnx_models import (
     make_dark_cell_model,
     make_fixed_output_model,
     make_single_image_model,
+    with_metadata,
 )
 
 RESULT_KEYS = {
@@ -199,6 +200,54 @@ def test_error_and_expired_records() -> None:
 )
 def test_qr_class_of_a_model(labels: dict[int, str], qr: int | None) -> None:
     assert qr_class(labels) == qr
+
+
+def blurred_qr_job(tmp_path: Path) -> tuple[ImageJob, Path, str]:
+    """A 640x640 image with a defocused code the standard reads miss, and a model that
+    boxes it (score 0.5)."""
+    from tests.unit.qr_factory import CodeSpec, scene
+
+    text = "https://example.org/blurred?id=7"
+    image, codes = scene([CodeSpec(text, (320, 320), 5, angle=10)], size=(640, 640))
+    image = cv2.GaussianBlur(image, (0, 0), 2.8)
+    x1, y1, x2, y2 = codes[0].xyxy
+    pad = 0.05 * (x2 - x1)
+    out = np.zeros((5, 8400), np.float32)
+    out[:, 0] = [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1 + 2 * pad, y2 - y1 + 2 * pad, 0.5]
+    model = make_fixed_output_model(tmp_path / "box.onnx", out, "yolov8")
+    return ImageJob("blurred", encode(image)), model, text
+
+
+@pytest.mark.parametrize(
+    ("calibration", "want"),
+    [
+        ("[0.0, 0.0, 20.0]", "read"),  # judged a sure code: read harder, reported at 1.0
+        ("[0.0, 0.0, -20.0]", "dropped"),  # judged no code: not read harder, dropped
+    ],
+)
+def test_harder_reads_go_to_the_boxes_the_verifier_finds_plausible(
+    tmp_path: Path, calibration: str, want: str
+) -> None:
+    from core.settings import DEFAULT_VERIFIER
+
+    job, model, text = blurred_qr_job(tmp_path)
+    verifier = with_metadata(
+        DEFAULT_VERIFIER, tmp_path / "v.onnx", calibration=calibration, detector_sha256=None
+    )
+    settings = load_settings({}, model_path=model, verifier_path=verifier, read_whole_image=False)
+    (result,) = run(settings, [job])
+    if want == "read":
+        assert [(d["text"], d["confidence"]) for d in result["detections"]] == [(text, 1.0)]
+    else:
+        assert result["detections"] == []
+
+
+def test_without_a_verifier_every_unread_box_is_read_harder(tmp_path: Path) -> None:
+    job, model, text = blurred_qr_job(tmp_path)
+    settings = load_settings({}, model_path=model, verifier_path="off", read_whole_image=False)
+    (result,) = run(settings, [job])
+    assert [d["text"] for d in result["detections"]] == [text]
+    assert result["detections"][0]["confidence"] == pytest.approx(0.5)  # the detector's
 
 
 def test_large_jpeg_same_answer_with_reduced_decode(dark_model: Path) -> None:

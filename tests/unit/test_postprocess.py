@@ -10,6 +10,7 @@ from core.postprocess import (
     LAYOUT_DEFAULTS,
     PAD_VALUE,
     Letterbox,
+    box_iou,
     boxes_from_letterbox,
     boxes_to_letterbox,
     decode_end2end,
@@ -148,6 +149,31 @@ def test_decode_end2end_keeps_rows_over_conf() -> None:
 
 
 # --- NMS ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "want"),
+    [
+        ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),  # the same box
+        ([0, 0, 10, 10], [5, 0, 15, 10], 50 / 150),  # half overlaps
+        ([0, 0, 10, 10], [2, 2, 4, 4], 4 / 100),  # one inside the other
+        ([0, 0, 10, 10], [10, 0, 20, 10], 0.0),  # touching edges
+        ([0, 0, 10, 10], [30, 30, 40, 40], 0.0),  # apart
+        ([5, 5, 5, 5], [5, 5, 5, 5], 0.0),  # empty boxes: 0, not a division by zero
+    ],
+)
+def test_box_iou_table(a: list[float], b: list[float], want: float) -> None:
+    got = box_iou(np.array([a], np.float32), np.array([b], np.float32))
+    assert got.shape == (1, 1) and got.dtype == np.float64
+    assert got[0, 0] == pytest.approx(want)
+    assert box_iou(np.array([b]), np.array([a]))[0, 0] == pytest.approx(want)  # symmetric
+
+
+def test_box_iou_is_a_matrix_and_takes_empty_sets() -> None:
+    a = np.array([[0, 0, 10, 10], [0, 0, 20, 20]], np.float32)
+    b = np.array([[0, 0, 10, 10], [10, 10, 20, 20], [100, 100, 110, 110]], np.float32)
+    np.testing.assert_allclose(box_iou(a, b), [[1, 0, 0], [0.25, 0.25, 0]])
+    assert box_iou(a, b[:0]).shape == (2, 0) and box_iou(a[:0], b).shape == (0, 3)
 
 
 def reference_nms(

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # needs torch: the `train` extra, which CI installs (pip install -e '.[dev,train]')
 from training import train
@@ -231,7 +232,9 @@ def test_grown_context_blocks_start_small_learn_and_export() -> None:
 def test_context_fine_tune_grows_the_model_and_resumes(tmp_path: Path) -> None:
     import torch
 
-    assert train.main(["--smoke", "--finetune-context", "--out", str(tmp_path)]) == 0
+    smoke = ["--smoke", "--finetune-context", "--no-verifier", "--out", str(tmp_path)]
+    assert train.main(smoke) == 0
+    assert not (tmp_path / "qrsight-qrverify-v2.onnx").exists()  # --no-verifier
     ck = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
     assert ck["cfg"]["context"] and ck["step"] == 8
     assert len(ck["opt"]["param_groups"]) == 4  # base decay/no-decay, then the blocks'
@@ -242,7 +245,112 @@ def test_context_fine_tune_grows_the_model_and_resumes(tmp_path: Path) -> None:
     ck["step"] = 7
     torch.save(ck, tmp_path / "stopped.pt")
     resume = ["--resume", str(tmp_path / "stopped.pt")]
-    assert train.main(["--smoke", "--finetune-context", "--out", str(tmp_path), *resume]) == 0
+    assert train.main([*smoke, *resume]) == 0
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["step"] for h in history][-1] == 8
     assert torch.load(tmp_path / "last.pt", weights_only=False)["cfg"]["context"]
+
+
+def test_scoring_counts_found_codes_false_positives_and_picks_a_threshold() -> None:
+    from training.evaluate import best_operating_point, image_metrics, score_predictions
+
+    def logit(p: float) -> float:
+        return float(np.log(p / (1 - p)))
+
+    code = np.array([[10, 10, 50, 50]], np.float32)
+    none = np.zeros((0, 4), np.float32)
+    val = [(np.zeros((64, 64, 3), np.uint8), code), (np.zeros((64, 64, 3), np.uint8), none)]
+    # image 1: the code at 0.9, a near-copy at 0.8 (NMS drops it); image 2: a box at 0.32
+    preds = [
+        (
+            np.array([[10, 10, 50, 50], [11, 11, 50, 50]], np.float32),
+            np.array([logit(0.9), logit(0.8)]),
+        ),
+        (np.array([[0, 0, 20, 20]], np.float32), np.array([logit(0.32)])),
+    ]
+    low = score_predictions(preds, val, conf=0.25)
+    assert low == {"box_recall": 1.0, "image_recall": 1.0, "fp_images": 1.0, "precision": 0.5}
+    high = score_predictions(preds, val, conf=0.5)
+    assert high["fp_images"] == 0.0 and high["precision"] == 1.0
+    score, bias, m = best_operating_point(preds, val)
+    assert m["conf"] == 0.35 and score == pytest.approx(1.1)
+    # the bias moves the chosen threshold to the detector's default 0.25
+    assert 1 / (1 + np.exp(-(logit(m["conf"]) + bias))) == pytest.approx(0.25)
+    final = [(preds[0][0][:1], np.array([0.9])), (preds[1][0], np.array([0.32]))]
+    assert image_metrics(final, [code, none], 0.5) == {
+        "image_recall": 1.0,
+        "fp_images": 0.0,
+        "precision": 1.0,
+    }
+
+
+def test_the_training_steps_do_not_import_the_training_script() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, training.select, training.verify, training.compare; "
+        "sys.exit('training.train' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_texture_close_ups_are_reproducible_textured_and_hold_no_code() -> None:
+    import zxingcpp
+
+    from training.textures import KINDS, closeup, texture
+
+    for k, kind in enumerate(KINDS):
+        rng = np.random.default_rng([3, k])
+        img = closeup(rng, texture(rng, kind, 240, 320))
+        again_rng = np.random.default_rng([3, k])
+        again = closeup(again_rng, texture(again_rng, kind, 240, 320))
+        assert img.shape == (240, 320, 3) and img.dtype == np.uint8
+        assert np.array_equal(img, again), kind
+        assert img.std() > 3, f"{kind} came out flat"
+        assert not zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.QRCode), kind
+
+
+def test_family_scenes_show_their_situation() -> None:
+    """Positives: one code inside the frame, its payload known (and read in a clean case);
+    negatives: no QR code, a hard region (the frame of a texture, a symbol's label)."""
+    import zxingcpp
+
+    from training.families import FAMILIES, NEGATIVE, POSITIVE, SYMBOLS, scene
+
+    assert set(FAMILIES) == set(POSITIVE) | set(NEGATIVE)
+    with pytest.raises(ValueError, match="unknown family"):
+        scene(1, 0, "no-such-family")
+    small = (256, 384)
+    for family in FAMILIES:
+        s = scene(9, 0, family, small)
+        h, w = s.image.shape[:2]
+        assert max(h, w) <= 384 and s.image.dtype == np.uint8
+        assert np.array_equal(s.image, scene(9, 0, family, small).image), family
+        qr = zxingcpp.read_barcodes(s.image, formats=zxingcpp.BarcodeFormat.QRCode)
+        if family in NEGATIVE:
+            assert len(s.boxes) == 0 and len(s.hard) == 1 and not qr, family
+            continue
+        assert len(s.boxes) == 1 and len(s.texts) == 1, family
+        x1, y1, x2, y2 = s.boxes[0]
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, family  # inside the frame
+        if family == "plain":
+            assert [r.text for r in qr] == s.texts
+    formats = set()
+    for family in SYMBOLS:
+        for i in range(4):
+            img = scene(9, i, family).image
+            formats |= {r.format.name for r in zxingcpp.read_barcodes(img)}
+    assert formats & {"PDF417", "Aztec", "DataMatrix", "MaxiCode"}, formats  # real symbols
+
+
+def test_the_calibration_fit_recovers_known_coefficients() -> None:
+    from training.verify import fit_logistic
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 2))
+    want = np.array([1.5, -0.7, 0.4])
+    p = 1 / (1 + np.exp(-(x @ want[:2] + want[2])))
+    y = (rng.random(4000) < p).astype(np.float64)
+    got = fit_logistic(x, y)
+    assert np.allclose(got, want, atol=0.15), got

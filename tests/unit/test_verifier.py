@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 
 from core.detections import Detections
@@ -16,7 +15,7 @@ from core.errors import ConfigError
 from core.pipeline import ImageJob, Pipeline
 from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
 from core.verifier import Verifier, crop_patches, file_sha256, load_verifier
-from tests.unit.onnx_models import make_dark_cell_model
+from tests.unit.onnx_models import make_dark_cell_model, with_metadata
 from tests.unit.qr_factory import CodeSpec, scene
 
 
@@ -127,14 +126,11 @@ def test_pipeline_drops_boxes_the_verifier_rejects(
 ) -> None:
     """The dark-cell model boxes a black square; a verifier for any detector (no
     ``detector_sha256``) drops those unread boxes, and without it they stay."""
-    proto = onnx.load(str(DEFAULT_VERIFIER))
-    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != "detector_sha256"]
-    del proto.metadata_props[:]
-    for k, v in kept:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    any_detector = tmp_path / "verifier.onnx"
-    onnx.save(proto, str(any_detector))
+    # for any detector, and judging by its own score alone (this toy detector's 0.9+ would
+    # outweigh it in the shipped calibration, fitted to the shipped detector's scores)
+    any_detector = with_metadata(
+        DEFAULT_VERIFIER, tmp_path / "verifier.onnx", detector_sha256=None, calibration="[0, 1, 0]"
+    )
     image = np.full((320, 320, 3), 255, np.uint8)
     image[64:128, 64:128] = 0
     job = [ImageJob("r", png(image))]
@@ -159,3 +155,69 @@ def test_verifier_scores_follow_the_crop_not_the_batch(verifier: Verifier) -> No
     together = verifier.scores(image, np.concatenate([empty, box, empty]))
     assert np.allclose(alone, together[1], atol=1e-5)
     assert verifier.scores(image, np.zeros((0, 4), np.float32)).shape == (0,)
+
+
+def test_calibration_is_read_from_the_metadata_and_checked(tmp_path: Path) -> None:
+    good = with_metadata(DEFAULT_VERIFIER, tmp_path / "a.onnx", calibration="[1.5, 2.0, -0.5]")
+    assert Verifier(good).calibration == (1.5, 2.0, -0.5)
+    none = with_metadata(DEFAULT_VERIFIER, tmp_path / "b.onnx", calibration=None)
+    assert Verifier(none).calibration is None
+    bad = with_metadata(DEFAULT_VERIFIER, tmp_path / "c.onnx", calibration="[1.5, 2.0]")
+    with pytest.raises(ConfigError, match="calibration"):
+        Verifier(bad)
+
+
+def test_calibrated_probability_rises_with_both_scores(tmp_path: Path) -> None:
+    path = with_metadata(DEFAULT_VERIFIER, tmp_path / "v.onnx", calibration="[1.0, 1.0, 0.0]")
+    v = Verifier(path)
+    # a = b = 1, c = 0: logit(p) = logit(det) + logit(ver)
+    assert v.probability(np.array([0.5]), np.array([0.5]))[0] == pytest.approx(0.5)
+    assert v.probability(np.array([0.5]), np.array([0.9]))[0] == pytest.approx(0.9)
+    grid = v.probability(np.array([0.3, 0.3, 0.6]), np.array([0.2, 0.7, 0.7]))
+    assert grid[0] < grid[1] < grid[2]
+
+
+def test_calibrated_confidence_is_the_probability_read_boxes_are_sure(tmp_path: Path) -> None:
+    """Read box → 1.0; unread boxes → P(code), dropped below the threshold; other
+    classes keep the detector's confidence."""
+    path = with_metadata(
+        DEFAULT_VERIFIER, tmp_path / "v.onnx", calibration="[1.0, 1.0, 0.0]", threshold="0.5"
+    )
+    v = Verifier(path)
+    image, codes = scene([CodeSpec("calibrated", center=(200, 200), module_px=4)])
+    code = codes[0].xyxy
+    blank = np.array([500, 300, 600, 400], np.float32)
+    dets = Detections(
+        xyxy=np.array([code, code, blank, blank], np.float32),
+        confidence=np.array([0.3, 0.6, 0.6, 0.4], np.float32),
+        class_id=np.array([0, 0, 0, 1]),
+        text=["read", None, None, None],
+    )
+    judged = v.judge(image, dets, qr_id=0)
+    assert judged[0] == 1.0 and np.isnan(judged[3])
+    scores = v.scores(image, dets.xyxy[1:3])
+    assert np.allclose(judged[1:3], v.probability(dets.confidence[1:3], scores))
+    assert judged[1] >= 0.5 > judged[2]  # a code on white vs an empty white patch
+    out = v.apply(dets, judged)
+    assert out.text == ["read", None, None] and out.class_id.tolist() == [0, 0, 1]
+    assert np.allclose(out.confidence, [1.0, judged[1], 0.4])
+    # a box read after it was judged (a harder read) is kept at 1.0
+    late = Detections(
+        xyxy=dets.xyxy, confidence=dets.confidence, class_id=dets.class_id,
+        text=["read", None, "read later", None],
+    )  # fmt: skip
+    out = v.apply(late, judged)
+    assert len(out) == 4 and out.confidence[2] == 1.0
+
+
+def test_an_uncalibrated_verifier_keeps_the_detector_confidence(tmp_path: Path) -> None:
+    path = with_metadata(DEFAULT_VERIFIER, tmp_path / "v1.onnx", calibration=None)
+    v = Verifier(path)
+    image, codes = scene([CodeSpec("v1", center=(200, 200), module_px=4)])
+    dets = Detections(
+        xyxy=codes[0].xyxy[None], confidence=np.array([0.3], np.float32), class_id=np.array([0])
+    )
+    judged = v.judge(image, dets, qr_id=0)
+    assert np.allclose(judged, v.scores(image, dets.xyxy))  # the raw score
+    out = v.apply(dets, judged)
+    assert len(out) == 1 and out.confidence[0] == pytest.approx(0.3)
