@@ -21,6 +21,7 @@ on machines without a GPU.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -108,15 +109,39 @@ def ort_intra_threads(settings: Settings, on_gpu: bool) -> int:
 
 def post_threads(settings: Settings, workers: int, *, on_gpu: bool, cpus: int | None = None) -> int:
     """Threads reading payloads in one worker: ``QRSIGHT_POST_THREADS`` if set; on a GPU
-    host this worker's share of the cores (cores / workers, at least 1); on the CPU 1 (a
+    host this worker's share of the cores (:func:`host_cpus` / workers, at least 1); on the CPU 1 (a
     CPU host runs one worker per core, each busy with its own model runs). zxing-cpp and
     OpenCV release the GIL, so the reads of one batch run side by side."""
     if settings.post_threads is not None:
         return settings.post_threads
     if not on_gpu:
         return 1
-    cores = cpus if cpus is not None else (os.cpu_count() or 1)
+    cores = cpus if cpus is not None else host_cpus()
     return max(1, cores // max(1, workers))
+
+
+def host_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by the container's CPU
+    limit (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), so a
+    pod limited to 4 cores on a 64-core node counts 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota: float | None = None
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            limit_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+            quota = limit_us / period_us if limit_us > 0 and period_us > 0 else None
+        except (OSError, ValueError):
+            quota = None
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
 
 
 def place_worker(

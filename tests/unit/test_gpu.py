@@ -186,3 +186,28 @@ def test_provider_options_pin_the_gpu_providers_to_the_device(
     providers: list[str], device: int, expected: list[Any]
 ) -> None:
     assert provider_options(providers, device) == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "cap"),
+    [
+        ({}, None),  # no cgroup files: the affinity alone
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 cores: two threads
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ],
+)
+def test_host_cpus_honours_the_container_cpu_limit(
+    tmp_path: Path, files: dict[str, str], cap: int | None
+) -> None:
+    import os
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    want = affinity if cap is None else min(affinity, cap)
+    assert gpu.host_cpus(tmp_path) == want
