@@ -74,12 +74,12 @@ JRE_MODULES = (
 )
 FATBIN_MAGIC = 0xBA55ED50
 # nvImageCodec: the CPython 3.12 binding, the core library and the JPEG extensions
-NVIMGCODEC_KEEP = (
-    "nvimgcodec_impl.cpython-312-",
-    "libnvimgcodec.so",
-    "extensions/libnvjpeg_ext.",
-    "extensions/libjpeg_turbo_ext.",
-)
+NVIMGCODEC_KEEP = ("nvimgcodec_impl.cpython-312-", "libnvimgcodec.so", "extensions/libnvjpeg_ext.")
+# onnxruntime's Python tools (model conversion, quantization) that inference never imports
+ORT_SKIP = ("onnxruntime/transformers/", "onnxruntime/quantization/", "onnxruntime/tools/")
+# not loaded by the broker (scala-logging needs it only to compile its macros): a broker
+# without it formatted, started, ran transactions and a consumer group here
+KAFKA_SKIP = ("scala-reflect-",)
 
 
 def say(message: str) -> None:
@@ -166,6 +166,7 @@ def build_site(wheels: list[Path], site: Path, arch: int) -> None:
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
             names = zf.namelist()
+            names = [n for n in names if not n.startswith(ORT_SKIP)]
             if wheel.name.startswith("nvidia_nvimgcodec"):
                 names = [
                     n
@@ -177,6 +178,9 @@ def build_site(wheels: list[Path], site: Path, arch: int) -> None:
             zf.extractall(site, names)
     (site / "nvidia" / "__init__.py").unlink(missing_ok=True)  # keep `nvidia` a namespace
     cuda = site / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so"
+    if arch == 0:
+        say("onnxruntime CUDA provider kept whole (--cuda-arch 0): more parts to carry")
+        return
     kept, zeroed = prune_fatbins(cuda, arch)
     say(
         f"onnxruntime CUDA provider: kept sm_{arch} GPU code {kept / 1e6:.0f} MB, "
@@ -220,7 +224,8 @@ def build_kafka_lib(dest: Path) -> None:
         subprocess.run([str(ROOT / "deploy" / "local" / "kafka.sh"), "fetch"], check=True)
     dest.mkdir(parents=True)
     for jar in sorted(lib.glob("*.jar")):
-        slim_jar(jar, dest / jar.name)
+        if not jar.name.startswith(KAFKA_SKIP):
+            slim_jar(jar, dest / jar.name)
     shutil.copy(lib / "VERSION", dest / "VERSION")
     say(f"Kafka {(lib / 'VERSION').read_text().strip()}: {len(list(dest.glob('*.jar')))} jars")
 
@@ -271,6 +276,8 @@ def pack(stage: Path, out: Path, part_bytes: int) -> list[Path]:
         )
     whole = sha256(archive)
     shutil.rmtree(out, ignore_errors=True)
+    count = -(-archive.stat().st_size // part_bytes)
+    part_bytes = -(-archive.stat().st_size // count)  # as even as possible
     parts: list[Path] = []
     with archive.open("rb") as f:
         for index, block in enumerate(iter(lambda: f.read(part_bytes), b"")):
@@ -288,8 +295,12 @@ def pack(stage: Path, out: Path, part_bytes: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".gpucarry")
-    parser.add_argument("--cuda-arch", type=int, default=90, help="GPU code kept (H200: 90)")
-    parser.add_argument("--part-mib", type=int, default=56, help="largest part, MiB")
+    parser.add_argument(
+        "--cuda-arch", type=int, default=90, help="GPU code kept (H200: 90; 0 = all)"
+    )
+    parser.add_argument(
+        "--part-mib", type=float, default=57.0, help="largest part, MiB (a call: 64 MiB in all)"
+    )
     parser.add_argument("--wheels", type=Path, default=None, help="wheel cache folder")
     parser.add_argument(
         "--models-cache", type=Path, default=ROOT / "runs" / "models", help="exported graphs"
@@ -303,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         build_jre(stage / "jre")
         build_kafka_lib(stage / "kafka-lib")
         build_models(stage / "models", args.models_cache)
-        parts = pack(stage, args.out, args.part_mib * 1024 * 1024)
+        parts = pack(stage, args.out, int(args.part_mib * 1024 * 1024))
     total = sum(p.stat().st_size for p in parts)
     say(
         f"{len(parts)} part(s), {total / 2**20:.1f} MiB in {args.out}: "

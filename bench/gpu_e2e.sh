@@ -31,14 +31,16 @@ stash() {
     found=1
   done
   [[ $found == 1 ]] || say "no .gpucarry/pN here (nothing carried in this call)"
-  say "stash $STASH: $(ls "$STASH" | tr '\n' ' ')"
+  say "stash $STASH: $(cd "$STASH" && echo *)"
 }
 
 unpack() {
-  local manifest parts have
-  manifest="$(ls "$STASH"/MANIFEST.* | head -n1)"
-  parts="$(awk '$1 == "parts" {print $2}' "$manifest")"
-  have="$(ls "$STASH"/carry.part* | wc -l)"
+  local manifests found parts have
+  manifests=("$STASH"/MANIFEST.*)
+  found=("$STASH"/carry.part*)
+  [[ -f "${manifests[0]}" ]] || { say "nothing stashed in $STASH"; exit 3; }
+  parts="$(awk '$1 == "parts" {print $2}' "${manifests[0]}")"
+  have="${#found[@]}"
   if [[ "$have" != "$parts" ]]; then
     say "have $have of $parts parts: carry the missing .gpucarry/pN in earlier calls (stash)"
     exit 3
