@@ -8,8 +8,8 @@ engines or CUDA cores. What goes to it, and what does not:
 - Every image is checked first exactly as the CPU path checks it
   (:func:`core.images.check_decodable`: type by magic bytes, byte/side/pixel limits from
   the header, JPEG scan count, end-of-image marker). Anything refused there, and anything
-  that is not a plain JPEG decoded at full size — PNG, WebP, BMP, a JPEG with alpha or
-  CMYK, a large JPEG the CPU decodes reduced (``QRSIGHT_REDUCED_DECODE``) — is left to
+  that is not a plain JPEG decoded at full size — PNG, WebP, BMP, a CMYK/YCCK JPEG, a
+  large JPEG the CPU decodes reduced (``QRSIGHT_REDUCED_DECODE``) — is left to
   the CPU path (``None`` in :meth:`GpuDecoder.decode_many`), which raises the very same
   error or decodes it the same way as without a GPU.
 - An image nvImageCodec cannot decode comes back ``None`` from it, and also takes the CPU
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import ConfigError, QrsightError
-from core.images import Header, ImageLimits, check_decodable, finish_pixels, jpeg_scale, probe
+from core.images import Header, ImageLimits, check_decodable, finish_pixels, jpeg_scale
 from core.settings import Settings, env_name
 
 logger = logging.getLogger(__name__)
@@ -108,13 +108,12 @@ class GpuDecoder:
         """The header of an image this decoder takes (a plain JPEG the CPU would decode at
         full size, passing every intake check), else None (the CPU path's)."""
         try:
-            info = probe(data, self.limits)
-            if info.format != "jpeg" or jpeg_scale(info, self.keep_side) != 1:
-                return None
             header = check_decodable(data, self.limits)
         except (QrsightError, ValueError):
             return None  # refused: the CPU path raises the same error
-        return None if header.alpha else header
+        if header.format != "jpeg" or jpeg_scale(header.info(), self.keep_side) != 1:
+            return None
+        return header
 
     def decode_many(self, datas: Sequence[bytes]) -> list[Decoded | None]:
         """One entry per image: decoded here, or None for the CPU path to decode."""
@@ -137,17 +136,24 @@ class GpuDecoder:
         return out
 
     def _decode(self, datas: Sequence[bytes]) -> list[Any]:
+        """nvImageCodec's images, None where it fails or for a JPEG that is neither grey nor
+        YCbCr (CMYK, YCCK: OpenCV's conversion is the reference, so the CPU decodes them)."""
         nv = self._nv
         try:
             streams = [nv.CodeStream(d) for d in datas]
-            images = list(self._decoder.decode(streams, params=self._params))
+            plain = [i for i, cs in enumerate(streams) if cs.num_channels in (1, 3)]
+            decoded = self._decoder.decode([streams[i] for i in plain], params=self._params)
+            decoded = list(decoded) if plain else []
         except Exception as exc:  # nvImageCodec raises RuntimeError and its own types
             self._failed(exc, len(datas))
             return [None] * len(datas)
         self.failures = 0
-        if len(images) != len(datas):
-            logger.warning("nvimgcodec returned %d images for %d", len(images), len(datas))
+        if len(decoded) != len(plain):
+            logger.warning("nvimgcodec returned %d images for %d", len(decoded), len(plain))
             return [None] * len(datas)
+        images: list[Any] = [None] * len(datas)
+        for i, image in zip(plain, decoded, strict=True):
+            images[i] = image
         return images
 
     def _host_pixels(self, image: Any, header: Header) -> np.ndarray | None:

@@ -62,6 +62,7 @@ class FakeNvImageCodec:
         self.calls: list[int] = []
         self.decoders: list[dict[str, Any]] = []
         self.shape: tuple[int, ...] | None = None
+        self.cmyk: set[bytes] = set()
 
     def Backend(self, kind: str) -> str:  # noqa: N802 (the real API's name)
         return kind
@@ -71,20 +72,21 @@ class FakeNvImageCodec:
         assert kwargs == want
         return kwargs
 
-    def CodeStream(self, data: bytes) -> bytes:  # noqa: N802
-        return data
+    def CodeStream(self, data: bytes) -> SimpleNamespace:  # noqa: N802
+        return SimpleNamespace(data=data, num_channels=4 if data in self.cmyk else 3)
 
     def Decoder(self, **kwargs: Any) -> FakeNvImageCodec:  # noqa: N802
         self.decoders.append(kwargs)
         return self
 
-    def decode(self, streams: list[bytes], params: dict[str, Any]) -> list[Any]:
+    def decode(self, streams: list[SimpleNamespace], params: dict[str, Any]) -> list[Any]:
         self.calls.append(len(streams))
         if self.fail_batches:
             self.fail_batches -= 1
             raise RuntimeError("nvJPEG failure: stand-in")
         out: list[Any] = []
-        for data in streams:
+        for stream in streams:
+            data = stream.data
             if data in self.refuse:
                 out.append(None)
                 continue
@@ -196,6 +198,14 @@ def test_images_the_gpu_refuses_take_the_cpu_path(nv: FakeNvImageCodec) -> None:
     nv.refuse.add(b)
     out = decoder(nv).decode_many([a, b])
     assert out[0] is not None and out[1] is None
+
+
+def test_cmyk_jpegs_are_not_sent_to_the_gpu(nv: FakeNvImageCodec) -> None:
+    a, b = jpeg(pattern(64, 64)), jpeg(pattern(64, 96))
+    nv.cmyk.add(b)
+    out = decoder(nv).decode_many([a, b])
+    assert out[0] is not None and out[1] is None
+    assert nv.calls == [1]
 
 
 def test_wrong_sized_gpu_pixels_take_the_cpu_path(nv: FakeNvImageCodec) -> None:
