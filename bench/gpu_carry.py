@@ -64,6 +64,7 @@ WHEELS = (
     "python-dotenv==1.2.2",
     "annotated-types==0.7.0",
     "typing-inspection==0.4.2",
+    "typing-extensions==4.16.0",  # pydantic-core needs a recent one; the device's may be older
     "zxing-cpp==3.1.1",
     "segno==1.6.6",
 )

@@ -527,11 +527,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decoders", default="nvimgcodec,cpu")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--ref-model", type=Path, default=None)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="QRSIGHT_X=VALUE",
+        help="a setting for every case's workers (repeatable), e.g. QRSIGHT_READ_WHOLE_IMAGE=false",
+    )
     parser.add_argument("--dry-run", action="store_true", help="CPU provider, tiny sizes")
     args = parser.parse_args(argv)
     start = time.monotonic()
+    extra = dict(item.split("=", 1) for item in args.set)
+    if not all(k.startswith("QRSIGHT_") for k in extra):
+        parser.error("--set takes QRSIGHT_NAME=VALUE")
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(args.dry_run)
+    machine["settings"] = extra
     say(f"machine: {json.dumps(machine)}")
     cases = plan(
         args.models.split(","), args.decoders.split(","), [int(w) for w in args.workers.split(",")]
@@ -563,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env = case_env(
                 case, bootstrap, args.ref_model, dry_run=args.dry_run, max_batch=args.max_batch
             )
+            env.update(extra)
             row = run_case(case, env, warm, burst, log)
             rows.append(row)
             say(
