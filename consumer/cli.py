@@ -19,6 +19,7 @@ from types import FrameType
 from consumer.metrics import MetricsServer, WorkerMetrics
 from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
 from core.errors import ConfigError
+from core.gpu import default_workers, place_worker
 from core.logs import configure_from_settings, configure_logging
 from core.settings import Settings, load_settings
 from core.telemetry import setup_tracing
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_from_settings(settings)
     if args.worker_index is not None:
         return run_worker(settings, args.worker_index)
-    workers = args.workers if args.workers is not None else settings.workers
+    workers = args.workers if args.workers is not None else default_workers(settings)
     if workers < 1:
         logger.error("--workers must be at least 1, got %d", workers)
         return EXIT_CONFIG
@@ -72,6 +73,7 @@ def run_worker(settings: Settings, index: int) -> int:
     """One worker in this process until SIGTERM/SIGINT (0) or a failure (1)."""
     from consumer.worker import Worker
 
+    settings = place_worker(settings, index)  # its GPU, and GPU defaults (core/gpu.py)
     try:
         setup_tracing("qrsight-worker")
     except ConfigError as exc:

@@ -17,8 +17,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from core.batch_nms import postprocess_batch_vectorized
 from core.detections import Detections, ModelInfo
 from core.errors import ConfigError, ModelError
+from core.gpu import GPU_PROVIDERS, gpu_runtime, ort_intra_threads
+from core.letterbox_graph import DeviceLetterbox
 from core.postprocess import (
     LAYOUT_DEFAULTS,
     Layout,
@@ -27,7 +30,6 @@ from core.postprocess import (
     input_hw,
     layout_classes,
     letterbox_batch,
-    postprocess_batch,
 )
 from core.settings import Settings
 
@@ -35,7 +37,6 @@ __all__ = ["Detector", "ModelInfo", "choose_providers"]
 
 logger = logging.getLogger(__name__)
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",
@@ -57,6 +58,12 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
         return list(requested)
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
     return chosen or ["CPUExecutionProvider"]
+
+
+def provider_options(providers: Sequence[str], device_id: int) -> list[Any]:
+    """``providers`` as ONNX Runtime takes them, the GPU ones pinned to CUDA device
+    ``device_id`` (``(name, {"device_id": ...})``); the CPU provider needs no option."""
+    return [(p, {"device_id": str(device_id)}) if p in GPU_PROVIDERS else p for p in providers]
 
 
 def parse_literal(value: str | None) -> Any:
@@ -111,6 +118,10 @@ class Detector:
     TensorRT, where each new input shape costs a cuDNN algorithm search or an engine
     build (0.5 to 3 s, measured in ``bench/README.md``) and micro-batches vary in size. The
     padded shape is run once at load (warm-up).
+
+    ``device_preprocess``: letterbox on the inference device (:mod:`core.letterbox_graph`;
+    by default on CUDA and TensorRT) instead of on the host; :meth:`run_images` picks the
+    path. ``device_id``: the CUDA device of the GPU providers.
     """
 
     def __init__(
@@ -126,6 +137,8 @@ class Detector:
         max_det: int = 100,
         pad_to: int | None = None,
         pad: bool | None = None,
+        device_id: int = 0,
+        device_preprocess: bool | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -133,7 +146,9 @@ class Detector:
                 f"model file not found: {self.model_path} (set QRSIGHT_MODEL_PATH to an .onnx file)"
             )
         self.conf, self.iou, self.max_det = conf, iou, max_det
-        self.session = self._open(choose_providers(providers), intra_threads, inter_threads)
+        self.device_id = device_id
+        chosen = provider_options(choose_providers(providers), device_id)
+        self.session = self._open(chosen, intra_threads, inter_threads)
         self.providers: list[str] = self.session.get_providers()
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         inp = self.session.get_inputs()[0]
@@ -152,6 +167,7 @@ class Detector:
         if pad is None:  # CUDA searches kernels, TensorRT builds an engine, per input shape
             pad = self.on_gpu
         self.run_batch = self.fixed_batch or (pad_to if pad else None)
+        self.letterbox = self._device_letterbox(device_preprocess)
         labels = parse_names(meta.get("names"))
         self.layout = self._find_layout(meta, len(labels) or None)
         if not labels:
@@ -176,12 +192,31 @@ class Detector:
         if self.run_batch is not None and self.on_gpu:
             self._warm_up()
 
+    def _device_letterbox(self, wanted: bool | None) -> DeviceLetterbox | None:
+        """The on-device letterbox, when wanted (default: on a GPU) and the model takes
+        float32 (a float16 model keeps the host letterbox, which casts)."""
+        if not (self.on_gpu if wanted is None else wanted):
+            return None
+        if self.input_dtype != np.float32:
+            logger.info("device letterbox off: the model input is %s", self.input_dtype.__name__)
+            return None
+        # CUDA, not TensorRT, for the letterbox graph: its pixel input changes length every
+        # batch, and TensorRT would build an engine per shape
+        providers = provider_options(
+            [p for p in self.providers if p != "TensorrtExecutionProvider"], self.device_id
+        )
+        device = ("cuda", self.device_id) if self.on_gpu else ("cpu", 0)
+        return DeviceLetterbox(
+            self.session, providers, self.input_hw, device=device, batch=self.run_batch
+        )
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Detector:
+        on_gpu = gpu_runtime(settings.onnx_providers)
         return cls(
             settings.model_path,
             providers=settings.onnx_providers,
-            intra_threads=settings.ort_intra_threads,
+            intra_threads=ort_intra_threads(settings, on_gpu),
             inter_threads=settings.ort_inter_threads,
             imgsz=settings.imgsz,
             conf=settings.conf_threshold,
@@ -189,11 +224,13 @@ class Detector:
             max_det=settings.max_detections,
             pad_to=settings.max_batch,
             pad=settings.pad_batch,
+            device_id=settings.cuda_device or 0,
+            device_preprocess=settings.device_preprocess,
         )
 
     # --- loading -------------------------------------------------------------------------
 
-    def _open(self, providers: list[str], intra: int, inter: int) -> ort.InferenceSession:
+    def _open(self, providers: list[Any], intra: int, inter: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra
         options.inter_op_num_threads = inter
@@ -274,15 +311,23 @@ class Detector:
             conf = self.conf
         elif not isinstance(conf, float | int) and self.conf is not None:
             conf = [self.conf if c is None else c for c in conf]
-        return postprocess_batch(
+        return postprocess_batch_vectorized(  # = postprocess_batch, batch-wide (core.batch_nms)
             raw, self.layout, metas, conf=conf, iou=self.iou, max_det=self.max_det
         )
+
+    def run_images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
+        """Letterbox and infer: the raw output and each image's letterbox, on the device
+        (:attr:`letterbox`) or on the host (:meth:`preprocess` then :meth:`infer`)."""
+        if self.letterbox is not None:
+            return self.letterbox.run(images)
+        batch, metas = self.preprocess(images)
+        return self.infer(batch), metas
 
     def predict(
         self, images: Sequence[np.ndarray], conf: float | Sequence[float | None] | None = None
     ) -> list[Detections]:
-        batch, metas = self.preprocess(images)
-        return self.postprocess(self.infer(batch), metas, conf)
+        raw, metas = self.run_images(images)
+        return self.postprocess(raw, metas, conf)
 
     @property
     def default_thresholds(self) -> tuple[float, float | None]:
@@ -298,6 +343,8 @@ class Detector:
         start = time.perf_counter()
         assert self.run_batch is not None
         self._run(np.full((self.run_batch, 3, *self.input_hw), 114 / 255, self.input_dtype))
+        if self.letterbox is not None:
+            self.letterbox.run([np.full((self.stride, self.stride, 3), 114, np.uint8)])
         ms = (time.perf_counter() - start) * 1000
         logger.info("detector warmed up batch=%d ms=%.0f", self.run_batch, ms)
 

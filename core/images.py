@@ -147,6 +147,9 @@ class _Header:
         return ImageInfo(self.format, w, h, CONTENT_TYPES[self.format])
 
 
+Header = _Header  # public name for the decoders outside this module
+
+
 # --- public API ---------------------------------------------------------------------------
 
 
@@ -176,13 +179,7 @@ def decode(data: bytes, limits: ImageLimits, *, scale: int = 1) -> np.ndarray:
 
     ``scale`` (2, 4 or 8; JPEG only, see :func:`jpeg_scale`) decodes at that fraction of
     the size: ceil(width / scale) x ceil(height / scale)."""
-    header = _probe(data, limits)
-    if scale not in _REDUCED_READ or (scale != 1 and header.format != "jpeg"):
-        raise ValueError(
-            f"scale must be 1, or 2, 4 or 8 for a JPEG; got {scale} for {header.format}"
-        )
-    if header.format == "jpeg" and data.find(b"\xff\xd9", header.scan_offset) < 0:
-        raise CorruptImageError("truncated JPEG: no end-of-image marker after the scan data")
+    header = check_decodable(data, limits, scale=scale)
     buf = np.frombuffer(data, dtype=np.uint8)
     if header.alpha:
         raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
@@ -192,6 +189,25 @@ def decode(data: bytes, limits: ImageLimits, *, scale: int = 1) -> np.ndarray:
     if pixels is None:
         kind = header.format.upper()
         raise CorruptImageError(f"corrupt or truncated {kind}: OpenCV cannot decode it")
+    return finish_pixels(pixels, header, scale=scale)
+
+
+def check_decodable(data: bytes, limits: ImageLimits, *, scale: int = 1) -> Header:
+    """Every check :func:`decode` makes before decoding (type, size limits, JPEG scans and
+    end-of-image marker); the header facts another decoder needs (``core.gpu_decode``)."""
+    header = _probe(data, limits)
+    if scale not in _REDUCED_READ or (scale != 1 and header.format != "jpeg"):
+        raise ValueError(
+            f"scale must be 1, or 2, 4 or 8 for a JPEG; got {scale} for {header.format}"
+        )
+    if header.format == "jpeg" and data.find(b"\xff\xd9", header.scan_offset) < 0:
+        raise CorruptImageError("truncated JPEG: no end-of-image marker after the scan data")
+    return header
+
+
+def finish_pixels(pixels: np.ndarray, header: Header, *, scale: int = 1) -> np.ndarray:
+    """Decoded (stored-orientation) BGR pixels checked against the header's size, with the
+    EXIF orientation applied: the last step of :func:`decode`, for any decoder."""
     expected = (-(-header.height // scale), -(-header.width // scale))
     if pixels.shape[:2] != expected:
         raise CorruptImageError(

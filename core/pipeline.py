@@ -29,6 +29,8 @@ import numpy as np
 from core.detections import Detections
 from core.detector import Detector
 from core.errors import CorruptImageError, QrsightError
+from core.gpu import default_workers, post_threads
+from core.gpu_decode import Decoded, make_gpu_decoder
 from core.images import ImageLimits, decode, jpeg_scale, probe
 from core.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
 from core.results import error_record, now_ms, result_record
@@ -100,9 +102,26 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
+        # GPU workers (core/gpu_decode.py, core/gpu.py): JPEGs decoded on the GPU, and the
+        # payloads of a batch read side by side
+        self._gpu_decoder = make_gpu_decoder(
+            settings,
+            on_gpu=self.detector.on_gpu,
+            keep_side=self._keep_side,
+            device_id=self.detector.device_id,
+        )
+        workers = default_workers(settings, on_gpu=self.detector.on_gpu)
+        threads = post_threads(settings, workers, on_gpu=self.detector.on_gpu)
+        self._post_pool = (
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qrsight-post")
+            if threads > 1
+            else None
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._post_pool is not None:
+            self._post_pool.shutdown(wait=True)
 
     def __enter__(self) -> Pipeline:
         return self
@@ -122,10 +141,7 @@ class Pipeline:
             0.0 if j.submitted_at_ms is None else max(0.0, float(start_ms - j.submitted_at_ms))
             for j in jobs
         ]
-        if len(jobs) == 1:  # no hand-off to the pool (and back) for a lone image
-            intakes = [self._decode(jobs[0])]
-        else:
-            intakes = list(self._pool.map(self._decode, jobs))
+        intakes = self._decode_all(jobs)
         if stages is not None:
             for job, intake in zip(jobs, intakes, strict=True):
                 stages.add(job, "decode", intake.started, intake.started + intake.decode_ms / 1e3)
@@ -146,6 +162,22 @@ class Pipeline:
                 results[i] = record
         logger.debug("pipeline run images=%d ok=%d ms=%.1f", len(jobs), len(good), _ms(start))
         return [r for r in results if r is not None]
+
+    def _decode_all(self, jobs: Sequence[ImageJob]) -> list[_Intake]:
+        """Every job decoded: JPEGs on the GPU when there is a GPU decoder (one batched
+        call), the rest — and whatever it leaves — on the CPU in the decode pool."""
+        gpu: list[Decoded | None] = [None] * len(jobs)
+        if self._gpu_decoder is not None:
+            gpu = self._gpu_decoder.decode_many([j.data for j in jobs])
+        todo = [j for j, g in zip(jobs, gpu, strict=True) if g is None]
+        if len(todo) == 1:  # no hand-off to the pool (and back) for a lone image
+            cpu = iter([self._decode(todo[0])])
+        else:
+            cpu = iter(list(self._pool.map(self._decode, todo)))
+        return [
+            next(cpu) if g is None else _Intake(g.pixels, g.decode_ms, started=g.started)
+            for g in gpu
+        ]
 
     def _decode(self, job: ImageJob) -> _Intake:
         start = time.perf_counter()
@@ -176,16 +208,15 @@ class Pipeline:
         assert all(img is not None for img in images)
         pixels: list[np.ndarray] = [img for img in images if img is not None]
         t_infer = time.perf_counter()
-        batch, metas = self.detector.preprocess(pixels)
-        raw = self.detector.infer(batch)
+        raw, metas = self.detector.run_images(pixels)  # letterbox on the host or the device
         infer_ms = _ms(t_infer)
         t_post = time.perf_counter()
         confs = [jobs[i].conf for i in chunk]
         detections = self.detector.postprocess(raw, metas, confs)
         t_done = time.perf_counter()
         post_share = (t_done - t_post) * 1000.0 / len(chunk)
-        records = []
-        for i, image, found in zip(chunk, pixels, detections, strict=True):
+
+        def finish(i: int, image: np.ndarray, found: Detections) -> dict[str, Any]:
             job = jobs[i]
             t_pay = time.perf_counter()
             read = self.settings.decode_payloads if job.decode is None else job.decode
@@ -204,18 +235,19 @@ class Pipeline:
                 "post_ms": post_share + _ms(t_pay),
                 "total_ms": queue_ms[i] + _ms(start),
             }
-            records.append(
-                result_record(
-                    job.request_id,
-                    job.source,
-                    dets,
-                    width=width,
-                    height=height,
-                    model=self.detector.info,
-                    timing=timing,
-                )
+            return result_record(
+                job.request_id,
+                job.source,
+                dets,
+                width=width,
+                height=height,
+                model=self.detector.info,
+                timing=timing,
             )
-        return records
+
+        if self._post_pool is None or len(chunk) == 1:
+            return [finish(*args) for args in zip(chunk, pixels, detections, strict=True)]
+        return list(self._post_pool.map(finish, chunk, pixels, detections))
 
     def check(
         self,

@@ -109,8 +109,11 @@ class Settings(BaseModel):
         description="ONNX Runtime providers in order, comma-separated "
         "(default: TensorRT → CUDA → CPU, whatever is installed)",
     )
-    ort_intra_threads: int = Field(
-        0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT default: one per core)"
+    ort_intra_threads: int | None = Field(
+        None,
+        ge=0,
+        description="ONNX Runtime intra-op threads (0 = ORT default: one per core; "
+        "unset: 0 on the CPU, 1 when the detector runs on CUDA/TensorRT)",
     )
     ort_inter_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
     pad_batch: bool | None = Field(
@@ -144,7 +147,12 @@ class Settings(BaseModel):
 
     # --- workers ----------------------------------------------------------------------
     consumer_group: str = Field("qrsight-workers", description="consumer group of the workers")
-    workers: int = Field(1, ge=1, description="worker processes `qrsight-consumer` starts")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="worker processes `qrsight-consumer` starts (unset: 1, or "
+        "`QRSIGHT_WORKERS_PER_GPU` per visible GPU where onnxruntime has CUDA)",
+    )
     max_batch: int = Field(8, ge=1, description="most images per micro-batch")
     max_wait_ms: int = Field(
         5,
@@ -190,6 +198,40 @@ class Settings(BaseModel):
         Path("/tmp/qrsight"),
         description="where each worker notes the batch in hand, to recognise a message "
         "that kills it (an emptyDir on Kubernetes)",
+    )
+
+    # --- GPU workers (core/gpu.py, core/gpu_decode.py, core/letterbox_graph.py) --------
+    image_decoder: Literal["auto", "cpu", "nvimgcodec"] = Field(
+        "auto",
+        description="JPEG decoding: `nvimgcodec` decodes each batch's JPEGs on the GPU "
+        "(NVIDIA nvImageCodec, `pip install 'qrsight[gpu]'`), `cpu` with OpenCV; `auto` = "
+        "`nvimgcodec` when the detector runs on CUDA/TensorRT and nvImageCodec loads, else "
+        "`cpu`. PNG, WebP, BMP, large JPEGs (decoded reduced, `QRSIGHT_REDUCED_DECODE`) and "
+        "any image nvImageCodec fails on take the CPU path; the intake checks are the same",
+    )
+    device_preprocess: bool | None = Field(
+        None,
+        description="letterbox and normalize each batch on the inference device (an ONNX "
+        "graph fed the images' bytes, its output bound to the detector's input without a "
+        "round trip to host memory); unset: on for CUDA/TensorRT, off on the CPU",
+    )
+    cuda_device: int | None = Field(
+        None,
+        ge=0,
+        description="CUDA device of the workers (unset: worker i runs on visible GPU "
+        "i mod the number of GPUs)",
+    )
+    workers_per_gpu: int = Field(
+        2,
+        ge=1,
+        description="worker processes per visible GPU when `QRSIGHT_WORKERS` is unset and "
+        "onnxruntime has CUDA",
+    )
+    post_threads: int | None = Field(
+        None,
+        ge=1,
+        description="threads reading payloads per worker (unset: 1 on the CPU; on a GPU "
+        "host cores / workers, at least 1)",
     )
 
     # --- API --------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def load_verifier(settings: Settings, model_path: str | Path) -> Verifier | None
     (turned off, or trained for another detector: then a warning says so)."""
     if settings.verifier_path is None:
         return None
-    verifier = Verifier(settings.verifier_path, intra_threads=settings.ort_intra_threads)
+    verifier = Verifier(settings.verifier_path, intra_threads=settings.ort_intra_threads or 0)
     trained_for = verifier.detector_sha256
     if trained_for is None or trained_for == file_sha256(model_path):
         return verifier

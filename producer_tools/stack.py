@@ -90,7 +90,7 @@ def worker_count(settings: Settings, environ: dict[str, str]) -> int:
     the most images per second on CPU (``bench/serving.py``'s ceiling: N plain processes
     beat one process with N ORT threads, since decoding, NMS and payload reading run in
     Python between the model's runs)."""
-    if env_name("workers") in environ:
+    if settings.workers is not None:
         return settings.workers
     return max(1, min(os.cpu_count() or 1, settings.topic_partitions))
 
