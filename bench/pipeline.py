@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_batch or defaults.max_batch,
         defaults.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms,
         args.decode_threads or defaults.decode_threads,
-        defaults.ort_intra_threads if args.ort_threads is None else args.ort_threads,
+        (defaults.ort_intra_threads or 0) if args.ort_threads is None else args.ort_threads,
     )
     print(f"machine: {machine()}", flush=True)
     t0 = time.perf_counter()

@@ -79,7 +79,8 @@ def run_p1(size: Size, bootstrap: str, steps: Steps) -> dict[str, Any]:
     steps.next(f"P1 Kafka vs in-process, {size.p1_images} generated 640x480 JPEGs")
     images = p1.make_images(size.p1_images, 0)
     d = load_settings({})
-    default = p1.Config(d.max_batch, d.max_wait_ms, d.decode_threads, d.ort_intra_threads)
+    # unset ORT threads means ORT's default (0) on the CPU, where the bench runs
+    default = p1.Config(d.max_batch, d.max_wait_ms, d.decode_threads, d.ort_intra_threads or 0)
     row = p1.run_one(bootstrap, None, default, images, size.p1_images // 3, rounds=size.p1_rounds)
     sweep = []
     for cfg in p1.SWEEP[: size.sweep]:
