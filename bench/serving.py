@@ -195,6 +195,8 @@ class Level:
     p99_ms: float
     errors: int
     cpu_s_per_image: dict[str, float] = field(default_factory=dict)
+    # c = 1 only: p50 of the result's own timings and of the round trip outside them
+    stages_p50_ms: dict[str, float] = field(default_factory=dict)
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -219,6 +221,9 @@ def closed_loop(
     path = parsed.path + (f"?{parsed.query}" if parsed.query else "")
     lat: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
+    # at c = 1 the client also reads each answer's timings (cheap at that rate), to split
+    # the round trip into the worker's share and the rest
+    stages: list[dict[str, float]] = []
     stop = threading.Event()
 
     def client(k: int) -> None:
@@ -231,8 +236,13 @@ def closed_loop(
             try:
                 conn.request("POST", path, img.data, {"Content-Type": img.content_type})
                 resp = conn.getresponse()
-                resp.read()
+                body = resp.read()
                 ok = resp.status == 200
+                if ok and concurrency == 1:
+                    rtt = (time.perf_counter() - started) * 1000
+                    timings = (json.loads(body).get("timings") or {}) if body else {}
+                    if "total_ms" in timings:
+                        stages.append(timings | {"outside_ms": rtt - timings["total_ms"]})
             except (OSError, http.client.HTTPException):
                 ok = False
                 conn.close()
@@ -267,6 +277,7 @@ def closed_loop(
         _pct(samples, 0.99),
         sum(errors),
         per_image,
+        {k: statistics.median(x[k] for x in stages) for k in stages[0]} if stages else {},
     )
 
 

@@ -125,31 +125,88 @@ def best_ceiling(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def goal_rows(model: dict[str, Any]) -> list[str]:
+    """Goals per level, next to the two bounds this run measured: how far the ceiling is
+    above the seed (no server can beat the seed by more), and the ceiling's CPU per image
+    over qrsight's whole CPU per image (broker, API, workers, client on the same cores: the
+    share of the ceiling qrsight can reach with the serving cost it has)."""
     seed, q = _levels(model, "seed"), _levels(model, "qrsight")
-    ceil = best_ceiling(model)["img_s"]
-    rows = ["| c | qrsight / seed img/s | qrsight / ceiling | qrsight p99 / seed p99 | goals |"]
-    rows.append("|---|---|---|---|---|")
+    best = best_ceiling(model)
+    ceil = best["img_s"]
+    rows = [
+        "| c | qrsight / seed img/s | qrsight / ceiling | qrsight p99 / seed p99 "
+        "| bound: ceiling / seed | bound: ceiling CPU / qrsight CPU per image | goals |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in sorted(q):
         if c not in seed:
             continue
         vs_seed = q[c]["img_s"] / max(seed[c]["img_s"], 1e-9)
         vs_ceil = q[c]["img_s"] / max(ceil, 1e-9)
         p99 = q[c]["p99_ms"] / max(seed[c]["p99_ms"], 1e-9)
+        seed_bound = ceil / max(seed[c]["img_s"], 1e-9)
+        cpu_bound = best["cpu_s_per_image"] / max(sum(q[c]["cpu_s_per_image"].values()), 1e-9)
         if c < 4:
             verdict = "(c < 4: see the overhead)"
         else:
             missed = [
                 name
                 for name, ok in (
-                    (f"≥ {GOALS['vs_seed']}x seed", vs_seed >= GOALS["vs_seed"]),
-                    (f"≥ {GOALS['vs_ceiling']}x ceiling", vs_ceil >= GOALS["vs_ceiling"]),
+                    (
+                        f"≥ {GOALS['vs_seed']}x seed"
+                        + (" (beyond the ceiling here)" if seed_bound < GOALS["vs_seed"] else ""),
+                        vs_seed >= GOALS["vs_seed"],
+                    ),
+                    (
+                        f"≥ {GOALS['vs_ceiling']}x ceiling"
+                        + (
+                            " (beyond the measured CPU bound)"
+                            if cpu_bound < GOALS["vs_ceiling"]
+                            else ""
+                        ),
+                        vs_ceil >= GOALS["vs_ceiling"],
+                    ),
                     (f"p99 ≤ {GOALS['p99_vs_seed']}x seed", p99 <= GOALS["p99_vs_seed"]),
                 )
                 if not ok
             ]
             verdict = "met" if not missed else "missed: " + ", ".join(missed)
-        rows.append(f"| {c} | {vs_seed:.2f} | {vs_ceil:.2f} | {p99:.2f} | {verdict} |")
+        rows.append(
+            f"| {c} | {vs_seed:.2f} | {vs_ceil:.2f} | {p99:.2f} | {seed_bound:.2f} "
+            f"| {min(cpu_bound, 9.99):.2f} | {verdict} |"
+        )
     return rows
+
+
+def bound_lines(model: dict[str, Any]) -> list[str]:
+    """The goals' measured reasons, from this run's own figures: how far above the seed the
+    ceiling is, and what qrsight's serving CPU per image leaves of the ceiling."""
+    seed, q = _levels(model, "seed"), _levels(model, "qrsight")
+    shared = [c for c in sorted(q) if c in seed and c >= 4]
+    if not shared:
+        return []
+    best = best_ceiling(model)
+    seed_best = max(seed[c]["img_s"] for c in shared)
+    top = max(shared, key=lambda c: q[c]["img_s"])
+    cpu = q[top]["cpu_s_per_image"]
+    total = sum(cpu.values())
+    serving_ms = (total - cpu.get("workers", 0.0)) * 1000
+    ceiling_ms = best["cpu_s_per_image"] * 1000
+    bound = best["cpu_s_per_image"] / max(total, 1e-9)
+    reached = q[top]["img_s"] / max(best["img_s"], 1e-9)
+    return [
+        f"Bounds measured in this run: the seed's best ({seed_best:.1f} img/s) is already "
+        f"{seed_best / max(best['img_s'], 1e-9):.2f} of the in-process ceiling, so no server "
+        f"on this machine can be more than **{best['img_s'] / max(seed_best, 1e-9):.2f}x** "
+        f"the seed's best throughput (the goal asks {GOALS['vs_seed']}x); in a closed loop "
+        "the mean latency is c / throughput, so a p99 at half the seed's needs about twice its "
+        f"throughput as well. At c = {top} (qrsight's best level) an image cost "
+        f"{total * 1000:.1f} CPU-ms in all ("
+        + ", ".join(f"{k} {v * 1000:.1f}" for k, v in cpu.items())
+        + f") against {ceiling_ms:.1f} in-process: the {serving_ms:.1f} ms of serving "
+        f"(HTTP, broker, clients) share the same cores, so qrsight can reach at most "
+        f"**{bound:.2f}** of the ceiling here; it reached {reached:.2f} "
+        f"({reached / max(bound, 1e-9):.0%} of that bound).",
+    ]
 
 
 def level_rows(model: dict[str, Any]) -> list[str]:
@@ -195,11 +252,24 @@ def overhead_line(model: dict[str, Any]) -> str:
     base = model["in_process_ms"]["p50"]
     over = q[1]["p50_ms"] - base
     verdict = "met" if over <= GOALS["overhead_ms"] else "missed"
-    return (
+    line = (
         f"p50 round trip at c = 1: {q[1]['p50_ms']:.1f} ms; in-process `Pipeline.run` p50: "
         f"{base:.1f} ms; overhead **{over:.1f} ms** (goal ≤ {GOALS['overhead_ms']:.0f} ms: "
         f"{verdict})"
     )
+    st = q[1].get("stages_p50_ms") or {}
+    if "total_ms" in st:
+        work = st.get("decode_ms", 0.0) + st.get("infer_ms", 0.0) + st.get("post_ms", 0.0)
+        line += (
+            f". Where the round trip goes (p50 of each answer's own `timings`, ms-resolution "
+            f"`submitted_at`): **{st['queue_ms']:.1f} ms** from the API's `submitted_at` to the "
+            f"worker starting the image (Avro, produce, broker, the worker's fetch), "
+            f"{work:.1f} ms of decode + inference + post-processing in the worker "
+            f"({st['total_ms']:.1f} ms to the result built), and **{st['outside_ms']:.1f} ms** "
+            "outside the result's timings (HTTP in, validation, the result's produce and "
+            "delivery, the broker, the API's reply reader, HTTP out)"
+        )
+    return line
 
 
 def p1_rows(p1r: dict[str, Any]) -> list[str]:
@@ -326,6 +396,8 @@ def render(report: dict[str, Any], out: Path, pngs: Sequence[Path]) -> str:
             "### Goals",
             "",
             *goal_rows(model),
+            "",
+            *bound_lines(model),
             "",
             f"API overhead (P3): {overhead_line(model)}.",
             "",
