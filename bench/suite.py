@@ -265,10 +265,20 @@ def overhead_line(model: dict[str, Any]) -> str:
             f"`submitted_at`): **{st['queue_ms']:.1f} ms** from the API's `submitted_at` to the "
             f"worker starting the image (Avro, produce, broker, the worker's fetch), "
             f"{work:.1f} ms of decode + inference + post-processing in the worker "
-            f"({st['total_ms']:.1f} ms to the result built), and **{st['outside_ms']:.1f} ms** "
+            f"({st['total_ms']:.1f} ms to the result built; the in-process p50 uses ONNX "
+            "Runtime's default threads, one per core, a `make up` worker one thread), and "
+            f"**{st['outside_ms']:.1f} ms** "
             "outside the result's timings (HTTP in, validation, the result's produce and "
             "delivery, the broker, the API's reply reader, HTTP out)"
         )
+        seed_st = (_levels(model, "seed").get(1) or {}).get("stages_p50_ms") or {}
+        if "outside_ms" in seed_st:
+            hops = st["queue_ms"] + st["outside_ms"] - seed_st["outside_ms"]
+            line += (
+                f"; the seed's answers spend {seed_st['outside_ms']:.1f} ms outside their "
+                "timings (HTTP and Flask alone), so the two Kafka hops and the reply "
+                f"hand-off cost about {hops:.1f} ms at p50"
+            )
     return line
 
 
