@@ -27,6 +27,7 @@ from core.postprocess import (
     MAX_NMS,
     Layout,
     Letterbox,
+    box_iou_pairs,
     boxes_from_letterbox,
 )
 
@@ -104,7 +105,6 @@ def nms_batch(
     img, cls = image[cand], class_ids[cand]
     group = np.concatenate([[0], np.cumsum((img[1:] != img[:-1]) | (cls[1:] != cls[:-1]))])
     b = boxes[cand].astype(np.float64)
-    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     alive = np.ones(len(cand), bool)
     kept = np.zeros(len(cand), bool)
     leader_of = np.zeros(int(group[-1]) + 1, np.int64)
@@ -117,23 +117,11 @@ def nms_batch(
         leader_of[group[first]] = first
         rest = np.flatnonzero(alive)
         lead = leader_of[group[rest]]
-        alive[rest[~(_iou_pairs(b, areas, lead, rest) <= iou_threshold)]] = False
+        alive[rest[~(box_iou_pairs(b[lead], b[rest]) <= iou_threshold)]] = False
     picked = np.sort(order[kept])  # positions in `ranked`: by image, then score
     img_picked = image[ranked[picked]]
     starts = np.searchsorted(img_picked, img_picked, side="left")
     return ranked[picked[(np.arange(len(picked)) - starts) < max_det]]
-
-
-def _iou_pairs(b: np.ndarray, areas: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """IoU of box ``i[k]`` with box ``j[k]``, as :func:`core.postprocess.box_iou_one`
-    computes it."""
-    ix1 = np.maximum(b[i, 0], b[j, 0])
-    iy1 = np.maximum(b[i, 1], b[j, 1])
-    ix2 = np.minimum(b[i, 2], b[j, 2])
-    iy2 = np.minimum(b[i, 3], b[j, 3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    union = areas[i] + areas[j] - inter
-    return np.asarray(inter / np.maximum(union, 1e-9))
 
 
 def postprocess_batch_vectorized(

@@ -235,19 +235,31 @@ DECODERS: dict[str, Callable[[np.ndarray, float], Candidates]] = {
 # --- NMS ---------------------------------------------------------------------------------
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of float64 xyxy boxes ``a (..., 4)`` and ``b (..., 4)``, broadcast together."""
+    lt = np.maximum(a[..., :2], b[..., :2])
+    rb = np.minimum(a[..., 2:], b[..., 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return np.asarray(inter / np.maximum(area_a + area_b - inter, 1e-9))
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix ``(N, M)`` of xyxy boxes ``a (N, 4)`` and ``b (M, 4)``, in float64.
 
-    The one IoU of the project: NMS here, the training's scoring and the benchmarks use it.
+    The one IoU of the project (with :func:`box_iou_pairs`, the same formula): NMS here and
+    in :mod:`core.batch_nms`, the training's scoring and the benchmarks use it.
     """
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9))
+    return _iou(a[:, None, :], b[None, :, :])
+
+
+def box_iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of box ``a[k]`` with box ``b[k]`` for every k (``a`` and ``b`` both ``(K, 4)``),
+    in float64: :func:`box_iou`'s diagonal without the matrix."""
+    return _iou(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
 def nms(

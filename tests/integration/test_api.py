@@ -27,6 +27,7 @@ import pytest
 import requests
 
 from api import create_app
+from core.postprocess import box_iou
 from core.settings import load_settings
 from producer_tools.topics import create_topics
 from tests.integration.api_stack import (
@@ -82,12 +83,6 @@ def bare(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     stack.stop()
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    inter = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None).prod()
-    union = np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter
-    return float(inter / union)
-
-
 def check_detection(stack: Stack, body: dict[str, Any], text: str, true_box: np.ndarray) -> None:
     assert body["image"] == {"width": IMAGE_SIZE, "height": IMAGE_SIZE}
     assert body["model"]["name"]
@@ -97,7 +92,7 @@ def check_detection(stack: Stack, body: dict[str, Any], text: str, true_box: np.
     best = max(results, key=lambda r: r["confidence"])
     box = np.array([best["x1"], best["y1"], best["x2"], best["y2"]])
     if stack.real_model:
-        assert iou(box, true_box) > 0.5, (box, true_box)
+        assert box_iou(box, true_box)[0, 0] > 0.5, (box, true_box)
     else:
         assert len(results) == 1, results
         cx, cy, w, h = FIXED_BOX
