@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -292,16 +292,12 @@ class Pipeline:
         return dets if (order == np.arange(len(dets))).all() else dets[order]
 
     def _payloads(self, job: ImageJob | None, image: np.ndarray, dets: Detections) -> Detections:
-        try:
-            return drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as))
-        except Exception:  # payload reading is best effort; the boxes still stand
-            logger.warning(
-                "payload reading failed request_id=%s",
-                _request_id(job),
-                exc_info=True,
-                extra=_ids(job),
-            )
-            return dets
+        return _best_effort(
+            "payload reading",
+            job,
+            dets,
+            lambda: drop_duplicate_reads(read_payloads(image, dets, add_missed_as=self._missed_as)),
+        )
 
     def _read_harder(
         self, job: ImageJob | None, full: _FullImage, dets: Detections, judged: np.ndarray
@@ -316,18 +312,15 @@ class Pipeline:
         ]
         if not which or not self.hard_attempts:
             return dets
-        try:
-            image = full.get()
-            got = read_harder(image, rescale(dets, full.scale), which, self.hard_attempts)
-            return rescale(got, 1 / full.scale)
-        except Exception:  # best effort, as the standard reads
-            logger.warning(
-                "harder reading failed request_id=%s",
-                _request_id(job),
-                exc_info=True,
-                extra=_ids(job),
-            )
-            return dets
+        return _best_effort(
+            "harder reading",
+            job,
+            dets,
+            lambda: rescale(
+                read_harder(full.get(), rescale(dets, full.scale), which, self.hard_attempts),
+                1 / full.scale,
+            ),
+        )
 
     # --- large JPEGs decoded at 1/scale ------------------------------------------------
     def _payloads_full(
@@ -338,17 +331,12 @@ class Pipeline:
         decoded in full."""
         if dets.text is None or all(t is not None for t in dets.text):
             return dets
-        try:
-            image = full.get()
-            return rescale(read_payloads(image, rescale(dets, full.scale)), 1 / full.scale)
-        except Exception:  # best effort, as in _payloads: the boxes still stand
-            logger.warning(
-                "full-resolution payload reading failed request_id=%s",
-                _request_id(job),
-                exc_info=True,
-                extra=_ids(job),
-            )
-            return dets
+        return _best_effort(
+            "full-resolution payload reading",
+            job,
+            dets,
+            lambda: rescale(read_payloads(full.get(), rescale(dets, full.scale)), 1 / full.scale),
+        )
 
     def _full_size(self, image: np.ndarray, scale: int, job: ImageJob) -> tuple[int, int]:
         """(height, width) of the image as sent: the reduced size times ``scale``, read
@@ -357,6 +345,20 @@ class Pipeline:
             return image.shape[0], image.shape[1]
         info = probe(job.data, self.limits)
         return info.height, info.width
+
+
+def _best_effort(
+    what: str, job: ImageJob | None, dets: Detections, read: Callable[[], Detections]
+) -> Detections:
+    """``read()``, or ``dets`` unchanged if it raises: payload reading is best effort, the
+    boxes still stand (the failure is logged with the request id)."""
+    try:
+        return read()
+    except Exception:
+        logger.warning(
+            "%s failed request_id=%s", what, _request_id(job), exc_info=True, extra=_ids(job)
+        )
+        return dets
 
 
 def rescale(dets: Detections, factor: float) -> Detections:

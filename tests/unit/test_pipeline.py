@@ -164,6 +164,26 @@ def test_payloads_are_read_per_job_or_settings(tmp_path: Path) -> None:
     assert forced["detections"][0]["text"] == PAYLOAD
 
 
+def test_a_payload_reader_failure_keeps_the_box(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Payload reading is best effort: if the reader raises, the image is still OK with
+    its box (no payload), and the log names the request."""
+    box = np.zeros((5, 8400), np.float32)
+    box[:, 0] = [320, 320, 160, 160, 0.9]
+    model = make_fixed_output_model(tmp_path / "box.onnx", box, "yolov8")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("reader bug")
+
+    monkeypatch.setattr("core.pipeline.read_payloads", broken)
+    settings = load_settings({}, model_path=model, verifier_path="off")
+    (result,) = run(settings, [ImageJob("r-1", encode(qr_image()))])
+    assert result["status"] == "OK"
+    assert len(result["detections"]) == 1 and result["detections"][0]["text"] is None
+    assert "payload reading failed request_id=r-1" in caplog.text
+
+
 def test_a_model_failure_raises_model_error(tmp_path: Path) -> None:
     settings = load_settings({}, model_path=make_single_image_model(tmp_path / "one.onnx"))
     good = encode(square_image())
