@@ -62,6 +62,7 @@ from core.errors import (
     ReplyTimeoutError,
 )
 from core.kafka import avro_codec, check_value_size, consumer_config, producer_config
+from core.results import image_request
 from core.settings import Settings, env_name
 from core.telemetry import tracing
 from schemas.codec import RegistryError, WireFormatError
@@ -336,14 +337,13 @@ class ReplyClient:
         options = None
         if conf is not None or decode is not None:
             options = {"confidence": conf, "decode_payloads": decode}
-        return {
-            "request_id": request_id or new_request_id(),
-            "source": source,
-            "image": data,
-            "content_type": content_type or "",
-            "submitted_at": int(time.time() * 1000),
-            "options": options,
-        }
+        return image_request(
+            request_id or new_request_id(),
+            data,
+            source=source,
+            content_type=content_type or "",
+            options=options,
+        )
 
     def _encode(self, record: dict[str, Any], rid: str) -> bytes:
         try:

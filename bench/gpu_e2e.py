@@ -60,6 +60,7 @@ from confluent_kafka.admin import AdminClient  # noqa: E402
 
 from bench.pipeline import broker, make_images  # noqa: E402
 from core.kafka import consumer_config, producer_config  # noqa: E402
+from core.results import image_request  # noqa: E402
 from core.settings import Settings, load_settings  # noqa: E402
 from producer_tools.topics import create_topics  # noqa: E402
 from schemas.codec import Codec  # noqa: E402
@@ -274,14 +275,7 @@ def encode_requests(images: Sequence[bytes], prefix: str) -> list[tuple[bytes, b
     out = []
     for i, data in enumerate(images):
         rid = f"{prefix}-{i}"
-        record = {
-            "request_id": rid,
-            "source": "gpu-e2e",
-            "image": data,
-            "content_type": "image/jpeg",
-            "submitted_at": int(time.time() * 1000),
-            "options": None,
-        }
+        record = image_request(rid, data, source="gpu-e2e", content_type="image/jpeg")
         out.append((rid.encode(), codec.encode(record, "qr.images")))
     return out
 

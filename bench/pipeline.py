@@ -46,6 +46,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from core.kafka import consumer_config, producer_config  # noqa: E402
 from core.pipeline import ImageJob, Pipeline  # noqa: E402
+from core.results import image_request  # noqa: E402
 from core.settings import Settings, load_settings  # noqa: E402
 from producer_tools.topics import create_topics  # noqa: E402
 from schemas.codec import Codec  # noqa: E402
@@ -266,14 +267,7 @@ def publish(
     start = time.perf_counter()
     for i, data in enumerate(images):
         rid = f"{prefix}-{i}"
-        record = {
-            "request_id": rid,
-            "source": "bench",
-            "image": data,
-            "content_type": "image/jpeg",
-            "submitted_at": int(time.time() * 1000),
-            "options": None,
-        }
+        record = image_request(rid, data, source="bench", content_type="image/jpeg")
         value = codec.encode(record, settings.topic_images)
         producer.produce(settings.topic_images, value, rid.encode(), on_delivery=delivered)
         producer.poll(0)

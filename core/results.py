@@ -1,4 +1,5 @@
-"""``DetectionResult`` dicts, exactly as ``schemas/DetectionResult.avsc`` and INTERFACES.md."""
+"""``DetectionResult`` dicts, exactly as ``schemas/DetectionResult.avsc`` and INTERFACES.md,
+and the ``ImageRequest`` dict that asks for one (``schemas/ImageRequest.avsc``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,25 @@ TIMING_KEYS = ("queue_ms", "decode_ms", "infer_ms", "post_ms", "total_ms")
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def image_request(
+    request_id: str,
+    image: bytes | bytearray,
+    *,
+    source: str | None = None,
+    content_type: str = "",
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An ``ImageRequest`` record, submitted now (``submitted_at`` starts its queue time)."""
+    return {
+        "request_id": request_id,
+        "source": source,
+        "image": image,
+        "content_type": content_type,
+        "submitted_at": now_ms(),
+        "options": None if options is None else dict(options),
+    }
 
 
 def timings(**values: float) -> dict[str, float]:

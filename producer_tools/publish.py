@@ -33,6 +33,7 @@ from core.errors import QrsightError
 from core.images import ImageLimits, decode, probe
 from core.kafka import avro_codec, check_value_size, producer_config
 from core.logs import configure_from_settings
+from core.results import image_request
 from core.settings import Settings, load_settings
 from core.telemetry import Span, setup_tracing, tracing
 from producer_tools.annotate import write_annotated
@@ -140,14 +141,9 @@ class Publisher:
             headers.append((names.H_CONTENT_TYPE, info.content_type.encode()))
             value = item.data
         else:
-            record = {
-                "request_id": item.request_id,
-                "source": source,
-                "image": item.data,
-                "content_type": info.content_type,
-                "submitted_at": int(time.time() * 1000),
-                "options": None,
-            }
+            record = image_request(
+                item.request_id, item.data, source=source, content_type=info.content_type
+            )
             value = self.codec.encode(record, self.settings.topic_images)
         check_value_size(self.settings, value, what=f"image {item.source}")
         return value, headers

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 from dataclasses import dataclass, field
 from functools import cache
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from core.results import image_request
 from schemas import names
 from schemas.codec import Codec
 
@@ -163,15 +163,7 @@ def odd_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
 
 # --- messages -----------------------------------------------------------------------------
 def _request(request_id: str, image: bytes, **extra: object) -> bytes:
-    record = {
-        "request_id": request_id,
-        "source": None,
-        "image": image,
-        "content_type": "",
-        "submitted_at": int(time.time() * 1000),
-        "options": None,
-    }
-    record.update(extra)
+    record = image_request(request_id, image) | extra
     return Codec("ImageRequest").encode(record, TOPIC)
 
 

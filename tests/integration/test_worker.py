@@ -36,6 +36,7 @@ from consumer.worker import Worker
 from core.errors import ModelError
 from core.kafka import consumer_config, producer_config
 from core.pipeline import ImageJob, Pipeline
+from core.results import image_request as request_record
 from core.settings import DEFAULT_MODEL, REPO_ROOT, Settings
 from schemas import names
 from schemas.codec import Codec
@@ -72,14 +73,12 @@ def png(width: int, height: int) -> bytes:
 
 
 def image_request(settings: Settings, request_id: str, image: bytes, **extra: Any) -> bytes:
-    record = {
-        "request_id": request_id,
-        "source": extra.get("source"),
-        "image": image,
-        "content_type": extra.get("content_type", ""),
-        "submitted_at": int(time.time() * 1000),
-        "options": None,
-    }
+    record = request_record(
+        request_id,
+        image,
+        source=extra.get("source"),
+        content_type=extra.get("content_type", ""),
+    )
     return Codec("ImageRequest").encode(record, settings.topic_images)
 
 
