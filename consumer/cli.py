@@ -18,6 +18,7 @@ from types import FrameType
 
 from consumer.metrics import MetricsServer, WorkerMetrics
 from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
+from consumer.watchdog import HangWatchdog
 from core.errors import ConfigError
 from core.gpu import default_workers, place_worker
 from core.logs import configure_from_settings, configure_logging
@@ -80,7 +81,8 @@ def run_worker(settings: Settings, index: int) -> int:
         logger.error("configuration error worker=%d error=%s", index, exc.message)
         return EXIT_CONFIG
     metrics = WorkerMetrics(index)
-    worker = Worker(settings, index, metrics=metrics)
+    watchdog = HangWatchdog(settings.pipeline_timeout_s)  # this process is the worker's own
+    worker = Worker(settings, index, metrics=metrics, watchdog=watchdog)
     _install_stop_handlers(worker.stop, settings.shutdown_timeout_s)
     server = _start_metrics(settings, index, metrics, lambda: worker.live)
     try:

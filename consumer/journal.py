@@ -1,4 +1,5 @@
-"""Recognising a message that kills the worker (a native crash, an OOM kill).
+"""Recognising a message that kills the worker (a native crash, an OOM kill, or a hang that
+:mod:`consumer.watchdog` turns into an exit).
 
 An exception can be retried in the process (:mod:`consumer.recovery`); a death cannot.
 Without help, a worker that dies on a message is restarted, reads the same uncommitted

@@ -23,9 +23,10 @@ a transaction the group's rebalance makes abortable is aborted and the batch giv
 **Failures.** Bad input becomes an ``ERROR`` result plus a DLQ copy. A record the broker
 refuses for good (too large) does too. Any other exception from the pipeline is retried,
 isolated and quarantined (:mod:`consumer.recovery`); a message that kills the process is
-recognised after restarts (:mod:`consumer.journal`). A broken model or an unreachable
-broker raises, so the process exits non-zero without committing and its supervisor
-restarts it.
+recognised after restarts (:mod:`consumer.journal`), and so is one that hangs it past
+``QRSIGHT_PIPELINE_TIMEOUT_S`` (:mod:`consumer.watchdog` makes the hang a death). A
+broken model or an unreachable broker raises, so the process exits non-zero without
+committing and its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from consumer.outputs import (
     wait_delivered,
 )
 from consumer.recovery import BatchRecovery, RetryPolicy, Stopping
+from consumer.watchdog import UNGUARDED, HangWatchdog
 from core.errors import QuarantinedError, UndeliverableError
 from core.images import ImageLimits
 from core.kafka import avro_codec, consumer_config, message_limits, producer_config
@@ -136,8 +138,10 @@ class Worker:
         *,
         pipeline: Pipeline | None = None,
         metrics: WorkerMetrics | None = None,
+        watchdog: HangWatchdog = UNGUARDED,
     ) -> None:
         self.settings = settings
+        self.watchdog = watchdog  # armed around each pipeline run (consumer.watchdog)
         self.index = index
         self.metrics = metrics or WorkerMetrics(index)
         self.exactly_once = settings.processing_guarantee == "exactly_once"
@@ -458,8 +462,9 @@ class Worker:
     def _doom(self, item: Intake) -> None:
         suspect = self.journal.suspects[(item.topic, item.partition, item.offset)]
         item.error = QuarantinedError(
-            f"the worker died {suspect.deaths} times with this message in hand "
-            f"(QRSIGHT_CRASH_LIMIT={self.settings.crash_limit}); quarantined without running",
+            f"the worker died (crashed, was killed or hung) {suspect.deaths} times with this "
+            f"message in hand (QRSIGHT_CRASH_LIMIT={self.settings.crash_limit}); "
+            "quarantined without running",
             request_id=item.request_id,
         )
         item.job = None
@@ -468,7 +473,8 @@ class Worker:
 
     def _run_pipeline(self, jobs: Sequence[Any]) -> list[dict[str, Any]]:
         assert self._pipeline is not None
-        return self._pipeline.run(jobs, self._stages)
+        with self.watchdog.guard():
+            return self._pipeline.run(jobs, self._stages)
 
     @staticmethod
     def _expired(item: Intake) -> dict[str, Any]:

@@ -191,8 +191,16 @@ class Settings(BaseModel):
     crash_limit: int = Field(
         3,
         ge=1,
-        description="worker deaths (crash, OOM kill) on the same messages before they are "
+        description="worker deaths (crash, OOM kill, hang) on the same messages before they are "
         "run one at a time and the one that kills the worker is quarantined to the DLQ",
+    )
+    pipeline_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="longest one batch's pipeline run (decode, model, payload reading) may "
+        "take before the worker counts itself hung: it writes its threads' stacks to stderr "
+        "and exits, and the message that hangs it is quarantined like one that crashes it "
+        "(0 = never; keep it below the consumer's `max.poll.interval.ms`, 300 s)",
     )
     state_dir: Path = Field(
         Path("/tmp/qrsight"),

@@ -1,5 +1,7 @@
 """A qrsight worker whose pipeline kills its own process (SIGKILL, as the kernel's OOM killer
-or a segfault in a native decoder would) when an image carries :data:`MARKER`.
+or a segfault in a native decoder would) when an image carries :data:`MARKER`, and hangs
+for an hour inside a C call that holds the GIL (as a native decoder stuck in a loop would)
+when it carries :data:`HANG_MARKER`.
 
 ``python -m tests.integration.crashy_worker --worker-index I`` is one such worker;
 ``python -m tests.integration.crashy_worker --supervise`` runs the real
@@ -9,6 +11,7 @@ would: deaths, restarts with back-off, and the worker noticing what killed it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -22,6 +25,7 @@ from core.pipeline import ImageJob
 from core.settings import load_settings
 
 MARKER = b"KILL-ME"
+HANG_MARKER = b"HANG-ME"
 
 
 def _deadly_load(settings: Any) -> Any:
@@ -31,6 +35,8 @@ def _deadly_load(settings: Any) -> Any:
     def deadly(jobs: Sequence[ImageJob], stages: Any = None) -> list[dict[str, Any]]:
         if any(MARKER in job.data for job in jobs):
             os.kill(os.getpid(), signal.SIGKILL)
+        if any(HANG_MARKER in job.data for job in jobs):
+            ctypes.PyDLL(None).sleep(3600)  # PyDLL: the GIL stays held during the call
         return run(jobs, stages)
 
     pipeline.run = deadly  # type: ignore[method-assign]

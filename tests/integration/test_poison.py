@@ -26,7 +26,7 @@ from core.kafka import message_limits, producer_config
 from core.pipeline import Pipeline
 from core.settings import DEFAULT_MODEL, Settings
 from schemas import names
-from tests.integration.crashy_worker import MARKER
+from tests.integration.crashy_worker import HANG_MARKER, MARKER
 from tests.integration.test_worker import (
     STOP_BOUND_S,
     good_stream,
@@ -196,9 +196,9 @@ class FaultyPipeline(Pipeline):
         return super().run(jobs, stages)
 
 
-def marked_jpeg(seed: int) -> bytes:
+def marked_jpeg(seed: int, marker: bytes = MARKER) -> bytes:
     data = jpeg(seed)
-    comment = b"\xff\xfe" + (len(MARKER) + 2).to_bytes(2, "big") + MARKER
+    comment = b"\xff\xfe" + (len(marker) + 2).to_bytes(2, "big") + marker
     return data[:2] + comment + data[2:]
 
 
@@ -248,6 +248,36 @@ def test_a_message_that_kills_the_worker_is_quarantined_after_the_crash_limit(
     ((msg, _),) = dlq
     assert names.header_dict(msg.headers())[names.H_ERROR_CODE] == b"quarantined"
     # 2 deaths on the batch, 1 running it one message at a time, then quarantined unrun
+    assert restarts(supervised_log) == 3
+
+
+def test_a_message_that_hangs_the_worker_is_quarantined_after_the_crash_limit(
+    settings: Settings, supervised_log: Path
+) -> None:
+    """A pipeline run stuck in a C call that holds the GIL (no Python thread can run) is
+    ended by the watchdog after QRSIGHT_PIPELINE_TIMEOUT_S, the hang counts as a death,
+    and the message is quarantined like one that crashes the worker; the rest of the
+    stream gets its results."""
+    timeout_s = 3.0
+    settings = settings.model_copy(update={"crash_limit": 2, "pipeline_timeout_s": timeout_s})
+    stream = good_stream(settings, 30, "ok")
+    hanger = ("hanger", marked_jpeg(4, HANG_MARKER), [(names.H_CORRELATION_ID, b"hanger")])
+    publish(settings, [*stream[:15], hanger, *stream[15:]])
+    supervisor = _spawn_crashy(settings, supervised_log)
+    try:
+        by_id = results_by_id(settings, {rid for rid, _, _ in [*stream, hanger]}, timeout_s=150)
+        dlq = read_topic(settings, settings.topic_dlq, {"hanger"})
+    finally:
+        stop_within(supervisor, STOP_BOUND_S + 2)
+    (result,) = by_id["hanger"]
+    assert (result["status"], result["error"]["code"]) == ("ERROR", "quarantined")
+    for rid, _, _ in stream:
+        assert [r["status"] for r in by_id[rid]] == ["OK"], rid
+    ((msg, _),) = dlq
+    assert names.header_dict(msg.headers())[names.H_ERROR_CODE] == b"quarantined"
+    log = supervised_log.read_text(encoding="utf-8", errors="replace")
+    assert log.count(f"Timeout (0:00:0{timeout_s:.0f})!") == 3, "faulthandler's dump, per hang"
+    assert "crashy_worker.py" in log, "the dump names where it hung"
     assert restarts(supervised_log) == 3
 
 
