@@ -135,7 +135,7 @@ class Supervisor:
             "worker exited, restarting worker=%d exit_code=%d%s restart_in_s=%.1f restarts=%d",
             slot.index,
             code,
-            f" signal={signal.Signals(-code).name}" if code < 0 else "",
+            _exit_reason(code),
             delay,
             self.restarts,
         )
@@ -159,6 +159,17 @@ class Supervisor:
             if rc != EXIT_OK and code == EXIT_OK:
                 code = EXIT_FAILURE
         return code
+
+
+def _exit_reason(code: int) -> str:
+    if code >= 0:
+        return ""
+    if -code == signal.SIGALRM:  # consumer.watchdog
+        return (
+            " signal=SIGALRM reason=hung past QRSIGHT_PIPELINE_TIMEOUT_S "
+            "(the worker's stacks at that moment are in its output)"
+        )
+    return f" signal={signal.Signals(-code).name}"
 
 
 def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:

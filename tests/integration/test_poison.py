@@ -276,8 +276,8 @@ def test_a_message_that_hangs_the_worker_is_quarantined_after_the_crash_limit(
     ((msg, _),) = dlq
     assert names.header_dict(msg.headers())[names.H_ERROR_CODE] == b"quarantined"
     log = supervised_log.read_text(encoding="utf-8", errors="replace")
-    assert log.count(f"Timeout (0:00:0{timeout_s:.0f})!") == 3, "faulthandler's dump, per hang"
-    assert "crashy_worker.py" in log, "the dump names where it hung"
+    assert log.count("reason=hung past QRSIGHT_PIPELINE_TIMEOUT_S") == 3
+    assert log.count('crashy_worker.py", line') >= 3, "each hang's stack dump names where"
     assert restarts(supervised_log) == 3
 
 

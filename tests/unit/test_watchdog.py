@@ -3,6 +3,7 @@ holds the GIL; a run that finishes in time disarms it."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -38,9 +39,8 @@ def test_a_run_that_hangs_holding_the_gil_ends_the_process_with_its_stack() -> N
         print("survived")
         """
     )
-    assert done.returncode == 1
+    assert done.returncode == -signal.SIGALRM
     assert "survived" not in done.stdout
-    assert "Timeout (0:00:00.500000)!" in done.stderr
     assert "stuck_in_native_code" in done.stderr, "the dump shows where it hung"
 
 
