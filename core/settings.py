@@ -18,11 +18,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import ConfigError
 
 ENV_PREFIX = "QRSIGHT_"
+MAX_POLL_INTERVAL_MS = 300_000  # librdkafka's default max.poll.interval.ms
 KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v3.onnx"
@@ -200,7 +209,8 @@ class Settings(BaseModel):
         description="longest one batch's pipeline run (decode, model, payload reading) may "
         "take before the worker counts itself hung: it writes its threads' stacks to stderr "
         "and exits, and the message that hangs it is quarantined like one that crashes it "
-        "(0 = never; keep it below the consumer's `max.poll.interval.ms`, 300 s)",
+        "(0 = never; must stay below the consumer's `max.poll.interval.ms`, 300 s, or the "
+        "worker refuses to start)",
     )
     state_dir: Path = Field(
         Path("/tmp/qrsight"),
@@ -328,6 +338,24 @@ class Settings(BaseModel):
             for prop, v in value.items()
         }
 
+    @model_validator(mode="after")
+    def _watchdog_before_eviction(self) -> Settings:
+        """A hung worker must end (and its crash note count) before the group evicts it
+        and hands its batch to the next worker."""
+        raw = self.kafka_extra_values().get("max.poll.interval.ms", str(MAX_POLL_INTERVAL_MS))
+        try:
+            poll_ms = int(raw)
+        except ValueError:
+            return self  # librdkafka names the bad property when the client is made
+        if self.pipeline_timeout_s > 0 and self.pipeline_timeout_s * 1000 >= poll_ms:
+            raise ValueError(
+                f"QRSIGHT_PIPELINE_TIMEOUT_S ({self.pipeline_timeout_s:g} s) must be below "
+                f"the consumer's max.poll.interval.ms ({poll_ms} ms, "
+                "QRSIGHT_KAFKA__MAX_POLL_INTERVAL_MS): else a hung worker is evicted and its "
+                "batch handed to the next worker before the watchdog ends it"
+            )
+        return self
+
     def kafka_extra_values(self) -> dict[str, str]:
         """The ``QRSIGHT_KAFKA__*`` properties with the secret ones revealed, for librdkafka."""
         return {
@@ -383,6 +411,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     except ValidationError as exc:
         problems = "; ".join(
             f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            if err["loc"]
+            else err["msg"].removeprefix("Value error, ")  # a rule that names its settings
             for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc

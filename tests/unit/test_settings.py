@@ -119,6 +119,31 @@ def test_bad_values_raise_config_error_naming_the_variable(variable: str, value:
     assert caught.value.code == "config_error"
 
 
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"QRSIGHT_PIPELINE_TIMEOUT_S": "300"},
+        {"QRSIGHT_KAFKA__MAX_POLL_INTERVAL_MS": "60000"},
+    ],
+)
+def test_a_hang_watchdog_slower_than_group_eviction_is_refused(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+
+    message = caught.value.message
+    assert "QRSIGHT_PIPELINE_TIMEOUT_S" in message
+    assert "QRSIGHT_KAFKA__MAX_POLL_INTERVAL_MS" in message
+    assert "Value error" not in message
+
+
+def test_a_hang_watchdog_below_group_eviction_or_off_is_accepted() -> None:
+    assert load_settings({"QRSIGHT_PIPELINE_TIMEOUT_S": "299"}).pipeline_timeout_s == 299
+    relaxed = {"QRSIGHT_KAFKA__MAX_POLL_INTERVAL_MS": "600000", "QRSIGHT_PIPELINE_TIMEOUT_S": "500"}
+    assert load_settings(relaxed).pipeline_timeout_s == 500
+    off = {"QRSIGHT_KAFKA__MAX_POLL_INTERVAL_MS": "60000", "QRSIGHT_PIPELINE_TIMEOUT_S": "0"}
+    assert load_settings(off).pipeline_timeout_s == 0
+
+
 def test_unknown_qrsight_variables_are_reported(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="core.settings"):
         load_settings({"QRSIGHT_TOPIC_IMAGE": "typo", "OTHER_THING": "x"})
