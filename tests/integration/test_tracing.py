@@ -63,7 +63,8 @@ class Collector:
         """Every span received so far, with its resource's ``service.name``."""
         found = []
         text = self.spans_file.read_text() if self.spans_file.exists() else ""
-        for line in text.splitlines():
+        # only whole lines: the collector may be half-way through writing the last one
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if not line.strip():
                 continue
             for resource_spans in json.loads(line).get("resourceSpans", []):
