@@ -337,9 +337,12 @@ def test_qrsight_publish_starts_one_trace_per_image(traced: Traced) -> None:
 
 # --- logs -----------------------------------------------------------------------------------
 def json_lines(path: Path) -> list[dict[str, Any]]:
-    """Every line a process wrote, each parsed as JSON (a line that is not fails here)."""
+    """Every whole line a process wrote, each parsed as JSON (a line that is not fails
+    here)."""
     lines = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    whole = text[: text.rfind("\n") + 1]  # the process may be writing the last one
+    for number, line in enumerate(whole.splitlines(), 1):
         try:
             lines.append(json.loads(line))
         except json.JSONDecodeError:
