@@ -52,14 +52,22 @@ def score_predictions(
     bias: float = 0.0,
 ) -> dict[str, float]:
     """Box recall (IoU >= 0.5), image recall, FP images and precision at ``conf``."""
-    found = total = fp_dets = tp_dets = 0
-    img_hit = img_pos = fp_images = img_neg = 0
+    kept = []
     for (_, gt), (b_all, l_all) in zip(val, preds, strict=True):
         s_all = 1 / (1 + np.exp(-(l_all + bias)))
         keep = s_all >= conf
         b, s = b_all[keep], s_all[keep]
         k = nms(b, s, np.zeros(len(s), np.int64), NMS_IOU, max_det=max(len(s), 1))
-        b = b[k]
+        kept.append((b[k], gt))
+    return match_metrics(kept)
+
+
+def match_metrics(kept: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Box recall, image recall, FP-image rate and precision of ``(boxes kept, truth)``
+    pairs: a box matches a code at IoU >= 0.5."""
+    found = total = fp_dets = tp_dets = 0
+    img_hit = img_pos = fp_images = img_neg = 0
+    for b, gt in kept:
         if len(gt):
             img_pos += 1
             ious = box_iou(gt, b) if len(b) else np.zeros((len(gt), 0))
@@ -121,22 +129,6 @@ def image_metrics(
     preds: list[tuple[np.ndarray, np.ndarray]], gts: list[np.ndarray], threshold: float
 ) -> dict[str, float]:
     """Image recall, FP-image rate and precision of boxes whose verifier score ≥ threshold."""
-    hit = pos = fp_images = neg = tp = fp = 0
-    for (boxes, score), gt in zip(preds, gts, strict=True):
-        b = boxes[score >= threshold]
-        ious = box_iou(gt, b) if len(gt) and len(b) else np.zeros((len(gt), len(b)))
-        if len(gt):
-            pos += 1
-            hit += int(bool(len(b)) and bool((ious >= 0.5).any(1).all()))
-            matched = (ious >= 0.5).any(0)
-            tp += int(matched.sum())
-            fp += int((~matched).sum())
-        else:
-            neg += 1
-            fp_images += int(len(b) > 0)
-            fp += len(b)
-    return {
-        "image_recall": hit / max(pos, 1),
-        "fp_images": fp_images / max(neg, 1),
-        "precision": tp / max(tp + fp, 1),
-    }
+    kept = [(boxes[score >= threshold], gt) for (boxes, score), gt in zip(preds, gts, strict=True)]
+    metrics = match_metrics(kept)
+    return {k: metrics[k] for k in ("image_recall", "fp_images", "precision")}
