@@ -230,25 +230,8 @@ def test_a_failing_message_is_retried_isolated_and_quarantined_its_batch_goes_th
 def test_a_message_that_kills_the_worker_is_quarantined_after_the_crash_limit(
     settings: Settings, supervised_log: Path
 ) -> None:
-    settings = settings.model_copy(update={"crash_limit": 2})
-    stream = good_stream(settings, 30, "ok")
-    killer = ("killer", marked_jpeg(3), [(names.H_CORRELATION_ID, b"killer")])
-    publish(settings, [*stream[:15], killer, *stream[15:]])
-    supervisor = _spawn_crashy(settings, supervised_log)
-    try:
-        by_id = results_by_id(settings, {rid for rid, _, _ in [*stream, killer]}, timeout_s=120)
-        dlq = read_topic(settings, settings.topic_dlq, {"killer"})
-    finally:
-        stop_within(supervisor, STOP_BOUND_S + 2)
-    (result,) = by_id["killer"]
-    assert (result["status"], result["error"]["code"]) == ("ERROR", "quarantined")
+    result = _quarantined_by_deaths(settings, supervised_log, "killer", MARKER)
     assert "died" in result["error"]["message"]
-    for rid, _, _ in stream:
-        assert [r["status"] for r in by_id[rid]] == ["OK"], rid
-    ((msg, _),) = dlq
-    assert names.header_dict(msg.headers())[names.H_ERROR_CODE] == b"quarantined"
-    # 2 deaths on the batch, 1 running it one message at a time, then quarantined unrun
-    assert restarts(supervised_log) == 3
 
 
 def test_a_message_that_hangs_the_worker_is_quarantined_after_the_crash_limit(
@@ -258,27 +241,38 @@ def test_a_message_that_hangs_the_worker_is_quarantined_after_the_crash_limit(
     ended by the watchdog after QRSIGHT_PIPELINE_TIMEOUT_S, the hang counts as a death,
     and the message is quarantined like one that crashes the worker; the rest of the
     stream gets its results."""
-    timeout_s = 3.0
-    settings = settings.model_copy(update={"crash_limit": 2, "pipeline_timeout_s": timeout_s})
-    stream = good_stream(settings, 30, "ok")
-    hanger = ("hanger", marked_jpeg(4, HANG_MARKER), [(names.H_CORRELATION_ID, b"hanger")])
-    publish(settings, [*stream[:15], hanger, *stream[15:]])
-    supervisor = _spawn_crashy(settings, supervised_log)
-    try:
-        by_id = results_by_id(settings, {rid for rid, _, _ in [*stream, hanger]}, timeout_s=150)
-        dlq = read_topic(settings, settings.topic_dlq, {"hanger"})
-    finally:
-        stop_within(supervisor, STOP_BOUND_S + 2)
-    (result,) = by_id["hanger"]
-    assert (result["status"], result["error"]["code"]) == ("ERROR", "quarantined")
-    for rid, _, _ in stream:
-        assert [r["status"] for r in by_id[rid]] == ["OK"], rid
-    ((msg, _),) = dlq
-    assert names.header_dict(msg.headers())[names.H_ERROR_CODE] == b"quarantined"
+    settings = settings.model_copy(update={"pipeline_timeout_s": 3.0})
+    _quarantined_by_deaths(settings, supervised_log, "hanger", HANG_MARKER, timeout_s=150)
     log = supervised_log.read_text(encoding="utf-8", errors="replace")
     assert log.count("reason=hung past QRSIGHT_PIPELINE_TIMEOUT_S") == 3
     assert log.count('crashy_worker.py", line') >= 3, "each hang's stack dump names where"
-    assert restarts(supervised_log) == 3
+
+
+def _quarantined_by_deaths(
+    settings: Settings, log: Path, rid: str, marker: bytes, timeout_s: float = 120
+) -> dict[str, Any]:
+    """One image carrying ``marker`` among 30 good ones, under the crashy worker and the
+    real supervisor with a crash limit of 2: the image is quarantined (result and DLQ
+    copy), the others are OK. Returns its result."""
+    settings = settings.model_copy(update={"crash_limit": 2})
+    stream = good_stream(settings, 30, "ok")
+    bad = (rid, marked_jpeg(3, marker), [(names.H_CORRELATION_ID, rid.encode())])
+    publish(settings, [*stream[:15], bad, *stream[15:]])
+    supervisor = _spawn_crashy(settings, log)
+    try:
+        by_id = results_by_id(settings, {r for r, _, _ in [*stream, bad]}, timeout_s=timeout_s)
+        dlq = read_topic(settings, settings.topic_dlq, {rid})
+    finally:
+        stop_within(supervisor, STOP_BOUND_S + 2)
+    (result,) = by_id[rid]
+    assert (result["status"], result["error"]["code"]) == ("ERROR", "quarantined")
+    for r, _, _ in stream:
+        assert [x["status"] for x in by_id[r]] == ["OK"], r
+    ((msg, _),) = dlq
+    assert names.header_dict(msg.headers())[names.H_ERROR_CODE] == b"quarantined"
+    # 2 deaths on the batch, 1 running it one message at a time, then quarantined unrun
+    assert restarts(log) == 3
+    return result
 
 
 def _spawn_crashy(settings: Settings, log: Path) -> Any:
