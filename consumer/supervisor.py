@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from consumer.watchdog import HANG_SIGNAL
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -164,9 +166,9 @@ class Supervisor:
 def _exit_reason(code: int) -> str:
     if code >= 0:
         return ""
-    if -code == signal.SIGALRM:  # consumer.watchdog
+    if -code == HANG_SIGNAL:
         return (
-            " signal=SIGALRM reason=hung past QRSIGHT_PIPELINE_TIMEOUT_S "
+            f" signal={HANG_SIGNAL.name} reason=hung past QRSIGHT_PIPELINE_TIMEOUT_S "
             "(the worker's stacks at that moment are in its output)"
         )
     return f" signal={signal.Signals(-code).name}"
