@@ -352,9 +352,17 @@ class Worker:
 
     # --- one batch --------------------------------------------------------------------
     def process_batch(
-        self, msgs: Sequence[Message], consumer: Consumer, producer: Producer
+        self,
+        msgs: Sequence[Message],
+        consumer: Consumer,
+        producer: Producer,
+        *,
+        suspect: bool = False,
     ) -> None:
-        """Results for ``msgs``, delivered, then their offsets committed."""
+        """Results for ``msgs``, delivered, then their offsets committed. ``suspect``: one
+        message of a batch the worker died on; its commit is waited for, since the next
+        message may kill the worker again (and an unfinished commit would re-deliver this
+        one)."""
         ids = [message_id(m) for m in msgs if m.error() is None]
         plan = self.journal.plan(ids)
         if plan.one_at_a_time and len(msgs) > 1:
@@ -365,7 +373,7 @@ class Worker:
                 len(msgs),
             )
             for msg in msgs:
-                self.process_batch([msg], consumer, producer)
+                self.process_batch([msg], consumer, producer, suspect=True)
             return
         self.journal.note(ids)
         items = self._parse(msgs)
@@ -383,7 +391,7 @@ class Worker:
                     return
             else:
                 self._deliver(items, results, producer)
-                self._commit_batch(items, consumer)
+                self._commit_batch(items, consumer, wait=suspect)
         self.journal.done(ids)
         self.metrics.observe_produce(time.perf_counter() - started, len(items))
         for result in results:
@@ -588,16 +596,19 @@ class Worker:
             self._absorb(items, results, tracker.failures, caps)
         raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} rounds")
 
-    def _commit_batch(self, items: list[Intake], consumer: Consumer) -> None:
-        """Store the batch's offsets and commit them at once, asynchronously: a kill then
-        re-delivers at most the batch in hand (not 5 s of auto-commit interval), and a
-        broker outage never blocks the worker in a commit (the next commit, or the one on
-        revoke or at close, covers a failed one)."""
+    def _commit_batch(self, items: list[Intake], consumer: Consumer, wait: bool = False) -> None:
+        """Store the batch's offsets and commit them at once, asynchronously unless
+        ``wait``: a kill then re-delivers about the batch in hand (not 5 s of auto-commit
+        interval), and a broker outage never blocks the worker in a commit (the next
+        commit, or the one on revoke or at close, covers a failed one)."""
         nxt = next_offsets(items)
         offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
         try:
             consumer.store_offsets(offsets=offsets)
-            consumer.commit(offsets=offsets, asynchronous=True)
+            if wait:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # e.g. the partition was lost meanwhile
             logger.warning("storing or committing offsets failed error=%s", exc)
             return
