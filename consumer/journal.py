@@ -14,6 +14,14 @@ previous worker with this identity died with those messages in hand:
 - a message that was alone in hand at the limit is not run again: it gets an ``ERROR``
   result with code ``quarantined`` and its DLQ copy.
 
+The note also carries the offsets of batches whose results were delivered but whose
+asynchronous commit was not yet confirmed (at-least-once only). A death while that commit
+is in flight would otherwise re-deliver a whole finished batch to the restarted worker;
+instead, when the partitions come back to it, it commits those offsets first (never moving
+a committed offset backwards), so a death on a message re-delivers only the batch it was
+in. A note older than ``DELIVERED_FRESH_S`` keeps its suspects but not these offsets: an
+operator who reset the group's offsets while the workers were down is not overruled.
+
 Writing the note costs one small file write per batch (no fsync: a process death keeps
 the page cache; a machine crash is not a poison message). The note is per worker
 identity, so it follows a restarted worker (same supervisor slot, same StatefulSet pod:
@@ -28,13 +36,19 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 MessageId = tuple[str, int, int]  # topic, partition, offset
+Key = tuple[str, int]  # topic, partition
+
+# a dead predecessor's delivered offsets are trusted this long (a supervisor restart takes
+# seconds, Kubernetes' crash-loop back-off at most 5 minutes)
+DELIVERED_FRESH_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,8 @@ class CrashJournal:
         self.path = path
         self.limit = limit
         self.suspects: dict[MessageId, Suspect] = {}
+        # next offsets whose results a dead predecessor delivered, commit unconfirmed
+        self.delivered: dict[Key, int] = {}
         self._noted = False
 
     def recover(self) -> int:
@@ -65,12 +81,20 @@ class CrashJournal:
         try:
             note = json.loads(self.path.read_text(encoding="utf-8"))
             entries = [(str(t), int(p), int(o), int(d)) for t, p, o, d in note["messages"]]
+            delivered = {(str(t), int(p)): int(o) for t, p, o in note.get("delivered", ())}
+            written = float(note.get("written", 0.0))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("unreadable worker note ignored path=%s error=%s", self.path, exc)
             return 0
         alone = len(entries) == 1
         for t, p, o, d in entries:
             self.suspects[(t, p, o)] = Suspect(d + 1, alone)
+        if time.time() - written <= DELIVERED_FRESH_S:
+            self.delivered = delivered
+        elif delivered:
+            logger.info(
+                "stale worker note: its delivered offsets are not applied path=%s", self.path
+            )
         worst = max((d + 1 for *_, d in entries), default=0)
         logger.warning(
             "the previous worker died with messages in hand messages=%d deaths=%d limit=%d pid=%s",
@@ -94,17 +118,29 @@ class CrashJournal:
                 split = True
         return Plan(frozenset(doomed), split)
 
-    def note(self, ids: Iterable[MessageId]) -> None:
-        """Before a batch: these messages are in hand (with the deaths seen on them)."""
+    def take_delivered(self, keys: Iterable[Key]) -> dict[Key, int]:
+        """The predecessor's delivered offsets of these (just assigned) partitions, once."""
+        return {k: self.delivered.pop(k) for k in keys if k in self.delivered}
+
+    def note(self, ids: Iterable[MessageId], delivered: Mapping[Key, int] | None = None) -> None:
+        """Before a batch: these messages are in hand (with the deaths seen on them), and
+        ``delivered``: next offsets whose results are delivered but whose commit is not
+        confirmed yet."""
         if self.path is None:
             return
         messages = [
             [t, p, o, self.suspects[(t, p, o)].deaths if (t, p, o) in self.suspects else 0]
             for t, p, o in ids
         ]
+        note = {
+            "pid": os.getpid(),
+            "written": time.time(),
+            "messages": messages,
+            "delivered": [[t, p, o] for (t, p), o in (delivered or {}).items()],
+        }
         tmp = self.path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"pid": os.getpid(), "messages": messages}), "utf-8")
+            tmp.write_text(json.dumps(note), "utf-8")
             tmp.replace(self.path)
             self._noted = True
         except OSError as exc:

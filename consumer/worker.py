@@ -89,6 +89,7 @@ DELIVERY_ROUNDS = 3  # first try, then records rebuilt after permanent refusals
 REPLY_METADATA_REFRESH_S = 10.0
 REGISTRY_TRIES = 10
 REBUILD_INTERVAL_S = 60.0
+COMMITTED_TIMEOUT_S = 10.0  # reading the group's committed offsets on assignment
 
 Key = tuple[str, int]
 
@@ -151,6 +152,7 @@ class Worker:
         self._assigned: set[Key] = set()
         self._epochs: dict[Key, int] = {}  # bumped on every assign, revoke, loss
         self._stored: dict[Key, int] = {}
+        self._unconfirmed: dict[Key, int] = {}  # committed asynchronously, not yet confirmed
         self._limits = ImageLimits.from_settings(settings)
         self._request_codec = avro_codec(settings, "ImageRequest")
         self._result_codec = avro_codec(settings, "DetectionResult")
@@ -375,7 +377,7 @@ class Worker:
             for msg in msgs:
                 self.process_batch([msg], consumer, producer, suspect=True)
             return
-        self.journal.note(ids)
+        self.journal.note(ids, self._unconfirmed)
         items = self._parse(msgs)
         if not items:
             self.journal.done(ids)
@@ -613,11 +615,51 @@ class Worker:
             logger.warning("storing or committing offsets failed error=%s", exc)
             return
         self._stored.update(nxt)
+        if wait:
+            self._confirmed(offsets)
+        else:
+            self._unconfirmed.update(nxt)  # noted with the next batch until confirmed
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             self.metrics.commit_failures.inc()
             logger.warning("commit failed (the next commit covers it) error=%s", err.str())
+            return
+        self._confirmed([tp for tp in partitions if tp.error is None])
+
+    def _confirmed(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if key in self._unconfirmed and tp.offset >= self._unconfirmed[key]:
+                del self._unconfirmed[key]
+
+    def _resume_delivered(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions a dead predecessor (this identity) had delivered results for, with the
+        commit still in flight when it died: commit those offsets now, never backwards, so
+        the finished batch is not run and published a second time."""
+        ahead = self.journal.take_delivered((tp.topic, tp.partition) for tp in partitions)
+        if not ahead or self.exactly_once:
+            return
+        try:
+            committed = consumer.committed(
+                [TopicPartition(t, p) for t, p in ahead], timeout=COMMITTED_TIMEOUT_S
+            )
+            moves = [
+                TopicPartition(tp.topic, tp.partition, ahead[(tp.topic, tp.partition)])
+                for tp in committed
+                if tp.error is None and tp.offset < ahead[(tp.topic, tp.partition)]
+            ]
+            if moves:
+                consumer.commit(offsets=moves, asynchronous=False)
+        except KafkaException as exc:  # the batch is re-delivered: a duplicate, not a loss
+            logger.warning("committing the predecessor's delivered offsets failed error=%s", exc)
+            return
+        if moves:
+            logger.info(
+                "committed what the previous worker delivered before it died worker=%d offsets=%s",
+                self.index,
+                ",".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in moves),
+            )
 
     def _deliver_transaction(
         self,
@@ -757,6 +799,7 @@ class Worker:
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         self.metrics.set_assigned(len(self._assigned))
         logger.info("partitions assigned worker=%d partitions=%s", self.index, _fmt(partitions))
+        self._resume_delivered(consumer, partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("partitions revoked worker=%d partitions=%s", self.index, _fmt(partitions))
@@ -788,6 +831,7 @@ class Worker:
         for tp in partitions:
             self._assigned.discard((tp.topic, tp.partition))
             self._stored.pop((tp.topic, tp.partition), None)
+            self._unconfirmed.pop((tp.topic, tp.partition), None)
             self.metrics.drop_lag(tp.topic, tp.partition)
         self.metrics.set_assigned(len(self._assigned))
 

@@ -32,6 +32,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from pydantic import SecretStr
 
+from consumer.journal import CrashJournal
 from consumer.worker import Worker
 from core.errors import ModelError
 from core.kafka import consumer_config, producer_config
@@ -596,6 +597,62 @@ def test_kill_9_then_restart_every_request_gets_a_result(
         finally:
             stop_within(second)
     assert {r["status"] for v in by_id.values() for r in v} == {"OK"}
+
+
+def publish_located(settings: Settings, messages: list[Outgoing]) -> dict[str, tuple[int, int]]:
+    """Publish; returns request id → (partition, offset) from the delivery reports."""
+    where: dict[str, tuple[int, int]] = {}
+
+    def done(err: Any, msg: Any) -> None:
+        assert err is None, err
+        where[msg.key().decode()] = (msg.partition(), msg.offset())
+
+    producer = Producer(producer_config(settings, role="test"))
+    for rid, value, headers in messages:
+        producer.produce(
+            settings.topic_images, key=rid.encode(), value=value, headers=headers, on_delivery=done
+        )
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    return where
+
+
+def test_a_restarted_worker_does_not_redo_what_its_dead_predecessor_delivered(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker killed while its last commit was in flight leaves the delivered offsets in
+    its note; the next worker of that identity commits them instead of running and
+    publishing that batch again, but never moves a committed offset backwards."""
+    settings = settings.model_copy(update={"state_dir": tmp_path / "state"})
+    stream = good_stream(settings, 30, "heir")
+    where = publish_located(settings, stream)
+    offsets: dict[int, list[int]] = defaultdict(list)
+    for part, off in where.values():
+        offsets[part].append(off)
+    assert len(offsets) >= 2, "the keys spread over at least two partitions"
+    parts = sorted(offsets)
+    # the predecessor delivered the first 3 messages of each partition; partition parts[0]'s
+    # group offset was meanwhile committed further (to its 5th message) by another member
+    delivered = {
+        (settings.topic_images, p): sorted(offsets[p])[min(3, len(offsets[p]) - 1)] for p in parts
+    }
+    ahead = sorted(offsets[parts[0]])[min(5, len(offsets[parts[0]]) - 1)]
+    committer = Consumer(consumer_config(settings, settings.consumer_group, role="test"))
+    committer.commit(
+        offsets=[TopicPartition(settings.topic_images, parts[0], ahead)], asynchronous=False
+    )
+    committer.close()
+    start = {p: delivered[(settings.topic_images, p)] for p in parts}
+    start[parts[0]] = ahead
+    worker = Worker(settings, 0)
+    assert worker.journal.path is not None
+    in_hand = [(settings.topic_images, p, o) for p, o in start.items()]
+    CrashJournal(worker.journal.path, settings.crash_limit).note(in_hand, delivered)
+    redo = {rid for rid, (p, o) in where.items() if o >= start[p]}
+    with worker_thread(settings, worker=worker):
+        by_id = results_by_id(settings, redo, linger_s=3.0)
+    assert set(by_id) == redo, "only what the predecessor had not delivered is run"
+    assert {len(v) for v in by_id.values()} == {1}
 
 
 def test_exactly_once_kill_9_then_restart_gives_one_committed_result_each(

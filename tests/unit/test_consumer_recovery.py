@@ -5,6 +5,7 @@ keep only messages of partitions still owned; cut DLQ copies to fit. Nothing is 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from confluent_kafka import KafkaError, Message
 
 from consumer.intake import Intake
-from consumer.journal import CrashJournal, journal_path
+from consumer.journal import DELIVERED_FRESH_S, CrashJournal, journal_path
 from consumer.outputs import OutputConfig, dlq_record, failure_kind
 from consumer.recovery import CANARY_ID, BatchRecovery, RetryPolicy, Stopping
 from consumer.worker import Fetched, split_owned
@@ -180,6 +181,26 @@ def test_a_clean_exit_or_a_finished_batch_is_not_a_death(tmp_path: Path) -> None
     journal.note(ids(3))
     journal.done(ids(3))
     assert restart(path).suspects == {}
+
+
+def test_a_death_passes_on_the_offsets_delivered_but_not_yet_confirmed(tmp_path: Path) -> None:
+    path = tmp_path / "w.json"
+    journal = restart(path)
+    journal.note(ids(7, 8), {("qr.images", 0): 7, ("qr.images", 1): 30})
+    heir = restart(path)  # killed during the batch: the heir reads both
+    assert heir.take_delivered([("qr.images", 0), ("qr.images", 2)]) == {("qr.images", 0): 7}
+    assert heir.take_delivered([("qr.images", 0)]) == {}, "applied once"
+    assert heir.take_delivered([("qr.images", 1)]) == {("qr.images", 1): 30}
+
+
+def test_a_stale_note_keeps_its_suspects_but_not_its_delivered_offsets(tmp_path: Path) -> None:
+    path = tmp_path / "w.json"
+    written = time.time() - DELIVERED_FRESH_S - 60  # an operator may have reset offsets since
+    note = {"written": written, "messages": [["t", 0, 1, 0]], "delivered": [["t", 0, 1]]}
+    path.write_text(json.dumps(note))
+    heir = restart(path)
+    assert heir.suspects[("t", 0, 1)].deaths == 1
+    assert heir.take_delivered([("t", 0)]) == {}
 
 
 def test_an_unwritable_state_dir_turns_detection_off_without_stopping(tmp_path: Path) -> None:
