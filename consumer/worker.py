@@ -649,17 +649,17 @@ class Worker:
                 for tp in committed
                 if tp.error is None and tp.offset < ahead[(tp.topic, tp.partition)]
             ]
-            if moves:
-                consumer.commit(offsets=moves, asynchronous=False)
+            if not moves:
+                return
+            consumer.commit(offsets=moves, asynchronous=False)
         except KafkaException as exc:  # the batch is re-delivered: a duplicate, not a loss
             logger.warning("committing the predecessor's delivered offsets failed error=%s", exc)
             return
-        if moves:
-            logger.info(
-                "committed what the previous worker delivered before it died worker=%d offsets=%s",
-                self.index,
-                ",".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in moves),
-            )
+        logger.info(
+            "committed what the previous worker delivered before it died worker=%d offsets=%s",
+            self.index,
+            ",".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in moves),
+        )
 
     def _deliver_transaction(
         self,
