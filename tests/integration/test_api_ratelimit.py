@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import redis
@@ -58,46 +57,38 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait(10)
 
 
-def limited_stack(kafka_bootstrap: str, redis_url: str, tmp: Path, api_workers: int) -> Stack:
-    return make_stack(
-        kafka_bootstrap,
-        tmp,
-        api_workers=api_workers,
-        detection_workers=0,
-        rate_limit=f"{LIMIT}/minute",
-        rate_limit_storage_uri=redis_url,
-        auth_enabled=True,
-        auth_jwt_secret=SECRET,
-    )
-
-
 @pytest.fixture(scope="module")
-def shared(
+def pods(
     kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    """A pod: one gunicorn master, two workers."""
-    stack = limited_stack(kafka_bootstrap, redis_url, tmp_path_factory.mktemp("ratelimit"), 2)
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def other_pod(
-    kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    """A second pod on the same store: another gunicorn master, its own port."""
-    stack = limited_stack(kafka_bootstrap, redis_url, tmp_path_factory.mktemp("other-pod"), 1)
-    yield stack
-    stack.stop()
+) -> Iterator[list[Stack]]:
+    """Two pods on one store: gunicorn masters on their own ports, with 2 and 1 workers."""
+    stacks: list[Stack] = []
+    try:
+        for api_workers in (2, 1):
+            stacks.append(
+                make_stack(
+                    kafka_bootstrap,
+                    tmp_path_factory.mktemp("ratelimit"),
+                    api_workers=api_workers,
+                    detection_workers=0,
+                    rate_limit=f"{LIMIT}/minute",
+                    rate_limit_storage_uri=redis_url,
+                    auth_enabled=True,
+                    auth_jwt_secret=SECRET,
+                )
+            )
+        yield stacks
+    finally:
+        for stack in stacks:
+            stack.stop()
 
 
 def test_one_client_rotating_forwarded_headers_gets_the_limit_across_workers_and_pods(
-    shared: Stack, other_pod: Stack
+    pods: list[Stack],
 ) -> None:
     """Requests alternate between two pods (which gunicorn worker of a pod answers is the
     kernel's choice, so the pods are what makes the sharing certain): with per-process
     counts the client would get its limit once per process."""
-    pods = [shared, other_pod]
 
     def post(i: int) -> tuple[int, requests.Response]:
         fake = f"203.0.113.{i}"
@@ -120,11 +111,11 @@ def test_one_client_rotating_forwarded_headers_gets_the_limit_across_workers_and
     assert set(refused_by) == {0, 1}, refused_by  # both pods counted in one store
 
 
-def test_token_guessing_is_limited_by_address(shared: Stack) -> None:
+def test_token_guessing_is_limited_by_address(pods: list[Stack]) -> None:
     image = qr_png("guess")[0]
     statuses = Counter(
         requests.post(
-            f"{shared.url}/api/v1/detect",
+            f"{pods[0].url}/api/v1/detect",
             data=image,
             headers={
                 "Content-Type": "image/png",

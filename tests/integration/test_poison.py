@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
 
 from consumer.worker import Worker
-from core.kafka import message_limits, producer_config
+from core.kafka import message_limits
 from core.pipeline import Pipeline
 from core.settings import DEFAULT_MODEL, Settings
 from schemas import names
@@ -70,28 +69,6 @@ def settings(kafka_settings: Settings, model_path: Path, tmp_path: Path) -> Sett
     )
 
 
-def publish_cases(settings: Settings, batch: list[Case]) -> dict[str, tuple[int, int]]:
-    """Publish; returns name → (partition, offset) from the delivery reports."""
-    where: dict[str, tuple[int, int]] = {}
-    producer = Producer(producer_config(settings, role="test"))
-    for case in batch:
-
-        def done(err: Any, msg: Any, name: str = case.name) -> None:
-            assert err is None, (name, err)
-            where[name] = (msg.partition(), msg.offset())
-
-        producer.produce(
-            settings.topic_images,
-            key=case.name.encode(),
-            value=case.value,
-            headers=case.headers,
-            on_delivery=done,
-        )
-        producer.poll(0)
-    assert producer.flush(60) == 0
-    return where
-
-
 def position_id(settings: Settings, where: tuple[int, int]) -> str:
     """The request id of a message without a usable id: topic-partition-offset."""
     return f"{settings.topic_images}-{where[0]}-{where[1]}"
@@ -136,7 +113,7 @@ def test_the_poison_corpus_gets_one_answer_each_and_no_worker_restarts(
     assert len({c.name for c in corpus}) >= 25
     supervisor = spawn(settings, supervised_log, "--workers", "1")
     try:
-        where = publish_cases(settings, stream)
+        where = publish(settings, [(c.name, c.value, c.headers) for c in stream])
         ids = {
             c.name: c.request_id or f"{settings.topic_images}-{where[c.name][0]}-{where[c.name][1]}"
             for c in stream

@@ -97,14 +97,26 @@ def good_stream(settings: Settings, count: int, prefix: str) -> list[Outgoing]:
 
 
 # --- Kafka helpers -------------------------------------------------------------------------
-def publish(settings: Settings, messages: list[Outgoing], pace_s: float = 0.0) -> None:
+def publish(
+    settings: Settings, messages: list[Outgoing], pace_s: float = 0.0
+) -> dict[str, tuple[int, int]]:
+    """Publish; returns request id → (partition, offset) from the delivery reports."""
+    where: dict[str, tuple[int, int]] = {}
     producer = Producer(producer_config(settings, role="test"))
     for rid, value, headers in messages:
-        producer.produce(settings.topic_images, key=rid.encode(), value=value, headers=headers)
+
+        def done(err: Any, msg: Any, rid: str = rid) -> None:
+            assert err is None, (rid, err)
+            where[rid] = (msg.partition(), msg.offset())
+
+        producer.produce(
+            settings.topic_images, key=rid.encode(), value=value, headers=headers, on_delivery=done
+        )
         producer.poll(0)
         if pace_s:
             time.sleep(pace_s)
-    assert producer.flush(30) == 0
+    assert producer.flush(60) == 0
+    return where
 
 
 def _reader(settings: Settings, topic: str, partitions: int) -> Consumer:
@@ -599,24 +611,6 @@ def test_kill_9_then_restart_every_request_gets_a_result(
     assert {r["status"] for v in by_id.values() for r in v} == {"OK"}
 
 
-def publish_located(settings: Settings, messages: list[Outgoing]) -> dict[str, tuple[int, int]]:
-    """Publish; returns request id → (partition, offset) from the delivery reports."""
-    where: dict[str, tuple[int, int]] = {}
-
-    def done(err: Any, msg: Any) -> None:
-        assert err is None, err
-        where[msg.key().decode()] = (msg.partition(), msg.offset())
-
-    producer = Producer(producer_config(settings, role="test"))
-    for rid, value, headers in messages:
-        producer.produce(
-            settings.topic_images, key=rid.encode(), value=value, headers=headers, on_delivery=done
-        )
-        producer.poll(0)
-    assert producer.flush(30) == 0
-    return where
-
-
 def test_a_restarted_worker_does_not_redo_what_its_dead_predecessor_delivered(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -625,7 +619,7 @@ def test_a_restarted_worker_does_not_redo_what_its_dead_predecessor_delivered(
     publishing that batch again, but never moves a committed offset backwards."""
     settings = settings.model_copy(update={"state_dir": tmp_path / "state"})
     stream = good_stream(settings, 30, "heir")
-    where = publish_located(settings, stream)
+    where = publish(settings, stream)
     offsets: dict[int, list[int]] = defaultdict(list)
     for part, off in where.values():
         offsets[part].append(off)
