@@ -21,8 +21,8 @@ import logging
 import threading
 from pathlib import Path
 
-from core.errors import QrsightError
-from core.settings import Settings, env_name
+from core.runtime.errors import QrsightError
+from core.runtime.settings import Settings, env_name
 
 logger = logging.getLogger(__name__)
 

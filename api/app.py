@@ -37,11 +37,11 @@ from api.ratelimit import init_limiter, limit_of
 from api.replies import ReplyClient
 from api.slots import reply_partition
 from api.state import EXTENSION, ApiState, api_state
-from core import logs
-from core.errors import QrsightError
-from core.images import ImageLimits
-from core.settings import Settings
-from core.telemetry import tracing
+from core.runtime import logs
+from core.runtime.errors import QrsightError
+from core.runtime.settings import Settings
+from core.runtime.telemetry import tracing
+from core.vision.images import ImageLimits
 
 logger = logging.getLogger(__name__)
 

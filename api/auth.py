@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import g, request
 
-from core.errors import ConfigError, UnauthorizedError
-from core.settings import Settings, env_name
+from core.runtime.errors import ConfigError, UnauthorizedError
+from core.runtime.settings import Settings, env_name
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from api.auth import JwtVerifier
-from core.errors import ConfigError
-from core.settings import env_name, load_settings
-from core.telemetry import setup_tracing
+from core.runtime.errors import ConfigError
+from core.runtime.settings import env_name, load_settings
+from core.runtime.telemetry import setup_tracing
 
 CONFIG = Path(__file__).with_name("gunicorn.conf.py")
 logger = logging.getLogger(__name__)

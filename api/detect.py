@@ -20,7 +20,7 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from api.metrics import DETECT_RESULTS
 from api.state import api_state
-from core.errors import (
+from core.runtime.errors import (
     BadRequestError,
     KafkaUnavailableError,
     QrsightError,
@@ -28,9 +28,9 @@ from core.errors import (
     error_classes,
     error_for_code,
 )
-from core.errors import all_error_classes as core_error_classes
-from core.images import probe
-from core.settings import Settings
+from core.runtime.errors import all_error_classes as core_error_classes
+from core.runtime.settings import Settings
+from core.vision.images import probe
 from schemas.names import STATUS_EXPIRED, STATUS_OK
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def error_for(code: str, message: str, request_id: str | None) -> QrsightError:
 
     An ERROR result means the input was bad, so a code this API does not know is a 400
     (with the worker's code kept); a known code that is no fault of the input (a model
-    that failed) is a 503, to be retried. The code → class lookup is ``core.errors``'.
+    that failed) is a 503, to be retried. The code → class lookup is ``core.runtime.errors``'.
     """
     cls = error_classes().get(code)
     if cls is None:

@@ -1,6 +1,6 @@
 """One error handler: every error leaves the API as JSON ``{"error": {code, message, request_id}}``.
 
-Routes never catch; they raise :class:`core.errors.QrsightError` subclasses (which carry
+Routes never catch; they raise :class:`core.runtime.errors.QrsightError` subclasses (which carry
 their HTTP status and stable code) and werkzeug raises its own HTTP errors (404, 405,
 413 from ``MAX_CONTENT_LENGTH``, 429 from flask-limiter). Both are turned into the one
 JSON shape here.
@@ -13,7 +13,7 @@ import logging
 from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, TooManyRequests
 
-from core.errors import QrsightError, UnauthorizedError
+from core.runtime.errors import QrsightError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import tempfile
 from typing import Any
 
 from api.slots import lowest_free_slot
-from core.settings import load_settings
+from core.runtime.settings import load_settings
 
 _settings = load_settings()
 
@@ -108,7 +108,7 @@ def worker_exit(server: Any, worker: Any) -> None:
     state = extensions.get("qrsight")
     if state is not None:
         state.replies.close()
-    from core.telemetry import tracing
+    from core.runtime.telemetry import tracing
 
     tracing().shutdown()  # export the spans still buffered
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from api.state import api_state
-from core.errors import KafkaUnavailableError
+from core.runtime.errors import KafkaUnavailableError
 
 bp = Blueprint("health", __name__, url_prefix="/api/v1")
 

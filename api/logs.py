@@ -1,4 +1,4 @@
-"""The API's logs: qrsight's one format (``core.logs``) for the app and for gunicorn itself.
+"""The API's logs: qrsight's one format (``core.runtime.logs``) for the app and for gunicorn itself.
 
 Every line logged while a request is served carries its ``request_id`` and ``trace_id``
 (``api.app`` binds them); gunicorn's error log and access log go through the same
@@ -12,8 +12,8 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
-from core import logs
-from core.settings import load_settings
+from core.runtime import logs
+from core.runtime.settings import load_settings
 
 TRACE_ID_ENVIRON = "qrsight.trace_id"  # set by api.app for each request
 REQUEST_ID_ENVIRON = "qrsight.request_id"  # ours, never the client's X-Request-ID

@@ -29,7 +29,7 @@ from flask import Blueprint, Flask, g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 # '' turns limiting off in settings built in code; an empty environment variable counts as
 # unset, so the environment says "off" (or "none"/"0").

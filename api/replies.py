@@ -27,8 +27,8 @@ waiting for its reply holds no copy of its image.
 
 Nothing here blocks without a bound: producing waits at most
 ``QRSIGHT_API_PRODUCE_TIMEOUT_MS`` for Kafka to accept the request (then
-:class:`~core.errors.KafkaUnavailableError`, 503), and the reply wait ends at the
-request's deadline (:class:`~core.errors.ReplyTimeoutError`, 504). Error messages name no
+:class:`~core.runtime.errors.KafkaUnavailableError`, 503), and the reply wait ends at the
+request's deadline (:class:`~core.runtime.errors.ReplyTimeoutError`, 504). Error messages name no
 broker address (they reach HTTP clients); the log has the details.
 """
 
@@ -55,16 +55,16 @@ from confluent_kafka import (
 
 from api.metrics import REPLY_READER_RESTARTS, REPLY_WAITERS
 from api.slots import reply_partition
-from core.errors import (
+from core.runtime.errors import (
     ConfigError,
     KafkaUnavailableError,
     QrsightError,
     ReplyTimeoutError,
 )
-from core.kafka import avro_codec, check_value_size, consumer_config, producer_config
-from core.results import image_request
-from core.settings import Settings, env_name
-from core.telemetry import tracing
+from core.runtime.kafka import avro_codec, check_value_size, consumer_config, producer_config
+from core.runtime.results import image_request
+from core.runtime.settings import Settings, env_name
+from core.runtime.telemetry import tracing
 from schemas.codec import RegistryError, WireFormatError
 from schemas.names import (
     H_CORRELATION_ID,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 # One value per process, set once after the fork (before the app is built).
 _slot = {"value": 0}

@@ -9,8 +9,8 @@ from flask import current_app
 from api.admission import Admission
 from api.auth import JwtVerifier
 from api.replies import ReplyClient
-from core.images import ImageLimits
-from core.settings import Settings
+from core.runtime.settings import Settings
+from core.vision.images import ImageLimits
 
 EXTENSION = "qrsight"
 

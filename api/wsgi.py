@@ -13,9 +13,9 @@ import os
 import signal
 
 from api.app import create_app
-from core.logs import configure_from_settings
-from core.settings import load_settings
-from core.telemetry import setup_tracing
+from core.runtime.logs import configure_from_settings
+from core.runtime.settings import load_settings
+from core.runtime.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 

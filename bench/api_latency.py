@@ -7,7 +7,7 @@ Starts, on fresh topics of the given broker, one detection worker
 (``python -m consumer.cli``) and the API under gunicorn (``python -m api.cli``), then
 measures, for the same image:
 
-- in process: ``core.pipeline.Pipeline.run`` on one image (what a worker does per image);
+- in process: ``core.vision.pipeline.Pipeline.run`` on one image (what a worker does per image);
 - round trip: HTTP → API → Kafka → worker → Kafka → API → HTTP, at concurrency 1, 4, 16
   (each client thread sends its requests one after another on a keep-alive session).
 
@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO))
 import cv2
 import requests
 
-from core.pipeline import ImageJob, Pipeline
-from core.settings import Settings, env_name, load_settings
+from core.runtime.settings import Settings, env_name, load_settings
+from core.vision.pipeline import ImageJob, Pipeline
 from producer_tools.topics import create_topics
 
 READY_TIMEOUT_S = 120

@@ -4,14 +4,14 @@
 
 Reads ``manifest.jsonl`` (one JSON per image: ``path``, ``texts``, ``kind`` =
 ``qr|negative``, ``corners_ref`` = list of 4-corner lists or null). For each method on
-the same decoded images (``core.images.decode``, BGR):
+the same decoded images (``core.vision.images.decode``, BGR):
 
-- **qrsight**: ``core.detector.Detector`` at its default threshold, then
-  ``core.pipeline.Pipeline.check`` as the pipeline runs it: payloads read from the crops
-  (then the whole image), the crop verifier's judgement (``core.verifier``; ``--verifier
+- **qrsight**: ``core.vision.detector.Detector`` at its default threshold, then
+  ``core.vision.pipeline.Pipeline.check`` as the pipeline runs it: payloads read from the crops
+  (then the whole image), the crop verifier's judgement (``core.vision.verifier``; ``--verifier
   off`` = without), harder reads of the plausible unread boxes, the verifier's keep rule;
   a row of the detector alone (no verifier) is added when a verifier is on;
-- **zxing-cpp**: ``core.payload.read_whole`` on the whole image (its corners give boxes);
+- **zxing-cpp**: ``core.vision.payload.read_whole`` on the whole image (its corners give boxes);
 - **OpenCV**: ``cv2.QRCodeDetectorAruco().detectAndDecodeMulti``.
 
 Metrics: *image recall* — a QR image counts as found when every reference box (the
@@ -42,14 +42,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.detections import Detections
-from core.detector import Detector
-from core.images import ImageLimits, decode
-from core.payload import read_whole
-from core.pipeline import Pipeline, qr_class
-from core.postprocess import box_iou
-from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
-from core.verifier import Verifier, load_verifier
+from core.runtime.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
+from core.vision.detections import Detections
+from core.vision.detector import Detector
+from core.vision.images import ImageLimits, decode
+from core.vision.payload import read_whole
+from core.vision.pipeline import Pipeline, qr_class
+from core.vision.postprocess import box_iou
+from core.vision.verifier import Verifier, load_verifier
 
 logger = logging.getLogger("eval_detector")
 
@@ -115,7 +115,7 @@ def quad_box(quad: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- methods
 def run_qrsight(pipeline: Pipeline, img: np.ndarray) -> Outcome:
     """Default-threshold outcome (timed): the detector, then ``Pipeline.check`` (payloads,
-    the verifier's judgement, harder reads, its keep rule), as ``core.pipeline`` runs it."""
+    the verifier's judgement, harder reads, its keep rule), as ``core.vision.pipeline`` runs it."""
     t0 = time.perf_counter()
     d = pipeline.check(img, pipeline.detector.predict([img])[0])
     ms = (time.perf_counter() - t0) * 1000

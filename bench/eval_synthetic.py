@@ -4,7 +4,7 @@
 
 Every image of ``training.families`` (seed 6,000,001: a stream no training, selection or
 threshold step uses) is encoded as a JPEG (quality 92, as a phone writes it) and goes
-through ``core.pipeline.Pipeline`` with the default settings (``--model``/``--verifier``
+through ``core.vision.pipeline.Pipeline`` with the default settings (``--model``/``--verifier``
 override them), exactly as ``qrsight-detect`` runs it. Per family:
 
 - negatives (texture close-ups, other symbologies): the share of images with any box;
@@ -38,10 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.images import decode
-from core.pipeline import ImageJob, Pipeline
-from core.postprocess import box_iou
-from core.settings import Settings, load_settings
+from core.runtime.settings import Settings, load_settings
+from core.vision.images import decode
+from core.vision.pipeline import ImageJob, Pipeline
+from core.vision.postprocess import box_iou
 from training.families import FAMILIES, NEGATIVE, POSITIVE, scene
 
 EVAL_SEED = 6_000_001

@@ -8,7 +8,7 @@ host as the workers, as issue 21 asks). For each (model, decoder, workers) — i
 that gives the most important figures first, while the time budget lasts:
 
 1. fresh topics (8 partitions) and ``python -m consumer.cli --workers N`` with the GPU
-   defaults of ``core/gpu.py`` (each worker on the GPU, one ORT thread, payload threads =
+   defaults of ``core/runtime/gpu.py`` (each worker on the GPU, one ORT thread, payload threads =
    cores / N), ``QRSIGHT_MAX_BATCH=32`` and ``QRSIGHT_DECODE_THREADS=4`` as the GPU
    overlay sets them, and ``QRSIGHT_IMAGE_DECODER`` = ``nvimgcodec`` (JPEGs decoded on the
    GPU) or ``cpu`` (OpenCV);
@@ -59,9 +59,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
 from bench.pipeline import broker, make_images  # noqa: E402
-from core.kafka import consumer_config, producer_config  # noqa: E402
-from core.results import image_request  # noqa: E402
-from core.settings import Settings, load_settings  # noqa: E402
+from core.runtime.kafka import consumer_config, producer_config  # noqa: E402
+from core.runtime.results import image_request  # noqa: E402
+from core.runtime.settings import Settings, load_settings  # noqa: E402
 from producer_tools.topics import create_topics  # noqa: E402
 from schemas.codec import Codec  # noqa: E402
 
@@ -402,7 +402,7 @@ def measure(row: Row, collector: Collector, keys: Sequence[str]) -> None:
 def preflight(images: Sequence[bytes], max_batch: int, *, dry_run: bool) -> dict[str, Any]:
     """Each decoder's pipeline in this process: which paths are on (CUDA provider, device
     letterbox, nvImageCodec on the GPU) and its img/s without Kafka (one process)."""
-    from core.pipeline import ImageJob, Pipeline
+    from core.vision.pipeline import ImageJob, Pipeline
 
     base = {"QRSIGHT_MAX_BATCH": str(max_batch), "QRSIGHT_DECODE_THREADS": "4"}
     if dry_run:
@@ -482,7 +482,7 @@ def markdown(rows: Sequence[Row], machine: dict[str, Any]) -> str:
 def machine_info(dry_run: bool) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from core.gpu import visible_gpus
+    from core.runtime.gpu import visible_gpus
 
     info: dict[str, Any] = {
         "python": platform.python_version(),

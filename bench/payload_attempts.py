@@ -5,8 +5,8 @@
 On the positive families of ``training.families`` (blur, small, glare, perspective,
 curved, noisy, ... ; seed 6,100,003, a stream of its own, *not* the one
 ``bench/eval_synthetic.py`` reports on) the shipped detector boxes each code and
-``core.payload.read_payloads`` reads the boxes the standard way. For the boxes on a code
-that stay unread, every attempt of ``core.payload.CANDIDATE_ATTEMPTS`` is tried alone
+``core.vision.payload.read_payloads`` reads the boxes the standard way. For the boxes on a code
+that stay unread, every attempt of ``core.vision.payload.CANDIDATE_ATTEMPTS`` is tried alone
 (success = the code's payload, exactly); on boxes that are not on a code (negative
 families: texture close-ups and other symbologies) only its time is measured, since
 there every attempt fails and costs its full time.
@@ -32,17 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.eval_detector import LIMITS
 from bench.eval_synthetic import cases
-from core.detector import Detector
-from core.images import decode
-from core.payload import (
+from core.runtime.settings import DEFAULT_MODEL
+from core.vision.detector import Detector
+from core.vision.images import decode
+from core.vision.payload import (
     CANDIDATE_ATTEMPTS,
     HARD_ATTEMPTS,
     _gray,
     read_box_with,
     read_payloads,
 )
-from core.postprocess import box_iou
-from core.settings import DEFAULT_MODEL
+from core.vision.postprocess import box_iou
 from training.families import NEGATIVE, POSITIVE
 
 TUNE_SEED = 6_100_003

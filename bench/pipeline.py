@@ -5,7 +5,7 @@
 Generates M real-looking 640x480 JPEGs (skimage's photos with 1-3 QR codes drawn by
 segno, reproducible from ``--seed``), then in one run:
 
-1. in-process baseline: ``core.pipeline.Pipeline`` over the same JPEG bytes (decode →
+1. in-process baseline: ``core.vision.pipeline.Pipeline`` over the same JPEG bytes (decode →
    preprocess → ONNX Runtime → NMS → payloads), chunks of ``max_batch``, no Kafka;
 2. through Kafka: the images as Avro ``ImageRequest`` in ``qr.images``, one worker
    process (``python -m consumer.cli --worker-index 0``) with the same model, batch and
@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
 
-from core.kafka import consumer_config, producer_config  # noqa: E402
-from core.pipeline import ImageJob, Pipeline  # noqa: E402
-from core.results import image_request  # noqa: E402
-from core.settings import Settings, load_settings  # noqa: E402
+from core.runtime.kafka import consumer_config, producer_config  # noqa: E402
+from core.runtime.results import image_request  # noqa: E402
+from core.runtime.settings import Settings, load_settings  # noqa: E402
+from core.vision.pipeline import ImageJob, Pipeline  # noqa: E402
 from producer_tools.topics import create_topics  # noqa: E402
 from schemas.codec import Codec  # noqa: E402
 

@@ -3,7 +3,7 @@
     python bench/providers.py [IMAGES_DIR_OR_MANIFEST] [--model M] [--imgsz 416 640]
                               [--batches 1 8 32 64] [--runs 20] [--reference] [--out DIR]
 
-Everything goes through ``core.detector.Detector`` — the class the workers use — on
+Everything goes through ``core.vision.detector.Detector`` — the class the workers use — on
 real photos (default ``../shared/data/qr-real-dev``), so the figures include the
 host→device copies and the provider choice a worker makes. One run measures:
 
@@ -17,7 +17,7 @@ host→device copies and the provider choice a worker makes. One run measures:
    configuration against CPU FP32: images whose detection count differs, the largest
    score difference and the smallest IoU of matched boxes. A GPU path that is fast and
    wrong shows here.
-4. **End to end** (``core.pipeline.Pipeline.run`` over the JPEG/PNG bytes: decode →
+4. **End to end** (``core.vision.pipeline.Pipeline.run`` over the JPEG/PNG bytes: decode →
    letterbox → inference → NMS → payload reading, built from settings as a worker does)
    per configuration and ``max_batch``: images/s and the mean stage times, i.e. where
    the time goes once inference is cheap. GPU FP32 runs twice, with the default batch
@@ -52,12 +52,12 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.eval_detector import LIMITS, load_manifest
-from core.detections import Detections
-from core.detector import Detector, choose_providers
-from core.images import decode
-from core.pipeline import ImageJob, Pipeline
-from core.postprocess import box_iou
-from core.settings import DEFAULT_MODEL, load_settings
+from core.runtime.settings import DEFAULT_MODEL, load_settings
+from core.vision.detections import Detections
+from core.vision.detector import Detector, choose_providers
+from core.vision.images import decode
+from core.vision.pipeline import ImageJob, Pipeline
+from core.vision.postprocess import box_iou
 
 logger = logging.getLogger("bench.providers")
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 import cv2
 
 from bench.eval_detector import load_manifest
-from core.pipeline import ImageJob, Pipeline
-from core.settings import load_settings
+from core.runtime.settings import load_settings
+from core.vision.pipeline import ImageJob, Pipeline
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "qr-real-dev"
 

@@ -4,7 +4,7 @@ The article qrsight grew from serves a YOLO model with ``gunicorn -w 4 -k gevent
 Flask app, one ONNX Runtime session per gunicorn worker (ORT's default threads), and one
 inference per HTTP request, run inside the request's greenlet. This module is that design,
 written from that description; the per-image work is qrsight's own
-(:meth:`core.pipeline.Pipeline.run` on a batch of one: decode, letterbox, ONNX Runtime,
+(:meth:`core.vision.pipeline.Pipeline.run` on a batch of one: decode, letterbox, ONNX Runtime,
 NMS and, when asked, payload reading and the crop verifier), so a comparison measures the
 serving design and nothing else.
 
@@ -24,8 +24,8 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from core.pipeline import ImageJob, Pipeline
-from core.settings import load_settings
+from core.runtime.settings import load_settings
+from core.vision.pipeline import ImageJob, Pipeline
 
 FALSE = {"0", "false", "no", "off"}
 

@@ -57,9 +57,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.images import CONTENT_TYPES, sniff
-from core.pipeline import ImageJob, Pipeline
-from core.settings import Settings, env_name, load_settings
+from core.runtime.settings import Settings, env_name, load_settings
+from core.vision.images import CONTENT_TYPES, sniff
+from core.vision.pipeline import ImageJob, Pipeline
 from producer_tools.stack import serving_env
 from producer_tools.topics import create_topics
 

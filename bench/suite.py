@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import pipeline as p1
 from bench import serving
-from core.settings import load_settings
+from core.runtime.settings import load_settings
 
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 

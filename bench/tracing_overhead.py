@@ -5,14 +5,14 @@
 
 Times, in this one run:
 
-- baseline: ``core.pipeline.Pipeline.run`` on the sample images in batches of
+- baseline: ``core.vision.pipeline.Pipeline.run`` on the sample images in batches of
   ``--batch`` (the shipped model; decode, ONNX run, NMS, payload reading), per image;
 - the worker's tracing hooks per image, exactly as ``consumer.worker`` calls them
   (``tracing().batch(...)`` around the batch, ``headers()`` for the ``qr.detections`` and
   the reply record, and the pipeline's four stage records when tracing is on);
 - the API's hooks per request (server span, send span, reply span).
 
-"Off" is :data:`core.telemetry.OFF`; "on" is the SDK as the processes run it (batch span
+"Off" is :data:`core.runtime.telemetry.OFF`; "on" is the SDK as the processes run it (batch span
 processor) with an exporter that encodes every batch to OTLP protobuf (what the OTLP
 exporter sends) and drops it, so no collector's speed is in the figures. Each timing
 round ends with a flush inside the timed region and the queue is large enough that no
@@ -39,9 +39,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from consumer.intake import Intake
-from core.pipeline import ImageJob, Pipeline
-from core.settings import load_settings
-from core.telemetry import OFF, OtelTracing, Tracing, child_traceparent
+from core.runtime.settings import load_settings
+from core.runtime.telemetry import OFF, OtelTracing, Tracing, child_traceparent
+from core.vision.pipeline import ImageJob, Pipeline
 
 SAMPLES = REPO / "samples"
 RESULT = {"status": "OK", "error": None}

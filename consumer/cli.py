@@ -19,11 +19,11 @@ from types import FrameType
 from consumer.metrics import MetricsServer, WorkerMetrics
 from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
 from consumer.watchdog import HangWatchdog
-from core.errors import ConfigError
-from core.gpu import default_workers, place_worker
-from core.logs import configure_from_settings, configure_logging
-from core.settings import Settings, load_settings
-from core.telemetry import setup_tracing
+from core.runtime.errors import ConfigError
+from core.runtime.gpu import default_workers, place_worker
+from core.runtime.logs import configure_from_settings, configure_logging
+from core.runtime.settings import Settings, load_settings
+from core.runtime.telemetry import setup_tracing
 
 logger = logging.getLogger("consumer")
 
@@ -74,7 +74,7 @@ def run_worker(settings: Settings, index: int) -> int:
     """One worker in this process until SIGTERM/SIGINT (0) or a failure (1)."""
     from consumer.worker import Worker
 
-    settings = place_worker(settings, index)  # its GPU, and GPU defaults (core/gpu.py)
+    settings = place_worker(settings, index)  # its GPU, and GPU defaults (core/runtime/gpu.py)
     try:
         setup_tracing("qrsight-worker")
     except ConfigError as exc:

@@ -8,7 +8,7 @@ worker can publish an ``ERROR`` result and copy the message to the DLQ.
 Headers are input too: a ``correlation_id`` must be UTF-8 and at most
 :data:`MAX_REQUEST_ID_BYTES`; a reply may only go to a partition that exists of the
 configured replies topic (whoever can write to ``qr.images`` must not choose where a
-worker writes). Trace context headers are ``core.telemetry``'s: a ``traceparent`` that is
+worker writes). Trace context headers are ``core.runtime.telemetry``'s: a ``traceparent`` that is
 not W3C trace context is not passed on.
 """
 
@@ -20,20 +20,21 @@ from dataclasses import dataclass
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from core.errors import (
+from core.runtime.errors import (
     BadMessageError,
     BadReplyRouteError,
     EmptyImageError,
     QrsightError,
     UnsupportedTypeError,
 )
-from core.images import ImageLimits, probe, refused_kind
-from core.pipeline import ImageJob
-from core.telemetry import trace_id_of
+from core.runtime.telemetry import trace_id_of
+from core.vision.images import ImageLimits, probe, refused_kind
+from core.vision.pipeline import ImageJob
 from schemas import names
 from schemas.codec import Codec, RegistryError, WireFormatError
 
-# Magic bytes of the image formats a raw value may carry (core.images decides what it accepts).
+# Magic bytes of the image formats a raw value may carry
+# (core.vision.images decides what it accepts).
 IMAGE_MAGIC: tuple[bytes, ...] = (
     b"\xff\xd8\xff",  # JPEG
     b"\x89PNG\r\n\x1a\n",  # PNG

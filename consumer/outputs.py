@@ -23,7 +23,7 @@ from typing import Any, Literal
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from consumer.intake import Intake
-from core.errors import KafkaUnavailableError
+from core.runtime.errors import KafkaUnavailableError
 from schemas import names
 from schemas.codec import Codec
 
@@ -151,7 +151,7 @@ def result_records(
     """The result event for ``qr.detections`` and, when the request asked, its reply.
 
     ``trace_headers(topic)`` gives the trace-context headers of the record to ``topic``
-    (``core.telemetry``'s ``BatchTrace.headers``)."""
+    (``core.runtime.telemetry``'s ``BatchTrace.headers``)."""
     key = item.result_key
     topics: list[tuple[str, int | None, RecordKind]] = [(out.detections_topic, None, "result")]
     if item.reply_topic:

@@ -16,7 +16,7 @@ Kafka Streams' exception handlers do, without giving up the batch's offsets:
 
 Step 3 needs proof that the pipeline itself works: an image of the batch that passed,
 or else a known-good canary image. If the canary fails too, nothing is the input's fault
-(the model is broken): :class:`~core.errors.ModelError` propagates, the worker exits
+(the model is broken): :class:`~core.runtime.errors.ModelError` propagates, the worker exits
 without committing, and its supervisor restarts it with back-off.
 """
 
@@ -30,10 +30,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from core.errors import ModelError, QuarantinedError
-from core.pipeline import ImageJob
-from core.results import error_record
-from core.settings import Settings
+from core.runtime.errors import ModelError, QuarantinedError
+from core.runtime.results import error_record
+from core.runtime.settings import Settings
+from core.vision.pipeline import ImageJob
 
 logger = logging.getLogger(__name__)
 

@@ -68,13 +68,13 @@ from consumer.outputs import (
 )
 from consumer.recovery import BatchRecovery, RetryPolicy, Stopping
 from consumer.watchdog import UNGUARDED, HangWatchdog
-from core.errors import QuarantinedError, UndeliverableError
-from core.images import ImageLimits
-from core.kafka import avro_codec, consumer_config, message_limits, producer_config
-from core.pipeline import Pipeline
-from core.results import error_record, expired_record
-from core.settings import Settings
-from core.telemetry import BatchTrace, StageLog, header_traceparent, trace_id_of, tracing
+from core.runtime.errors import QuarantinedError, UndeliverableError
+from core.runtime.kafka import avro_codec, consumer_config, message_limits, producer_config
+from core.runtime.results import error_record, expired_record
+from core.runtime.settings import Settings
+from core.runtime.telemetry import BatchTrace, StageLog, header_traceparent, trace_id_of, tracing
+from core.vision.images import ImageLimits
+from core.vision.pipeline import Pipeline
 from schemas import names
 from schemas.codec import RegistryError
 
@@ -96,7 +96,7 @@ Key = tuple[str, int]
 
 def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
     """The detector and pipeline, plus the model facts the metrics publish."""
-    from core.detector import Detector
+    from core.vision.detector import Detector
 
     detector = Detector.from_settings(settings)
     info = detector.info
@@ -931,7 +931,7 @@ def _commit_transaction(producer: Producer) -> None:
 
 
 def _ids(item: Intake) -> dict[str, str | None]:
-    """A log line's request fields (``core.logs``)."""
+    """A log line's request fields (``core.runtime.logs``)."""
     return {
         "request_id": item.request_id,
         "trace_id": trace_id_of(header_traceparent(item.headers)),

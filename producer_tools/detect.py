@@ -6,7 +6,7 @@
 Directories are searched recursively for image files (by extension); whatever is
 given is then checked by its magic bytes, so a non-image gives an ``ERROR`` line and
 the run goes on. ``--json`` prints exactly one ``DetectionResult`` JSON line per
-input (``source`` = the path). Runs through :class:`core.pipeline.Pipeline`, the same
+input (``source`` = the path). Runs through :class:`core.vision.pipeline.Pipeline`, the same
 code as the stream workers. Exit status: 0 when it ran (even with ``ERROR`` lines),
 2 on a configuration error (e.g. no model), 1 when the model fails.
 """
@@ -26,12 +26,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from core.errors import ConfigError, ImageTooLargeError, ModelError, QrsightError
-from core.images import decode
-from core.logs import configure_from_settings
-from core.pipeline import ImageJob, Pipeline
-from core.results import error_record
-from core.settings import Settings, load_settings
+from core.runtime.errors import ConfigError, ImageTooLargeError, ModelError, QrsightError
+from core.runtime.logs import configure_from_settings
+from core.runtime.results import error_record
+from core.runtime.settings import Settings, load_settings
+from core.vision.images import decode
+from core.vision.pipeline import ImageJob, Pipeline
 from producer_tools.annotate import write_annotated
 
 logger = logging.getLogger("qrsight.detect")

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
-from core.errors import QrsightError
-from core.logs import configure_from_settings
-from core.settings import REPO_ROOT, load_settings
-from core.telemetry import setup_tracing
+from core.runtime.errors import QrsightError
+from core.runtime.logs import configure_from_settings
+from core.runtime.settings import REPO_ROOT, load_settings
+from core.runtime.telemetry import setup_tracing
 from producer_tools.publish import Item, Publisher, expand
 
 REPORT_EVERY_S = 5.0

@@ -29,13 +29,13 @@ from confluent_kafka import KafkaError, Message, Producer
 from tqdm import tqdm
 
 from api.replies import ReplyClient  # the one request/reply client, shared with the API
-from core.errors import QrsightError
-from core.images import ImageLimits, decode, probe
-from core.kafka import avro_codec, check_value_size, producer_config
-from core.logs import configure_from_settings
-from core.results import image_request
-from core.settings import Settings, load_settings
-from core.telemetry import Span, setup_tracing, tracing
+from core.runtime.errors import QrsightError
+from core.runtime.kafka import avro_codec, check_value_size, producer_config
+from core.runtime.logs import configure_from_settings
+from core.runtime.results import image_request
+from core.runtime.settings import Settings, load_settings
+from core.runtime.telemetry import Span, setup_tracing, tracing
+from core.vision.images import ImageLimits, decode, probe
 from producer_tools.annotate import write_annotated
 from producer_tools.results import compact_line
 from schemas import names

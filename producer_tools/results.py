@@ -17,10 +17,10 @@ from typing import Any, TextIO
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from core.errors import QrsightError
-from core.kafka import avro_codec, consumer_config
-from core.logs import configure_from_settings
-from core.settings import Settings, load_settings
+from core.runtime.errors import QrsightError
+from core.runtime.kafka import avro_codec, consumer_config
+from core.runtime.logs import configure_from_settings
+from core.runtime.settings import Settings, load_settings
 from schemas.codec import WireFormatError
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from core.errors import QrsightError
-from core.settings import REPO_ROOT, Settings, env_name, load_settings
+from core.runtime.errors import QrsightError
+from core.runtime.settings import REPO_ROOT, Settings, env_name, load_settings
 
 KAFKA_SCRIPT = REPO_ROOT / "deploy" / "local" / "kafka.sh"
 STOP_TIMEOUT_S = 20.0

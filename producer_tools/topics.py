@@ -1,7 +1,7 @@
 """``qrsight-topics create|describe``: the four topics of the contract, from settings.
 
 Partitions, replication, retention and ``max.message.bytes`` come from
-:func:`core.kafka.topic_specs`, so the topics always agree with the clients' size
+:func:`core.runtime.kafka.topic_specs`, so the topics always agree with the clients' size
 limits. ``create`` is idempotent: a topic that already exists is left alone, with a
 warning when it has fewer partitions or a smaller ``max.message.bytes`` than the
 settings ask for (Kafka cannot shrink partitions, and growing them re-maps keys, so
@@ -21,10 +21,10 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
-from core.errors import ConfigError, KafkaUnavailableError, QrsightError
-from core.kafka import admin_config, topic_specs
-from core.logs import configure_from_settings
-from core.settings import Settings, env_name, load_settings
+from core.runtime.errors import ConfigError, KafkaUnavailableError, QrsightError
+from core.runtime.kafka import admin_config, topic_specs
+from core.runtime.logs import configure_from_settings
+from core.runtime.settings import Settings, env_name, load_settings
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from core.results import image_request
+from core.runtime.results import image_request
 from schemas import names
 from schemas.codec import Codec
 

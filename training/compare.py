@@ -13,7 +13,7 @@ rule for replacing the shipped model: the candidate must score higher here.
 threshold before the exported ``score_bias``; 0.45 for the shipped model).
 
 ``--verifier V.onnx`` scores the exported detector (``--detector``, through
-``core.detector``) on the same images without and with the crop verifier's judgement
+``core.vision.detector``) on the same images without and with the crop verifier's judgement
 (its calibrated probability, or a version 1 verifier's score) at its own threshold (no
 payload is read here, so every box is judged), at the detector's default threshold and
 at the best one of the grid (and, with ``--families``, the family rates at the default
@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 import torch
 
-from core.detector import Detector
-from core.settings import DEFAULT_MODEL
-from core.verifier import Verifier
+from core.runtime.settings import DEFAULT_MODEL
+from core.vision.detector import Detector
+from core.vision.verifier import Verifier
 from training.evaluate import (
     CONF_GRID,
     best_operating_point,

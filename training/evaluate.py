@@ -9,8 +9,8 @@ are already final (the crop verifier's and the calibrated scorer's). Used by
 ``training.train`` (checkpoints), ``training.select`` (size), ``training.compare``
 (replacing a shipped model) and ``training.verify``.
 
-IoU and NMS are the core detector's (:func:`core.postprocess.box_iou`,
-:func:`core.postprocess.nms`): training scores boxes exactly as a worker keeps them.
+IoU and NMS are the core detector's (:func:`core.vision.postprocess.box_iou`,
+:func:`core.vision.postprocess.nms`): training scores boxes exactly as a worker keeps them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from core.postprocess import box_iou, nms
+from core.vision.postprocess import box_iou, nms
 
 NMS_IOU = 0.7  # the core detector's default for the YOLOv8 layout
 

@@ -28,7 +28,7 @@ import numpy as np
 import segno
 import zxingcpp
 
-from core.postprocess import box_iou
+from core.vision.postprocess import box_iou
 
 logger = logging.getLogger(__name__)
 

@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
             [str(args.run_dir / "best.pt"), "--out", str(args.out), "--version", args.version]
         )
     if (args.smoke or not args.no_select) and not args.no_verifier:
-        # the crop verifier learns from the exported detector's boxes (core/verifier.py)
+        # the crop verifier learns from the exported detector's boxes (core/vision/verifier.py)
         verify_main(["--detector", str(final), "--out", str(args.out)] + ["--smoke"] * args.smoke)
     return 0
 

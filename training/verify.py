@@ -1,4 +1,5 @@
-"""Train the crop verifier (``core/verifier.py``) and its calibration on synthetic data; export.
+"""Train the crop verifier (``core/vision/verifier.py``) and its calibration on synthetic
+data; export.
 
     python -m training.verify --detector models/qrsight-qr-v3.onnx --out models/ [--smoke]
 
@@ -20,7 +21,7 @@
    2e-3, random 90° rotations and mirror images.
 3. **Calibration** on separate streams (the mix at seed 5,000,012 and the families at
    seed 5,300,007): the boxes the pipeline checks — the detector at its default
-   threshold, payloads read the pipeline's way (``core.payload``: the standard reads,
+   threshold, payloads read the pipeline's way (``core.vision.payload``: the standard reads,
    then ``HARD_ATTEMPTS``) — that stay unread; a logistic regression of "on a code"
    (IoU ≥ 0.5) on (logit detector score, logit verifier score) gives ``P(code)``; the
    threshold on it with the best image recall - FP-image rate + 0.1 precision (the
@@ -46,10 +47,10 @@ import onnx
 import torch
 from torch import nn
 
-from core.detector import Detector
-from core.payload import HARD_ATTEMPTS, read_harder, read_payloads
-from core.postprocess import box_iou
-from core.verifier import (
+from core.vision.detector import Detector
+from core.vision.payload import HARD_ATTEMPTS, read_harder, read_payloads
+from core.vision.postprocess import box_iou
+from core.vision.verifier import (
     DEFAULT_MARGIN,
     Verifier,
     calibrated,
@@ -383,7 +384,7 @@ def export(
 ) -> Path:
     """Write ``path`` (metadata ``task=verify``, ``imgsz``, ``margin``, ``threshold``,
     ``calibration`` and ``detector_sha256`` of the ``detector`` file it was trained for)
-    and check that ONNX Runtime, through :class:`core.verifier.Verifier`, matches torch."""
+    and check that ONNX Runtime, through :class:`core.vision.verifier.Verifier`, matches torch."""
     size = model.size
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.rand(2, 1, size, size) * 255

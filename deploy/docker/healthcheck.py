@@ -11,7 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from core.settings import load_settings
+from core.runtime.settings import load_settings
 
 API_HEALTH = "/api/v1/health"
 WORKER_HEALTH = "/healthz"

@@ -168,8 +168,8 @@ controller_port() {
 
 message_max_bytes() {  # broker-wide limit: at least 64 MiB and at least qrsight's own limit
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - 2>/dev/null <<'EOF' || echo 67108864
-from core.kafka import message_limits
-from core.settings import load_settings
+from core.runtime.kafka import message_limits
+from core.runtime.settings import load_settings
 print(max(64 * 1024 * 1024, message_limits(load_settings()).max_message_bytes))
 EOF
 }

@@ -28,8 +28,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from core.kafka import consumer_config, producer_config
-from core.settings import REPO_ROOT, Settings
+from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.settings import REPO_ROOT, Settings
 from schemas import names
 from schemas.codec import Codec
 from tests.integration.test_worker import children, jpeg, settings_env

@@ -35,7 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from core.settings import REPO_ROOT, Settings
+from core.runtime.settings import REPO_ROOT, Settings
 from producer_tools.topics import create_topics
 from schemas import names
 from tests.chaos.harness import Message, Pod, Publisher, Tracker, log

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 from producer_tools.topics import create_topics
 from tests.chaos.harness import (
     IMAGES,

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from core.settings import REPO_ROOT, load_settings
+from core.runtime.settings import REPO_ROOT, load_settings
 from tests.unit import deploy_checks as dc
 
 CONTAINERS_SH = REPO_ROOT / "deploy" / "local" / "containers.sh"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from core.settings import REPO_ROOT
+from core.runtime.settings import REPO_ROOT
 
 SAMPLES = REPO_ROOT / "samples"
 CPU_ONLY = ["-e", "QRSIGHT_ONNX_PROVIDERS=CPUExecutionProvider"]

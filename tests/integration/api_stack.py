@@ -28,7 +28,7 @@ import numpy as np
 import requests
 from pydantic import SecretStr
 
-from core.settings import DEFAULT_MODEL, Settings, env_name
+from core.runtime.settings import DEFAULT_MODEL, Settings, env_name
 from producer_tools.topics import create_topics
 from tests.integration.kafka_topics import delete_topics, fresh_settings
 from tests.unit.onnx_models import make_fixed_output_model

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 from producer_tools.topics import create_topics
 from tests.integration.kafka_topics import delete_topics, fresh_settings
 

@@ -21,8 +21,8 @@ from typing import Any
 from consumer import worker as worker_module
 from consumer.cli import configure_logging, main
 from consumer.supervisor import Supervisor
-from core.pipeline import ImageJob
-from core.settings import load_settings
+from core.runtime.settings import load_settings
+from core.vision.pipeline import ImageJob
 
 MARKER = b"KILL-ME"
 HANG_MARKER = b"HANG-ME"

@@ -9,8 +9,8 @@ import os
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from core.kafka import admin_config
-from core.settings import Settings, load_settings
+from core.runtime.kafka import admin_config
+from core.runtime.settings import Settings, load_settings
 
 # Kafka connection settings that go with an external QRSIGHT_KAFKA_BOOTSTRAP.
 CONNECTION_ENV_PREFIXES = ("QRSIGHT_KAFKA_SECURITY_", "QRSIGHT_KAFKA_SASL_", "QRSIGHT_KAFKA__")

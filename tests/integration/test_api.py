@@ -27,8 +27,8 @@ import pytest
 import requests
 
 from api import create_app
-from core.postprocess import box_iou
-from core.settings import load_settings
+from core.runtime.settings import load_settings
+from core.vision.postprocess import box_iou
 from producer_tools.topics import create_topics
 from tests.integration.api_stack import (
     FIXED_BOX,

@@ -30,10 +30,10 @@ from flask import Flask
 
 from api import create_app
 from api.replies import ReplyClient
-from core.errors import CorruptImageError
-from core.kafka import avro_codec, consumer_config, producer_config
-from core.results import error_record
-from core.settings import Settings
+from core.runtime.errors import CorruptImageError
+from core.runtime.kafka import avro_codec, consumer_config, producer_config
+from core.runtime.results import error_record
+from core.runtime.settings import Settings
 from schemas.names import H_CORRELATION_ID, H_REPLY_PARTITION, decode_partition, header_dict
 from tests.integration.api_stack import Stack, make_stack, metric, qr_png
 

@@ -16,15 +16,15 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from core.errors import MessageTooLargeError
-from core.kafka import (
+from core.runtime.errors import MessageTooLargeError
+from core.runtime.kafka import (
     admin_config,
     check_value_size,
     consumer_config,
     message_limits,
     producer_config,
 )
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOLUME_MESSAGES = 1000

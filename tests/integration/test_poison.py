@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from consumer.worker import Worker
-from core.kafka import message_limits
-from core.pipeline import Pipeline
-from core.settings import DEFAULT_MODEL, Settings
+from core.runtime.kafka import message_limits
+from core.runtime.settings import DEFAULT_MODEL, Settings
+from core.vision.pipeline import Pipeline
 from schemas import names
 from tests.integration.crashy_worker import HANG_MARKER, MARKER
 from tests.integration.test_worker import (
@@ -256,7 +256,7 @@ def _spawn_crashy(settings: Settings, log: Path) -> Any:
     import subprocess
     import sys
 
-    from core.settings import REPO_ROOT
+    from core.runtime.settings import REPO_ROOT
     from tests.integration import test_worker
 
     with open(log, "ab") as out:

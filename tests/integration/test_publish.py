@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from core.settings import REPO_ROOT, Settings
+from core.runtime.settings import REPO_ROOT, Settings
 
 SAMPLES = REPO_ROOT / "samples"
 

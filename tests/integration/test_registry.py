@@ -26,8 +26,8 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from fastavro import parse_schema, schemaless_writer
 
-from core.kafka import consumer_config, producer_config
-from core.settings import Settings
+from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.settings import Settings
 from schemas.codec import FRAME, Codec, RegistryError, WireFormatError, schema_json
 
 REGISTRY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "local" / "registry"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import REPO_ROOT
+from core.runtime.settings import REPO_ROOT
 
 SAMPLES = REPO_ROOT / "samples"
 UP_TIMEOUT_S = 300.0

@@ -26,8 +26,8 @@ import pytest
 import requests
 from confluent_kafka import Producer
 
-from core.kafka import producer_config
-from core.settings import DEFAULT_MODEL
+from core.runtime.kafka import producer_config
+from core.runtime.settings import DEFAULT_MODEL
 from producer_tools.topics import create_topics
 from tests.integration.api_stack import Stack, qr_png, settings_env, start, wait_ready
 from tests.integration.kafka_topics import fresh_settings

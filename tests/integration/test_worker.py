@@ -3,7 +3,7 @@
 Workers run in-process (a thread) where that is simpler and as real processes
 (``python -m consumer.cli``) wherever signals, crashes and restarts are the point.
 The model is a tiny image-dependent ONNX graph (tests/unit/onnx_models.py), so the
-boxes differ per image and can be compared with ``core.pipeline.Pipeline``.
+boxes differ per image and can be compared with ``core.vision.pipeline.Pipeline``.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from pydantic import SecretStr
 
 from consumer.journal import CrashJournal
 from consumer.worker import Worker
-from core.errors import ModelError
-from core.kafka import consumer_config, producer_config
-from core.pipeline import ImageJob, Pipeline
-from core.results import image_request as request_record
-from core.settings import DEFAULT_MODEL, REPO_ROOT, Settings
+from core.runtime.errors import ModelError
+from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.results import image_request as request_record
+from core.runtime.settings import DEFAULT_MODEL, REPO_ROOT, Settings
+from core.vision.pipeline import ImageJob, Pipeline
 from schemas import names
 from schemas.codec import Codec
 from tests.unit.onnx_models import make_dark_cell_model

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from core.settings import KAFKA_PASSTHROUGH_PREFIX, Settings, env_name
+from core.runtime.settings import KAFKA_PASSTHROUGH_PREFIX, Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

@@ -19,7 +19,7 @@ from flask import Flask
 
 from api import create_app
 from api.cli import main as cli_main
-from core.errors import ConfigError
+from core.runtime.errors import ConfigError
 from tests.unit.test_api_helpers import api_settings, offline_app, png
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"

@@ -12,7 +12,7 @@ from flask import Flask
 
 from api import create_app
 from api.replies import ReplyClient
-from core.settings import Settings, load_settings
+from core.runtime.settings import Settings, load_settings
 
 
 def api_settings(**overrides: Any) -> Settings:

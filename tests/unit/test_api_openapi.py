@@ -8,8 +8,8 @@ import pytest
 
 from api.openapi import document
 from api.slots import lowest_free_slot, reply_partition, set_process_slot
-from core.errors import ConfigError
-from core.telemetry import child_traceparent
+from core.runtime.errors import ConfigError
+from core.runtime.telemetry import child_traceparent
 from tests.unit.test_api_helpers import api_settings, offline_app
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}

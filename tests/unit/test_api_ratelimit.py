@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from core.settings import load_settings
+from core.runtime.settings import load_settings
 from tests.unit.test_api_helpers import api_settings, offline_app, png
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from api.detect import check_result, reply_body
-from core.errors import QrsightError
+from core.runtime.errors import QrsightError
 
 
 def result(status: str, code: str | None = None) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from core.kafka import admin_config, consumer_config, producer_config
-from core.settings import Settings, is_secret_property, load_settings
+from core.runtime.kafka import admin_config, consumer_config, producer_config
+from core.runtime.settings import Settings, is_secret_property, load_settings
 from tests.unit.test_api_helpers import offline_app, png
 
 SECRETS = {

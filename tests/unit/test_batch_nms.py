@@ -1,5 +1,5 @@
-"""Batch-wide post-processing (core/batch_nms.py) returns exactly what the per-image
-post-processing (core/postprocess.py) returns: same boxes, scores, classes, same order."""
+"""Batch-wide post-processing (core/vision/batch_nms.py) returns exactly what the per-image
+post-processing (core/vision/postprocess.py) returns: same boxes, scores, classes, same order."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.batch_nms import nms_batch, postprocess_batch_vectorized
-from core.detections import Detections
-from core.errors import ModelError
-from core.postprocess import Layout, Letterbox, nms, postprocess_batch
+from core.runtime.errors import ModelError
+from core.vision.batch_nms import nms_batch, postprocess_batch_vectorized
+from core.vision.detections import Detections
+from core.vision.postprocess import Layout, Letterbox, nms, postprocess_batch
 
 
 def same(a: list[Detections], b: list[Detections]) -> bool:

@@ -11,8 +11,8 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
 from consumer.intake import Intake, looks_like_image, parse_message
 from consumer.worker import next_offsets
-from core.images import ImageLimits
-from core.telemetry import trace_headers
+from core.runtime.telemetry import trace_headers
+from core.vision.images import ImageLimits
 from schemas import names
 from schemas.codec import Codec
 

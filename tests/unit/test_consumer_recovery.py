@@ -18,8 +18,8 @@ from consumer.journal import DELIVERED_FRESH_S, CrashJournal, journal_path
 from consumer.outputs import OutputConfig, dlq_record, failure_kind
 from consumer.recovery import CANARY_ID, BatchRecovery, RetryPolicy, Stopping
 from consumer.worker import Fetched, split_owned
-from core.errors import ModelError
-from core.pipeline import ImageJob
+from core.runtime.errors import ModelError
+from core.vision.pipeline import ImageJob
 from schemas import names
 
 Result = dict[str, Any]

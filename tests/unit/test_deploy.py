@@ -25,8 +25,8 @@ import pytest
 import yaml
 from flask import Flask
 
-from core.kafka import consumer_config
-from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, Settings, load_settings
+from core.runtime.kafka import consumer_config
+from core.runtime.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, Settings, load_settings
 from tests.unit import deploy_checks as dc
 
 COMPOSE_FILE = dc.ROOT / "docker-compose.yml"

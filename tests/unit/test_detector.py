@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.detections import Detections, ModelInfo
-from core.detector import Detector, choose_providers, parse_imgsz, parse_names
-from core.errors import ConfigError, ModelError
-from core.settings import DEFAULT_MODEL, load_settings
+from core.runtime.errors import ConfigError, ModelError
+from core.runtime.settings import DEFAULT_MODEL, load_settings
+from core.vision.detections import Detections, ModelInfo
+from core.vision.detector import Detector, choose_providers, parse_imgsz, parse_names
 from tests.unit.onnx_models import make_dark_cell_model, make_fixed_output_model
 
 NAMES = {0: "qr", 1: "micro_qr"}
@@ -121,7 +121,7 @@ def test_golden_boxes_per_layout(
 def test_golden_boxes_of_a_fixed_batch_model_run_one_by_one(
     models: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="core.detector"):
+    with caplog.at_level(logging.INFO, logger="core.vision.detector"):
         detector = Detector(models["batch1"])
     assert detector.fixed_batch == 1
     assert "fixed batch" in caplog.text
@@ -158,7 +158,7 @@ def test_padded_batches_run_one_shape_and_give_the_same_boxes(
     images = dark_squares(count)
     plain = Detector(models["dark"]).predict(images)
     padded = Detector(models["dark"], pad_to=4, pad=True)
-    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+    with caplog.at_level(logging.DEBUG, logger="core.vision.detector"):
         result = padded.predict(images)
     assert batch_sizes(caplog) == [4] * ((count + 3) // 4)
     assert len(result) == count
@@ -173,7 +173,7 @@ def test_loading_probes_symbolic_outputs_with_the_run_shape(
 ) -> None:
     # the shipped model's anchor axis is symbolic, so loading runs one blank batch; when
     # padding, that batch has the padded shape (on a GPU: the one kernel search it needs)
-    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+    with caplog.at_level(logging.DEBUG, logger="core.vision.detector"):
         Detector(DEFAULT_MODEL, pad_to=4, pad=pad)
     assert batch_sizes(caplog) == probe
 
@@ -184,13 +184,13 @@ def test_batches_are_not_padded_on_cpu_by_default(
     settings = load_settings({"QRSIGHT_MAX_BATCH": "8"}, model_path=models["dark"])
     detector = Detector.from_settings(settings)
     assert detector.providers == ["CPUExecutionProvider"]
-    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+    with caplog.at_level(logging.DEBUG, logger="core.vision.detector"):
         detector.predict(dark_squares(3))
     assert batch_sizes(caplog) == [3]
     forced = {"QRSIGHT_MAX_BATCH": "8", "QRSIGHT_PAD_BATCH": "true"}
     detector = Detector.from_settings(load_settings(forced, model_path=models["dark"]))
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="core.detector"):
+    with caplog.at_level(logging.DEBUG, logger="core.vision.detector"):
         detector.predict(dark_squares(3))
     assert batch_sizes(caplog) == [8]
 

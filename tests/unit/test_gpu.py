@@ -1,4 +1,4 @@
-"""GPU placement and defaults (core/gpu.py): plain logic, checked without a GPU."""
+"""GPU placement and defaults (core/runtime/gpu.py): plain logic, checked without a GPU."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from core import gpu
-from core.detector import provider_options
-from core.settings import load_settings
+from core.runtime import gpu
+from core.runtime.settings import load_settings
+from core.vision.detector import provider_options
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU = ["CPUExecutionProvider"]

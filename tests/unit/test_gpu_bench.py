@@ -10,7 +10,7 @@ import pytest
 
 from bench import gpu_e2e
 from bench.gpu_e2e import Case, Row, case_env, measure, plan, preflight_problems
-from core.settings import load_settings
+from core.runtime.settings import load_settings
 
 
 def test_the_plan_puts_the_default_model_and_the_gpu_decoder_first() -> None:

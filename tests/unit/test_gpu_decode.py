@@ -1,4 +1,4 @@
-"""GPU JPEG decoding (core/gpu_decode.py): which decoder is chosen, what goes to it, and
+"""GPU JPEG decoding (core/vision/gpu_decode.py): which decoder is chosen, what goes to it, and
 that everything it does not decode takes the CPU path with today's checks and errors.
 
 The selection and fallback logic runs against a stand-in for ``nvidia.nvimgcodec`` that
@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 import pytest
 
-from core import gpu_decode
-from core.errors import ConfigError
-from core.gpu_decode import MAX_BATCH_FAILURES, GpuDecoder, make_gpu_decoder
-from core.images import ImageLimits, decode
-from core.pipeline import ImageJob, Pipeline
-from core.settings import Settings, load_settings
+from core.runtime.errors import ConfigError
+from core.runtime.settings import Settings, load_settings
+from core.vision import gpu_decode
+from core.vision.gpu_decode import MAX_BATCH_FAILURES, GpuDecoder, make_gpu_decoder
+from core.vision.images import ImageLimits, decode
+from core.vision.pipeline import ImageJob, Pipeline
 from tests.unit.test_images import jpeg_cut_in_scan, jpeg_with_exif, pattern
 from tests.unit.test_pipeline import qr_image
 
@@ -45,7 +45,7 @@ def png(img: np.ndarray) -> bytes:
 
 
 class FakeNvImageCodec:
-    """What core.gpu_decode uses of ``nvidia.nvimgcodec``, decoding with OpenCV.
+    """What core.vision.gpu_decode uses of ``nvidia.nvimgcodec``, decoding with OpenCV.
 
     ``refuse``: payloads it returns None for (as nvImageCodec does per image);
     ``fail_batches``: how many decode calls raise; ``calls``: batch sizes seen;
@@ -222,7 +222,7 @@ def test_failed_batches_fall_back_then_turn_the_gpu_decoder_off(
     assert gpu.decode_many(data) == [None] * 3
     assert all(d is not None for d in gpu.decode_many(data)), "one failure is forgiven"
     nv.fail_batches = MAX_BATCH_FAILURES
-    with caplog.at_level(logging.WARNING, logger="core.gpu_decode"):
+    with caplog.at_level(logging.WARNING, logger="core.vision.gpu_decode"):
         for _ in range(MAX_BATCH_FAILURES):
             assert gpu.decode_many(data) == [None] * 3
     assert not gpu.enabled

@@ -11,16 +11,16 @@ import cv2
 import numpy as np
 import pytest
 
-from core import images
-from core.errors import (
+from core.runtime.errors import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
     QrsightError,
     UnsupportedTypeError,
 )
-from core.images import ImageInfo, ImageLimits, decode, probe
-from core.settings import load_settings
+from core.runtime.settings import load_settings
+from core.vision import images
+from core.vision.images import ImageInfo, ImageLimits, decode, probe
 
 LIMITS = ImageLimits(max_bytes=10 * 1024 * 1024, max_side=8192, max_pixels=40_000_000)
 
@@ -266,7 +266,7 @@ REFUSALS = [
 
 @pytest.fixture
 def imdecode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts calls to cv2.imdecode made by core.images (it still decodes)."""
+    """Counts calls to cv2.imdecode made by core.vision.images (it still decodes)."""
     calls: list[int] = []
     real = cv2.imdecode
 

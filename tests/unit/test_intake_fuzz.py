@@ -2,7 +2,7 @@
 sees a result: image intake, message parsing and ``Pipeline.run``.
 
 The promise under test: whatever the bytes, shapes and headers, only the documented
-errors come out (``core.images``: empty, unsupported, corrupt, too large; ``parse_message``:
+errors come out (``core.vision.images``: empty, unsupported, corrupt, too large; ``parse_message``:
 nothing, the reason travels in ``Intake.error``; ``Pipeline.run``: nothing for bad input,
 one record per job), decoded pixels always match the probed size, and decoding memory
 stays proportional to the image limits.
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.intake import MAX_REQUEST_ID_BYTES, parse_message
-from core.errors import (
+from core.runtime.errors import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
@@ -32,10 +32,10 @@ from core.errors import (
     UnsupportedTypeError,
     error_classes,
 )
-from core.images import ImageLimits, decode, probe
-from core.pipeline import ImageJob, Pipeline
-from core.settings import REPO_ROOT, load_settings
-from core.telemetry import trace_headers
+from core.runtime.settings import REPO_ROOT, load_settings
+from core.runtime.telemetry import trace_headers
+from core.vision.images import ImageLimits, decode, probe
+from core.vision.pipeline import ImageJob, Pipeline
 from schemas import names
 from schemas.codec import Codec
 from tests.poison_corpus import cases, odd_images
@@ -232,7 +232,7 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import numpy as np
-    from core.images import ImageLimits, decode
+    from core.vision.images import ImageLimits, decode
     data = open(sys.argv[1], "rb").read()
     limits = ImageLimits(len(data), 8192, int(sys.argv[2]))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

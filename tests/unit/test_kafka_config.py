@@ -1,4 +1,5 @@
-"""core.kafka: one size setting drives every limit; connection settings reach every client."""
+"""core.runtime.kafka: one size setting drives every limit; connection settings reach every
+client."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from core.errors import ConfigError, MessageTooLargeError
-from core.kafka import (
+from core.runtime.errors import ConfigError, MessageTooLargeError
+from core.runtime.kafka import (
     admin_config,
     check_value_size,
     consumer_config,
@@ -16,7 +17,7 @@ from core.kafka import (
     producer_config,
     topic_specs,
 )
-from core.settings import Settings, load_settings
+from core.runtime.settings import Settings, load_settings
 
 ConfigBuilder = Callable[[Settings], dict[str, Any]]
 BUILDERS: dict[str, ConfigBuilder] = {

@@ -67,16 +67,28 @@ def test_imports_follow_the_layout(package: str) -> None:
     assert violations(package) == []
 
 
+def test_runtime_never_imports_vision() -> None:
+    """core.runtime is how a process runs; core.vision builds on it, never the reverse."""
+    found = [
+        f"{path.relative_to(REPO_ROOT)}:{line} imports {module}"
+        for path in sorted((REPO_ROOT / "core" / "runtime").rglob("*.py"))
+        for line, module in imported_modules(path)
+        if module.startswith("core.vision")
+    ]
+
+    assert found == []
+
+
 def test_the_checker_sees_the_code() -> None:
     core_imports = {m for p in (REPO_ROOT / "core").rglob("*.py") for _, m in imported_modules(p)}
 
-    assert "core.errors.ConfigError" in core_imports
+    assert "core.runtime.errors.ConfigError" in core_imports
 
 
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("import core.kafka", ["core.kafka"]),
+        ("import core.runtime.kafka", ["core.runtime.kafka"]),
         ("from api import replies", ["api.replies"]),
         ("from api.replies import ReplyClient", ["api.replies.ReplyClient"]),
         ("from . import sibling", []),

@@ -1,4 +1,4 @@
-"""The on-device letterbox (core/letterbox_graph.py), run here on the CPU provider: the same
+"""The on-device letterbox (core/vision/letterbox_graph.py), run here on the CPU provider: the same
 batch as the host letterbox within one grey level, the same detections through the
 detector, and the shipped graph is the one the code builds."""
 
@@ -11,16 +11,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from core.detector import Detector
-from core.letterbox_graph import (
+from core.runtime.settings import DEFAULT_MODEL, load_settings
+from core.vision.detector import Detector
+from core.vision.letterbox_graph import (
     INPUT_NAMES,
     LETTERBOX_MODEL,
     axis_taps,
     build_letterbox_graph,
     letterbox_inputs,
 )
-from core.postprocess import PAD_VALUE, letterbox_batch
-from core.settings import DEFAULT_MODEL, load_settings
+from core.vision.postprocess import PAD_VALUE, letterbox_batch
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
@@ -42,7 +42,7 @@ def run_graph(
 
 def test_the_shipped_graph_is_the_one_the_code_builds() -> None:
     assert LETTERBOX_MODEL.read_bytes() == build_letterbox_graph().SerializeToString(), (
-        "models/qrsight-letterbox-v1.onnx is stale: run `python -m core.letterbox_graph`"
+        "models/qrsight-letterbox-v1.onnx is stale: run `python -m core.vision.letterbox_graph`"
     )
     session = ort.InferenceSession(str(LETTERBOX_MODEL), providers=["CPUExecutionProvider"])
     assert tuple(i.name for i in session.get_inputs()) == INPUT_NAMES

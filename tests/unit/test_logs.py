@@ -1,4 +1,4 @@
-"""core.logs: one format for every process, request fields on every line, secrets masked.
+"""core.runtime.logs: one format for every process, request fields on every line, secrets masked.
 
 The processes themselves (gunicorn and its loggers, the workers) are checked end to end in
 tests/integration/test_tracing.py."""
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from core import logs
-from core.errors import ConfigError
-from core.settings import load_settings
+from core.runtime import logs
+from core.runtime.errors import ConfigError
+from core.runtime.settings import load_settings
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TEXT_LINE = re.compile(

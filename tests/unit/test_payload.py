@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from core.detections import Detections
-from core.payload import drop_duplicate_reads, read_payloads, read_whole
+from core.vision.detections import Detections
+from core.vision.payload import drop_duplicate_reads, read_payloads, read_whole
 from tests.unit.qr_factory import CodeSpec, PlacedCode, scene
 
 URL = "https://example.com/qrsight?id=42"
@@ -220,7 +220,7 @@ def blurred_code() -> tuple[np.ndarray, PlacedCode]:
 
 
 def test_harder_reads_read_what_the_standard_reads_miss_and_only_where_asked() -> None:
-    from core.payload import CANDIDATE_ATTEMPTS, read_harder
+    from core.vision.payload import CANDIDATE_ATTEMPTS, read_harder
 
     image, code = blurred_code()
     given = detections([padded(code), np.array([20, 20, 120, 120], np.float32)])
@@ -237,7 +237,7 @@ def test_harder_reads_read_what_the_standard_reads_miss_and_only_where_asked() -
 
 
 def test_the_shipped_harder_reads_are_measured_candidates_that_read_it() -> None:
-    from core.payload import CANDIDATE_ATTEMPTS, HARD_ATTEMPTS, read_harder
+    from core.vision.payload import CANDIDATE_ATTEMPTS, HARD_ATTEMPTS, read_harder
 
     assert HARD_ATTEMPTS and all(CANDIDATE_ATTEMPTS[a.name] is a for a in HARD_ATTEMPTS)
     image, code = blurred_code()

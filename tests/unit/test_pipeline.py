@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import segno
 
-from core.errors import CorruptImageError, ModelError
-from core.pipeline import ImageJob, Pipeline, qr_class
-from core.results import TIMING_KEYS, error_record, expired_record, now_ms
-from core.settings import Settings, load_settings
+from core.runtime.errors import CorruptImageError, ModelError
+from core.runtime.results import TIMING_KEYS, error_record, expired_record, now_ms
+from core.runtime.settings import Settings, load_settings
+from core.vision.pipeline import ImageJob, Pipeline, qr_class
 from tests.unit.onnx_models import (
     make_dark_cell_model,
     make_fixed_output_model,
@@ -176,7 +176,7 @@ def test_a_payload_reader_failure_keeps_the_box(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("reader bug")
 
-    monkeypatch.setattr("core.pipeline.read_payloads", broken)
+    monkeypatch.setattr("core.vision.pipeline.read_payloads", broken)
     settings = load_settings({}, model_path=model, verifier_path="off")
     (result,) = run(settings, [ImageJob("r-1", encode(qr_image()))])
     assert result["status"] == "OK"
@@ -248,7 +248,7 @@ def blurred_qr_job(tmp_path: Path) -> tuple[ImageJob, Path, str]:
 def test_harder_reads_go_to_the_boxes_the_verifier_finds_plausible(
     tmp_path: Path, calibration: str, want: str
 ) -> None:
-    from core.settings import DEFAULT_VERIFIER
+    from core.runtime.settings import DEFAULT_VERIFIER
 
     job, model, text = blurred_qr_job(tmp_path)
     verifier = with_metadata(

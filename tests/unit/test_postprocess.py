@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.errors import ModelError
-from core.postprocess import (
+from core.runtime.errors import ModelError
+from core.vision.postprocess import (
     LAYOUT_DEFAULTS,
     PAD_VALUE,
     Letterbox,

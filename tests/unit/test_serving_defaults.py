@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import load_settings
+from core.runtime.settings import load_settings
 from producer_tools import stack
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from core.errors import ConfigError
-from core.settings import (
+from core.runtime.errors import ConfigError
+from core.runtime.settings import (
     KAFKA_PASSTHROUGH_PREFIX,
     Settings,
     env_name,
@@ -145,7 +145,7 @@ def test_a_hang_watchdog_below_group_eviction_or_off_is_accepted() -> None:
 
 
 def test_unknown_qrsight_variables_are_reported(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="core.settings"):
+    with caplog.at_level(logging.WARNING, logger="core.runtime.settings"):
         load_settings({"QRSIGHT_TOPIC_IMAGE": "typo", "OTHER_THING": "x"})
 
     assert "QRSIGHT_TOPIC_IMAGE" in caplog.text
@@ -187,7 +187,7 @@ def test_every_setting_is_described_and_in_the_table() -> None:
 
 
 def test_readme_documents_every_setting() -> None:
-    """README's settings table comes from `python3 -m core.settings`; keep them in step."""
+    """README's settings table comes from `python3 -m core.runtime.settings`; keep them in step."""
     readme = REPO_ROOT / "README.md"
     assert readme.is_file(), "README.md is missing"
     text = readme.read_text(encoding="utf-8")
@@ -197,5 +197,7 @@ def test_readme_documents_every_setting() -> None:
         for name in Settings.model_fields
         if name != "kafka_extra" and env_name(name) not in text
     ]
-    assert missing == [], f"README.md lacks {missing}: paste `python3 -m core.settings` output"
+    assert missing == [], (
+        f"README.md lacks {missing}: paste `python3 -m core.runtime.settings` output"
+    )
     assert KAFKA_PASSTHROUGH_PREFIX in text

@@ -1,4 +1,4 @@
-"""core.telemetry: off by default and free; on, the span tree of a batch as the messaging
+"""core.runtime.telemetry: off by default and free; on, the span tree of a batch as the messaging
 conventions say (the end-to-end trace through Kafka and a real collector is
 tests/integration/test_tracing.py)."""
 
@@ -18,11 +18,11 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
-from core import telemetry
-from core.errors import ConfigError
-from core.pipeline import ImageJob, Pipeline
-from core.settings import load_settings
-from core.telemetry import OFF, OtelTracing, StageLog, child_traceparent, parse_traceparent
+from core.runtime import telemetry
+from core.runtime.errors import ConfigError
+from core.runtime.settings import load_settings
+from core.runtime.telemetry import OFF, OtelTracing, StageLog, child_traceparent, parse_traceparent
+from core.vision.pipeline import ImageJob, Pipeline
 from tests.unit.onnx_models import make_dark_cell_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def test_tracing_is_on_only_when_the_otel_variables_ask(env: dict[str, str], on:
 def test_off_never_imports_the_sdk() -> None:
     """The adapters' modules and an off setup load no OpenTelemetry code at all."""
     code = (
-        "import sys, core.telemetry as t, core.pipeline, consumer.worker, api.app, "
+        "import sys, core.runtime.telemetry as t, core.vision.pipeline, consumer.worker, api.app, "
         "producer_tools.publish\n"
         "assert t.setup_tracing('x', {}) is t.OFF\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"

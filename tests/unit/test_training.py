@@ -190,7 +190,7 @@ def test_smoke_training_exports_a_yolov8_layout_onnx(tmp_path: Path) -> None:
     assert [(h["step"], h["phase"]) for h in history] == [(6, 1), (8, 2)]
     assert (tmp_path / "best-main.pt").is_file()
     # the crop verifier is trained on this detector's boxes and names it
-    from core.verifier import Verifier, file_sha256
+    from core.vision.verifier import Verifier, file_sha256
     from training import verify
 
     verifier = Verifier(tmp_path / verify.MODEL_NAME)

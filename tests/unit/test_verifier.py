@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from core.detections import Detections
-from core.errors import ConfigError
-from core.pipeline import ImageJob, Pipeline
-from core.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
-from core.verifier import Verifier, crop_patches, file_sha256, load_verifier
+from core.runtime.errors import ConfigError
+from core.runtime.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
+from core.vision.detections import Detections
+from core.vision.pipeline import ImageJob, Pipeline
+from core.vision.verifier import Verifier, crop_patches, file_sha256, load_verifier
 from tests.unit.onnx_models import make_dark_cell_model, with_metadata
 from tests.unit.qr_factory import CodeSpec, scene
 
@@ -115,7 +115,7 @@ def test_the_verifier_goes_with_the_detector_it_was_trained_for(
     explicit = {"QRSIGHT_VERIFIER_PATH": str(DEFAULT_VERIFIER)}
     for env in ({}, explicit):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="core.verifier"):
+        with caplog.at_level(logging.WARNING, logger="core.vision.verifier"):
             assert load_verifier(load_settings(env, model_path=dark_model), dark_model) is None
         assert "trained for another detector" in caplog.text
         assert "QRSIGHT_VERIFIER_PATH=off" in caplog.text

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from core.settings import REPO_ROOT
+from core.runtime.settings import REPO_ROOT
 
 
 def _run(body: str) -> subprocess.CompletedProcess[str]:

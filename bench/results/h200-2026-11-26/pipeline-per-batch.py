@@ -2,9 +2,9 @@ import sys, time
 sys.path.insert(0, "bench"); sys.path.insert(0, ".")
 import numpy as np
 import providers as P
-from core.detector import Detector
-from core.pipeline import ImageJob, Pipeline
-from core.settings import load_settings
+from core.vision.detector import Detector
+from core.vision.pipeline import ImageJob, Pipeline
+from core.runtime.settings import load_settings
 files = P.image_files(P.Path(".ortgpu/data"))
 blobs = [f.read_bytes() for f in files]
 jobs = [ImageJob(f"p-{i}", b) for i, b in enumerate(blobs)]

@@ -2,9 +2,9 @@ import sys, time, os
 sys.path.insert(0, "bench"); sys.path.insert(0, ".")
 import numpy as np, cv2
 import providers as P
-from core.detector import Detector
-from core.postprocess import letterbox_batch
-from core.images import decode
+from core.vision.detector import Detector
+from core.vision.postprocess import letterbox_batch
+from core.vision.images import decode
 files = P.image_files(P.Path(".ortgpu/data"))
 imgs = [decode(f.read_bytes(), P.LIMITS) for f in files][:32]
 def t(fn, n=5):

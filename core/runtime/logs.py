@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from core.settings import Settings
+    from core.runtime.settings import Settings
 
 LogFormat = Literal["text", "json"]
 FIELDS = ("request_id", "trace_id")
@@ -195,7 +195,7 @@ def secret_values(settings: Settings) -> list[str]:
             found.append(text)
             if ":" in text:
                 found.append(text.split(":", 1)[1])
-    from core.settings import is_secret_property
+    from core.runtime.settings import is_secret_property
 
     for prop, value in settings.kafka_extra_values().items():
         if is_secret_property(prop):

@@ -2,7 +2,7 @@
 
 decode (thread pool) → letterbox → one ONNX run per chunk of ``max_batch`` → NMS and
 rescale → :meth:`Pipeline.check`: payload reading, the crop verifier's judgement of the
-unread QR boxes (``core.verifier``; ``QRSIGHT_VERIFIER_PATH``, used with the detector it
+unread QR boxes (``core.vision.verifier``; ``QRSIGHT_VERIFIER_PATH``, used with the detector it
 was trained for), harder reads of the plausible ones, the verifier's keep rule and
 calibrated confidence → records. The workers, ``qrsight-detect`` and the
 benchmarks all call :meth:`Pipeline.run`, so their boxes are identical.
@@ -26,17 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from core.detections import Detections
-from core.detector import Detector
-from core.errors import CorruptImageError, QrsightError
-from core.gpu import default_workers, post_threads
-from core.gpu_decode import Decoded, make_gpu_decoder
-from core.images import ImageLimits, decode, jpeg_scale, probe
-from core.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
-from core.results import error_record, now_ms, result_record
-from core.settings import Settings
-from core.telemetry import StageLog
-from core.verifier import Verifier, load_verifier
+from core.runtime.errors import CorruptImageError, QrsightError
+from core.runtime.gpu import default_workers, post_threads
+from core.runtime.results import error_record, now_ms
+from core.runtime.settings import Settings
+from core.runtime.telemetry import StageLog
+from core.vision.detections import Detections, result_record
+from core.vision.detector import Detector
+from core.vision.gpu_decode import Decoded, make_gpu_decoder
+from core.vision.images import ImageLimits, decode, jpeg_scale, probe
+from core.vision.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
+from core.vision.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Pipeline:
     """Bytes in, one ``DetectionResult`` dict per job out (same order).
 
     Bad input never raises: it becomes an ``ERROR`` record with the error's code.
-    A model failure raises :class:`core.errors.ModelError` (not the input's fault).
+    A model failure raises :class:`core.runtime.errors.ModelError` (not the input's fault).
     """
 
     def __init__(
@@ -102,8 +102,8 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
-        # GPU workers (core/gpu_decode.py, core/gpu.py): JPEGs decoded on the GPU, and the
-        # payloads of a batch read side by side
+        # GPU workers (core/vision/gpu_decode.py, core/runtime/gpu.py): JPEGs decoded on the GPU,
+        # and the payloads of a batch read side by side
         self._gpu_decoder = make_gpu_decoder(
             settings,
             on_gpu=self.detector.on_gpu,
@@ -264,7 +264,7 @@ class Pipeline:
         outside every box, ``QRSIGHT_READ_WHOLE_IMAGE``). Then the verifier judges each
         unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
         them without a verifier) get the harder reads of ``hard_attempts`` (default
-        ``core.payload.HARD_ATTEMPTS``); finally the verifier's rule keeps read boxes and
+        ``core.vision.payload.HARD_ATTEMPTS``); finally the verifier's rule keeps read boxes and
         those judged at its threshold, with their calibrated confidence. Most confident
         first.
 
@@ -397,7 +397,7 @@ class _FullImage:
 
 
 def _ids(job: ImageJob | None) -> dict[str, str | None]:
-    """A log line's request fields (``core.logs``)."""
+    """A log line's request fields (``core.runtime.logs``)."""
     if job is None:
         return {"request_id": None, "trace_id": None}
     return {"request_id": job.request_id, "trace_id": job.trace_id}

@@ -1,10 +1,10 @@
 """Post-processing of a whole batch at once: the same detections as
-:func:`core.postprocess.postprocess_batch`, with one numpy pass per step instead of one
+:func:`core.vision.postprocess.postprocess_batch`, with one numpy pass per step instead of one
 per image.
 
 - **Decode**: the confidence threshold (one per image), class argmax and box conversion
   run over the batch's whole output in one go; the candidates carry their image index.
-- **NMS**: greedy and class-aware as :func:`core.postprocess.nms`, but every (image,
+- **NMS**: greedy and class-aware as :func:`core.vision.postprocess.nms`, but every (image,
   class) group at once (:func:`nms_batch`): one numpy round per box kept *per group*
   instead of one per box kept in the batch, with the same float64 IoU, so each image keeps
   what the per-image NMS keeps, in the same order (a property test compares them on
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core.detections import Detections
-from core.errors import ModelError
-from core.postprocess import (
+from core.runtime.errors import ModelError
+from core.vision.detections import Detections
+from core.vision.postprocess import (
     LAYOUT_DEFAULTS,
     MAX_NMS,
     Layout,
@@ -88,7 +88,7 @@ def nms_batch(
     max_det: int,
 ) -> np.ndarray:
     """Greedy class-aware NMS of every image at once: kept candidate indices, grouped by
-    image, each image's best score first (what :func:`core.postprocess.nms` keeps).
+    image, each image's best score first (what :func:`core.vision.postprocess.nms` keeps).
 
     Suppression never crosses an (image, class) group, so all groups run side by side: each
     round keeps the best candidate still alive in every group and drops the candidates of
@@ -133,7 +133,7 @@ def postprocess_batch_vectorized(
     iou: float | None = None,
     max_det: int = 100,
 ) -> list[Detections]:
-    """What :func:`core.postprocess.postprocess_batch` returns, computed batch-wide."""
+    """What :func:`core.vision.postprocess.postprocess_batch` returns, computed batch-wide."""
     if len(raw) != len(letterboxes):
         raise ModelError(f"model returned {len(raw)} outputs for {len(letterboxes)} images")
     default_conf, default_iou = LAYOUT_DEFAULTS[layout]

@@ -5,13 +5,78 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
-from core.detections import Detections, ModelInfo
-from core.errors import QrsightError
-from schemas.names import STATUS_ERROR, STATUS_EXPIRED, STATUS_OK
+from core.runtime.errors import QrsightError
+from schemas.names import STATUS_ERROR, STATUS_EXPIRED
 
 EXPIRED_CODE = "deadline_expired"
+
+
+class ErrorInfo(TypedDict):
+    code: str
+    message: str
+
+
+class ImageSize(TypedDict):
+    width: int
+    height: int
+
+
+class ModelRecord(TypedDict):
+    name: str
+    version: str
+    input_size: int
+
+
+class DetectionRecord(TypedDict):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    confidence: float
+    class_id: int
+    label: str
+    text: str | None
+    corners: list[dict[str, float]] | None
+
+
+class Timings(TypedDict):
+    queue_ms: float
+    decode_ms: float
+    infer_ms: float
+    post_ms: float
+    total_ms: float
+
+
+class DetectionResult(TypedDict):
+    """One ``DetectionResult`` record (``schemas/DetectionResult.avsc``), as the worker
+    publishes it, the codec decodes it and the API, the CLIs and the tests read it."""
+
+    request_id: str
+    source: str | None
+    status: str  # schemas.names.STATUS_OK | STATUS_ERROR | STATUS_EXPIRED
+    error: ErrorInfo | None
+    image: ImageSize | None
+    model: ModelRecord | None
+    detections: list[DetectionRecord]
+    timings: Timings
+    created_at: int
+
+
+def error_code(result: DetectionResult | Mapping[str, Any]) -> str | None:
+    """The result's error code (``None`` for an ``OK`` result): one reading for every caller
+    instead of ``(result.get("error") or {}).get("code")``."""
+    error = result.get("error")
+    return None if not error else str(error["code"])
+
+
+class ModelFacts(Protocol):
+    """What a result needs of a model (``core.vision.detections.ModelInfo`` is one)."""
+
+    def to_record(self) -> dict[str, Any]: ...
+
+
 TIMING_KEYS = ("queue_ms", "decode_ms", "infer_ms", "post_ms", "total_ms")
 
 
@@ -46,7 +111,7 @@ def timings(**values: float) -> dict[str, float]:
     return {k: round(float(values.get(k, 0.0)), 3) for k in TIMING_KEYS}
 
 
-def _base(
+def base_record(
     request_id: str,
     source: str | None,
     status: str,
@@ -66,36 +131,17 @@ def _base(
     }
 
 
-def result_record(
-    request_id: str,
-    source: str | None,
-    detections: Detections,
-    *,
-    width: int,
-    height: int,
-    model: ModelInfo,
-    timing: Mapping[str, float] | None = None,
-    created_at_ms: int | None = None,
-) -> dict[str, Any]:
-    """An ``OK`` result: detections in original pixels, labels from the model."""
-    record = _base(request_id, source, STATUS_OK, timing, created_at_ms)
-    record["image"] = {"width": int(width), "height": int(height)}
-    record["model"] = model.to_record()
-    record["detections"] = detections.to_records(model.labels)
-    return record
-
-
 def error_record(
     request_id: str,
     source: str | None,
     error: QrsightError,
     *,
     timing: Mapping[str, float] | None = None,
-    model: ModelInfo | None = None,
+    model: ModelFacts | None = None,
     created_at_ms: int | None = None,
 ) -> dict[str, Any]:
     """An ``ERROR`` result carrying the error's stable ``code`` and its message."""
-    record = _base(request_id, source, STATUS_ERROR, timing, created_at_ms)
+    record = base_record(request_id, source, STATUS_ERROR, timing, created_at_ms)
     record["error"] = {"code": error.code, "message": error.message}
     record["model"] = None if model is None else model.to_record()
     return record
@@ -110,7 +156,7 @@ def expired_record(
     created_at_ms: int | None = None,
 ) -> dict[str, Any]:
     """An ``EXPIRED`` result: the request's deadline passed before the model ran."""
-    record = _base(request_id, source, STATUS_EXPIRED, {"queue_ms": queue_ms}, created_at_ms)
+    record = base_record(request_id, source, STATUS_EXPIRED, {"queue_ms": queue_ms}, created_at_ms)
     record["timings"]["total_ms"] = record["timings"]["queue_ms"]
     late = "" if deadline_ms is None else f" (deadline {deadline_ms}, now {record['created_at']})"
     record["error"] = {

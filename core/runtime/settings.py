@@ -1,7 +1,7 @@
 """One frozen settings object per process, built from ``QRSIGHT_*`` environment variables.
 
 Every knob of qrsight lives here, so the README table, the deploy manifests and the
-code cannot drift apart (``python -m core.settings`` prints the table; a test checks
+code cannot drift apart (``python -m core.runtime.settings`` prints the table; a test checks
 the README and the manifests against it).
 
 Any librdkafka property can be passed through with ``QRSIGHT_KAFKA__<PROPERTY>``:
@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import ConfigError
+from core.runtime.errors import ConfigError
 
 ENV_PREFIX = "QRSIGHT_"
 MAX_POLL_INTERVAL_MS = 300_000  # librdkafka's default max.poll.interval.ms
@@ -218,7 +218,7 @@ class Settings(BaseModel):
         "that kills it (an emptyDir on Kubernetes)",
     )
 
-    # --- GPU workers (core/gpu.py, core/gpu_decode.py, core/letterbox_graph.py) --------
+    # --- GPU workers (core/runtime/gpu.py, core/vision/gpu_decode.py, letterbox_graph.py) ---
     image_decoder: Literal["auto", "cpu", "nvimgcodec"] = Field(
         "auto",
         description="JPEG decoding: `nvimgcodec` decodes each batch's JPEGs on the GPU "

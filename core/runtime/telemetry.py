@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from core.errors import ConfigError
+from core.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

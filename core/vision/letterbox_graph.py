@@ -1,6 +1,6 @@
 """Letterbox and normalize a batch on the inference device: a small ONNX graph, I/O bound.
 
-The host letterbox (:func:`core.postprocess.letterbox_batch`) resizes each image with
+The host letterbox (:func:`core.vision.postprocess.letterbox_batch`) resizes each image with
 OpenCV, fills a float32 NCHW batch and hands it to ONNX Runtime, which copies it to the
 device: about 1 ms of CPU per image and four bytes per pixel over the bus. Here the host
 only concatenates the images' BGR bytes (one byte per pixel) and computes, per output row
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from core.errors import ModelError
-from core.postprocess import PAD_VALUE, Letterbox, letterbox_params, resized_size
+from core.runtime.errors import ModelError
+from core.vision.postprocess import PAD_VALUE, Letterbox, letterbox_params, resized_size
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def letterbox_inputs(
 
 def build_letterbox_graph() -> Any:
     """The letterbox graph as an ``onnx.ModelProto`` (needs the ``onnx`` package, which
-    only exporting needs: ``python -m core.letterbox_graph`` writes the shipped file)."""
+    only exporting needs: ``python -m core.vision.letterbox_graph`` writes the shipped file)."""
     from onnx import TensorProto, helper
 
     f32, i64, u8 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.UINT8
@@ -176,7 +176,7 @@ def build_letterbox_graph() -> Any:
         producer_name="qrsight",
         doc_string="Letterbox (bilinear, as cv2.resize INTER_LINEAR; border 114) + BGR->RGB "
         "+ NCHW + /255 for a batch of images given as concatenated BGR pixels; see "
-        "core/letterbox_graph.py",
+        "core/vision/letterbox_graph.py",
     )
     model.ir_version = 8  # onnxruntime >= 1.14 reads it
     helper.set_model_props(model, {"version": "1", "task": "letterbox"})

@@ -18,8 +18,8 @@ from typing import Literal, NamedTuple
 import cv2
 import numpy as np
 
-from core.detections import Detections
-from core.errors import ModelError
+from core.runtime.errors import ModelError
+from core.vision.detections import Detections
 
 Layout = Literal["yolov5", "yolov8", "end2end"]
 LAYOUTS: tuple[Layout, ...] = ("yolov5", "yolov8", "end2end")
@@ -249,7 +249,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix ``(N, M)`` of xyxy boxes ``a (N, 4)`` and ``b (M, 4)``, in float64.
 
     The one IoU of the project (with :func:`box_iou_pairs`, the same formula): NMS here and
-    in :mod:`core.batch_nms`, the training's scoring and the benchmarks use it.
+    in :mod:`core.vision.batch_nms`, the training's scoring and the benchmarks use it.
     """
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)

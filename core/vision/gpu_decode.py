@@ -6,7 +6,7 @@ the ``nvidia-nvjpeg`` libraries) decodes a whole batch in one call on the GPU's 
 engines or CUDA cores. What goes to it, and what does not:
 
 - Every image is checked first exactly as the CPU path checks it
-  (:func:`core.images.check_decodable`: type by magic bytes, byte/side/pixel limits from
+  (:func:`core.vision.images.check_decodable`: type by magic bytes, byte/side/pixel limits from
   the header, JPEG scan count, end-of-image marker). Anything refused there, and anything
   that is not a plain JPEG decoded at full size — PNG, WebP, BMP, a CMYK/YCCK JPEG, a
   large JPEG the CPU decodes reduced (``QRSIGHT_REDUCED_DECODE``) — is left to
@@ -18,7 +18,7 @@ engines or CUDA cores. What goes to it, and what does not:
   process (a warning says why).
 - The decoded pixels (BGR, stored orientation) are copied to host memory — payload
   reading and the crop verifier read them there — checked against the header's size and
-  given the EXIF orientation by :func:`core.images.finish_pixels`, as on the CPU.
+  given the EXIF orientation by :func:`core.vision.images.finish_pixels`, as on the CPU.
 
 JPEG decoders differ in their last bit (IDCT, chroma upsampling): the pixels may differ
 from OpenCV's by a grey level or two; ``:fancy_upsampling=1`` makes nvJPEG upsample chroma
@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import ConfigError, QrsightError
-from core.images import Header, ImageLimits, check_decodable, finish_pixels, jpeg_scale
-from core.settings import Settings, env_name
+from core.runtime.errors import ConfigError, QrsightError
+from core.runtime.settings import Settings, env_name
+from core.vision.images import Header, ImageLimits, check_decodable, finish_pixels, jpeg_scale
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from core.batch_nms import postprocess_batch_vectorized
-from core.detections import Detections, ModelInfo
-from core.errors import ConfigError, ModelError
-from core.gpu import GPU_PROVIDERS, gpu_runtime, ort_intra_threads
-from core.letterbox_graph import DeviceLetterbox
-from core.postprocess import (
+from core.runtime.errors import ConfigError, ModelError
+from core.runtime.gpu import GPU_PROVIDERS, gpu_runtime, ort_intra_threads
+from core.runtime.settings import Settings
+from core.vision.batch_nms import postprocess_batch_vectorized
+from core.vision.detections import Detections, ModelInfo
+from core.vision.letterbox_graph import DeviceLetterbox
+from core.vision.postprocess import (
     LAYOUT_DEFAULTS,
     Layout,
     Letterbox,
@@ -31,7 +32,6 @@ from core.postprocess import (
     layout_classes,
     letterbox_batch,
 )
-from core.settings import Settings
 
 __all__ = ["Detector", "ModelInfo", "choose_providers"]
 
@@ -119,7 +119,7 @@ class Detector:
     build (0.5 to 3 s, measured in ``bench/README.md``) and micro-batches vary in size. The
     padded shape is run once at load (warm-up).
 
-    ``device_preprocess``: letterbox on the inference device (:mod:`core.letterbox_graph`;
+    ``device_preprocess``: letterbox on the inference device (:mod:`core.vision.letterbox_graph`;
     by default on CUDA and TensorRT) instead of on the host; :meth:`run_images` picks the
     path. ``device_id``: the CUDA device of the GPU providers.
     """
@@ -311,8 +311,10 @@ class Detector:
             conf = self.conf
         elif not isinstance(conf, float | int) and self.conf is not None:
             conf = [self.conf if c is None else c for c in conf]
-        return postprocess_batch_vectorized(  # = postprocess_batch, batch-wide (core.batch_nms)
-            raw, self.layout, metas, conf=conf, iou=self.iou, max_det=self.max_det
+        return (
+            postprocess_batch_vectorized(  # = postprocess_batch, batch-wide (core.vision.batch_nms)
+                raw, self.layout, metas, conf=conf, iou=self.iou, max_det=self.max_det
+            )
         )
 
     def run_images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:

@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from core.runtime.results import base_record
+from schemas.names import STATUS_OK
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -145,3 +148,22 @@ class Detections:
                 }
             )
         return records
+
+
+def result_record(
+    request_id: str,
+    source: str | None,
+    detections: Detections,
+    *,
+    width: int,
+    height: int,
+    model: ModelInfo,
+    timing: Mapping[str, float] | None = None,
+    created_at_ms: int | None = None,
+) -> dict[str, Any]:
+    """An ``OK`` result: detections in original pixels, labels from the model."""
+    record = base_record(request_id, source, STATUS_OK, timing, created_at_ms)
+    record["image"] = {"width": int(width), "height": int(height)}
+    record["model"] = model.to_record()
+    record["detections"] = detections.to_records(model.labels)
+    return record

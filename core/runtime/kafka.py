@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import ConfigError, MessageTooLargeError
-from core.settings import Settings, env_name
+from core.runtime.errors import ConfigError, MessageTooLargeError
+from core.runtime.settings import Settings, env_name
 from schemas.codec import Codec
 
 # Room for the Avro envelope, key and headers around one image.
@@ -62,7 +62,7 @@ def base_config(settings: Settings, role: str) -> dict[str, Any]:
         "bootstrap.servers": settings.kafka_bootstrap,
         "client.id": f"{settings.kafka_client_id}-{role}",
         "security.protocol": settings.kafka_security_protocol,
-        # librdkafka's own log lines go through Python logging (core.logs' format), served
+        # librdkafka's own log lines go through Python logging (core.runtime.logs' format), served
         # by the client's poll/consume calls, instead of straight to stderr
         "logger": LIBRDKAFKA_LOGGER,
     }

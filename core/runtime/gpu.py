@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from core.settings import Settings
+from core.runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 

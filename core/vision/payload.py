@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import zxingcpp
 
-from core.detections import Detections
+from core.vision.detections import Detections
 
 logger = logging.getLogger(__name__)
 

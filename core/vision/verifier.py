@@ -36,11 +36,11 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from core.detections import Detections
-from core.detector import parse_literal
-from core.errors import ConfigError, ModelError
-from core.postprocess import PAD_VALUE
-from core.settings import Settings
+from core.runtime.errors import ConfigError, ModelError
+from core.runtime.settings import Settings
+from core.vision.detections import Detections
+from core.vision.detector import parse_literal
+from core.vision.postprocess import PAD_VALUE
 
 logger = logging.getLogger(__name__)
 

@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from core.errors import (
+from core.runtime.errors import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
     UnsupportedTypeError,
 )
-from core.settings import env_name
+from core.runtime.settings import env_name
 
 if TYPE_CHECKING:
-    from core.settings import Settings
+    from core.runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def decode(data: bytes, limits: ImageLimits, *, scale: int = 1) -> np.ndarray:
 
 def check_decodable(data: bytes, limits: ImageLimits, *, scale: int = 1) -> Header:
     """Every check :func:`decode` makes before decoding (type, size limits, JPEG scans and
-    end-of-image marker); the header facts another decoder needs (``core.gpu_decode``)."""
+    end-of-image marker); the header facts another decoder needs (``core.vision.gpu_decode``)."""
     header = _probe(data, limits)
     if scale not in _REDUCED_READ or (scale != 1 and header.format != "jpeg"):
         raise ValueError(
