@@ -1,4 +1,4 @@
-"""Small helpers over OpenTelemetry SDK spans: attributes by the messaging conventions,
+"""What every SDK span needs: attributes by the messaging conventions,
 failure status, W3C extraction. The SDK is imported inside each function, so importing
 this module costs nothing while tracing is off."""
 
