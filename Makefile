@@ -90,12 +90,12 @@ train-verifier: .installed-train  ## only the crop verifier and its calibration,
 	$(PYTHON) -m training.verify --detector models/qrsight-qr-v3.onnx --out models/
 
 eval: .installed-bench  ## evaluate the shipped detector on a manifest: make eval DATA=../shared/data/qr-real-dev
-	$(PYTHON) bench/eval_detector.py $(DATA)
+	$(PYTHON) -m training.eval.detector $(DATA)
 
 # SIZE=quick: a few minutes, to check that it all runs; SIZE=full (default): the figures.
 SIZE ?= full
 bench: .installed-bench  ## the benchmark suite (P1-P3, sweep, scaling): writes bench/RESULTS.md
-	$(PYTHON) bench/suite.py --size $(SIZE)
+	$(PYTHON) -m bench.suite --size $(SIZE)
 
 .PHONY: compose-test cuda-image-test
 # Containers without Docker: podman builds the images (local stand-ins for the base images
@@ -112,4 +112,4 @@ cuda-image-test: .installed-dev  ## build the CUDA image and check it on the CPU
 .PHONY: soak-api
 SOAK_API_S ?= 300
 soak-api: .installed-dev  ## API soak: mixed 200/400/401/413/429/503/504 traffic for SOAK_API_S seconds (default 300); plot in runs/soak-api/
-	$(PYTHON) bench/soak_api.py --duration $(SOAK_API_S)
+	$(PYTHON) -m tests.chaos.soak_api --duration $(SOAK_API_S)

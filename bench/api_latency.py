@@ -1,7 +1,6 @@
-# ruff: noqa: E402  (the repo root goes on sys.path before the project imports)
 """Round-trip latency of ``POST /api/v1/detect`` through Kafka vs. in-process inference.
 
-    QRSIGHT_KAFKA_BOOTSTRAP=127.0.0.1:9092 python bench/api_latency.py [--requests 200]
+    QRSIGHT_KAFKA_BOOTSTRAP=127.0.0.1:9092 python -m bench.api_latency [--requests 200]
 
 Starts, on fresh topics of the given broker, one detection worker
 (``python -m consumer.cli``) and the API under gunicorn (``python -m api.cli``), then
@@ -32,15 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 import cv2
 import requests
 
 from core.runtime.settings import Settings, env_name, load_settings
 from core.vision.pipeline import ImageJob, Pipeline
 from producer_tools.topics import create_topics
+
+REPO = Path(__file__).resolve().parent.parent
 
 READY_TIMEOUT_S = 120
 
@@ -61,8 +59,7 @@ def free_port() -> int:
 
 
 def default_image() -> bytes:
-    sys.path.insert(0, str(REPO / "tests" / "unit"))
-    from qr_factory import CodeSpec, scene
+    from tests.unit.qr_factory import CodeSpec, scene
 
     image, _ = scene([CodeSpec("https://example.com/bench", center=(320, 240), module_px=5)])
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -93,9 +90,9 @@ def stand_in_model(settings: Settings, folder: Path) -> Settings:
     """The configured model, or (none shipped yet) a test graph with one fixed box."""
     if settings.model_path.is_file():
         return settings
-    sys.path.insert(0, str(REPO / "tests" / "unit"))
     import numpy as np
-    from onnx_models import make_fixed_output_model
+
+    from tests.unit.onnx_models import make_fixed_output_model
 
     out = np.array([[320.0, 240.0, 200.0, 200.0, 0.9]], np.float32).T
     path = make_fixed_output_model(folder / "fixed.onnx", out, "yolov8", imgsz=640)

@@ -1,7 +1,6 @@
-# ruff: noqa: E402  (the repo root goes on sys.path before the project imports)
 """Peak RSS of one API process under N concurrent uploads of the largest allowed image.
 
-    python bench/api_upload_rss.py [--uploads 32] [--rounds 3] [--multipart]
+    python -m bench.api_upload_rss [--uploads 32] [--rounds 3] [--multipart]
 
 Starts, on fresh topics of a real broker (``QRSIGHT_KAFKA_BOOTSTRAP`` if set, else one of
 its own), the API under gunicorn with one worker process and no detection worker, so
@@ -27,14 +26,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 import cv2
 import numpy as np
 import requests
 
 from tests.integration.api_stack import broker, make_stack
+
+REPO = Path(__file__).resolve().parent.parent
 
 MIB = 1024 * 1024
 

@@ -1,18 +1,18 @@
 """Pack what ``bench/gpu_e2e.sh`` needs on a GPU machine that reaches no network.
 
-    python bench/gpu_carry.py [--out .gpucarry] [--cuda-arch 90] [--part-mib 56]
+    python -m bench.gpu_carry [--out .gpucarry] [--cuda-arch 90] [--part-mib 56]
 
-The device machine (``/work/.library/device/README.md``) has Python 3.12 with PyTorch,
-CUDA 13 and cuDNN 9 libraries, NumPy, OpenCV and scikit-image, but no Java, no Kafka, no
-onnxruntime-gpu and none of qrsight's own dependencies; one call carries at most 64 MiB.
+The GPU machine it targets has no network and Python 3.12 with PyTorch, CUDA 13 and cuDNN 9
+libraries, NumPy, OpenCV and scikit-image, but no Java, no Kafka, no onnxruntime-gpu and
+none of qrsight's own dependencies; at most 64 MiB can be copied to it at a time.
 This builds, on a machine with pip's index, Java 17 (``jlink``) and the train extra:
 
 - ``site/``: the Python wheels (CPython 3.12, manylinux x86-64) unpacked: onnxruntime-gpu
   1.31.1 (CUDA 13), with the GPU code of every architecture but ``--cuda-arch`` zeroed in
   its CUDA provider (a 284 MB library; the kept cubins, for an H200 sm_90, are what the
   driver loads; the zeroed ones compress to nothing), nvImageCodec (CPython 3.12 and the
-  nvJPEG extension only) with nvJPEG, confluent-kafka, fastavro, pydantic (+ core,
-  settings), zxing-cpp, segno;
+  nvJPEG extension only) with nvJPEG, confluent-kafka, fastavro, pydantic (+ core),
+  zxing-cpp, segno;
 - ``jre/``: a Java 17 runtime cut down with ``jlink`` to the modules the broker uses;
 - ``kafka-lib/``: the broker's jars (``deploy/local/kafka.sh fetch``), without the native
   libraries of other platforms;
@@ -21,8 +21,8 @@ This builds, on a machine with pip's index, Java 17 (``jlink``) and the train ex
 
 All of it goes into one ``carry.tar.xz``, split into parts of at most ``--part-mib`` MiB,
 one part per folder ``<out>/p1``, ``<out>/p2``, …, each with ``MANIFEST`` (the parts'
-SHA-256 and the whole archive's). ``bench/README.md`` (*GPU end to end*) gives the device
-calls: each carries one folder; the last runs the benchmark.
+SHA-256 and the whole archive's). ``bench/README.md`` (*GPU end to end*) gives the steps
+on the GPU machine: each brings one folder; the last runs the benchmark.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
 
 PY = "3.12"
 PLATFORMS = (
@@ -60,8 +60,6 @@ WHEELS = (
     "fastavro==1.13.1",
     "pydantic==2.13.4",
     "pydantic-core==2.46.4",
-    "pydantic-settings==2.14.1",
-    "python-dotenv==1.2.2",
     "annotated-types==0.7.0",
     "typing-inspection==0.4.2",
     "typing-extensions==4.16.0",  # pydantic-core needs a recent one; the device's may be older

@@ -1,9 +1,9 @@
 """End to end on one GPU: images/s through Kafka with 1, 2, 4 worker processes sharing it.
 
-    python bench/gpu_e2e.py --out DIR [--budget-s 400] [--images 4000] [--workers 1,2,4]
-                            [--models default,ref] [--decoders nvimgcodec,cpu] [--dry-run]
+    python -m bench.gpu_e2e --out DIR [--budget-s 400] [--images 4000] [--workers 1,2,4]
+                                [--models default,ref] [--decoders nvimgcodec,cpu] [--dry-run]
 
-Run by ``bench/gpu_e2e.sh`` on the device machine (a broker started there, on the same
+Run by ``bench/gpu_e2e.sh`` on the GPU machine (a broker started there, on the same
 host as the workers, as issue 21 asks). For each (model, decoder, workers) — in the order
 that gives the most important figures first, while the time budget lasts:
 
@@ -51,19 +51,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from bench.pipeline import broker, make_images
+from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.results import image_request
+from core.runtime.settings import Settings, load_settings
+from producer_tools.topics import create_topics
+from schemas.codec import Codec
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
-from confluent_kafka.admin import AdminClient  # noqa: E402
-
-from bench.pipeline import broker, make_images  # noqa: E402
-from core.runtime.kafka import consumer_config, producer_config  # noqa: E402
-from core.runtime.results import image_request  # noqa: E402
-from core.runtime.settings import Settings, load_settings  # noqa: E402
-from producer_tools.topics import create_topics  # noqa: E402
-from schemas.codec import Codec  # noqa: E402
 
 GOALS = {"default": 1500.0, "ref": 1000.0}
 PARTITIONS = 8
@@ -136,7 +134,9 @@ def case_env(
     }
     if case.model == "ref":
         if ref_model is None:
-            raise SystemExit("the ref model needs --ref-model (bench/gpu_carry.py builds it)")
+            raise SystemExit(
+                "the ref model needs --ref-model (python -m bench.gpu_carry builds it)"
+            )
         env.update(
             QRSIGHT_MODEL_PATH=str(ref_model),
             QRSIGHT_IMGSZ="640",

@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# GPU end to end on the device machine: Kafka broker + qrsight workers on one GPU.
+# GPU end to end on a GPU machine without network: Kafka broker + qrsight workers on one GPU.
 #
 #   bash bench/gpu_e2e.sh stash           copy the carried part(s) of .gpucarry/ to $STASH
 #   bash bench/gpu_e2e.sh run [ARGS...]   stash, check and unpack every part, start nothing
-#                                         else first: preflight, then bench/gpu_e2e.py
+#                                         else first: preflight, then bench.gpu_e2e
 #                                         (ARGS go to it), results under $OUT
 #   bash bench/gpu_e2e.sh run --dry-run   the same on a machine without a GPU: the local
 #                                         Python and its packages, the CPU provider
 #
-# The parts come from `python bench/gpu_carry.py` (see bench/README.md, "GPU end to end"):
-# one device call carries at most 64 MiB, so each call names one folder .gpucarry/pN in
-# `carry`; the calls before the last run `stash`, the last `run`. A machine stays warm 30 s
-# between calls: make them back to back.
+# The parts come from `python -m bench.gpu_carry` (see bench/README.md, "GPU end to end"):
+# at most 64 MiB can be copied to the machine at a time, so each step brings one folder
+# .gpucarry/pN into the checkout; the steps before the last run `stash`, the last `run`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -93,11 +92,11 @@ run() {
   } 2>&1 | tee "$OUT/machine.txt"
   cd "$ROOT"
   set +e
-  python3 bench/gpu_e2e.py --out "$OUT" --ref-model "$UNPACK/models/yolov8n-sized.onnx" \
+  python3 -m bench.gpu_e2e --out "$OUT" --ref-model "$UNPACK/models/yolov8n-sized.onnx" \
     "${args[@]}" 2>&1 | grep -v 'Purging .* unserved events' | tee "$OUT/run.log"
   local code=${PIPESTATUS[0]}
   set -e
-  say "bench/gpu_e2e.py exited $code after $((SECONDS - start)) s; results in $OUT"
+  say "bench.gpu_e2e exited $code after $((SECONDS - start)) s; results in $OUT"
   return "$code"
 }
 

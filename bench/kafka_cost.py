@@ -1,8 +1,7 @@
-# ruff: noqa: E402  (the repo root goes on sys.path before the project imports)
 """What the Kafka path costs per image, and what a configuration change saves: variants of
 the broker (JVM flags, server properties) and of the clients compared in one run.
 
-    python bench/kafka_cost.py [--variants before,shipped] [--rev main] [--concurrency 8,1]
+    python -m bench.kafka_cost [--variants before,shipped] [--rev main] [--concurrency 8,1]
                                [--rounds 3] [--duration 20] [--warm 60] [--images DIR]
 
 Each variant is a whole qrsight stack as `make up` runs it (``bench/serving.py``: API
@@ -38,10 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from bench import serving
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Java thread names (the kernel keeps their first 15 characters) → what they do.

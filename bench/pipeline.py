@@ -1,6 +1,6 @@
 """Through Kafka vs in-process: what do Kafka, Avro and micro-batching cost?
 
-    python bench/pipeline.py [--images 200] [--max-batch 8] [--sweep] [--model PATH]
+    python -m bench.pipeline [--images 200] [--max-batch 8] [--sweep] [--model PATH]
 
 Generates M real-looking 640x480 JPEGs (skimage's photos with 1-3 QR codes drawn by
 segno, reproducible from ``--seed``), then in one run:
@@ -38,18 +38,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.results import image_request
+from core.runtime.settings import Settings, load_settings
+from core.vision.pipeline import ImageJob, Pipeline
+from producer_tools.topics import create_topics
+from schemas.codec import Codec
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
-
-from core.runtime.kafka import consumer_config, producer_config  # noqa: E402
-from core.runtime.results import image_request  # noqa: E402
-from core.runtime.settings import Settings, load_settings  # noqa: E402
-from core.vision.pipeline import ImageJob, Pipeline  # noqa: E402
-from producer_tools.topics import create_topics  # noqa: E402
-from schemas.codec import Codec  # noqa: E402
 
 KAFKA_SH = ROOT / "deploy" / "local" / "kafka.sh"
 PHOTOS = (

@@ -1,6 +1,6 @@
 """ONNX Runtime execution providers: CPU vs CUDA vs TensorRT, FP32 vs FP16, batch sizes.
 
-    python bench/providers.py [IMAGES_DIR_OR_MANIFEST] [--model M] [--imgsz 416 640]
+    python -m bench.providers [IMAGES_DIR_OR_MANIFEST] [--model M] [--imgsz 416 640]
                               [--batches 1 8 32 64] [--runs 20] [--reference] [--out DIR]
 
 Everything goes through ``core.vision.detector.Detector`` — the class the workers use — on
@@ -39,7 +39,6 @@ import json
 import logging
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,15 +48,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.eval_detector import LIMITS, load_manifest
 from core.runtime.settings import DEFAULT_MODEL, load_settings
 from core.vision.detections import Detections
 from core.vision.detector import Detector, choose_providers
 from core.vision.images import decode
 from core.vision.pipeline import ImageJob, Pipeline
 from core.vision.postprocess import box_iou
+from training.eval.detector import LIMITS, load_manifest
 
 logger = logging.getLogger("bench.providers")
 

@@ -1,8 +1,7 @@
-# ruff: noqa: E402  (the repo root goes on sys.path before the project imports)
 """Serving designs side by side: qrsight (HTTP → Kafka → workers) vs the seed's design vs
 the in-process ceiling, with the CPU each process spends per image.
 
-    python bench/serving.py [--models default,ref] [--concurrency 1,4,8,16,32]
+    python -m bench.serving [--models default,ref] [--concurrency 1,4,8,16,32]
                             [--duration 20] [--images ../shared/data/qr-real-dev]
                             [--scaling 1,2] [--out bench/results/serving-DATE]
 
@@ -54,18 +53,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from core.runtime.settings import Settings, env_name, load_settings
 from core.vision.images import CONTENT_TYPES, sniff
 from core.vision.pipeline import ImageJob, Pipeline
 from producer_tools.stack import serving_env
 from producer_tools.topics import create_topics
 
+ROOT = Path(__file__).resolve().parent.parent
+
 KAFKA_SH = ROOT / "deploy" / "local" / "kafka.sh"
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "qr-real-dev"
 MODEL_CACHE = ROOT / "runs" / "bench"  # the exported YOLOv8n-sized graph (not committed)
+
+
+def shown(path: Path) -> str:
+    """``path`` as results record it: relative to the repository (``../shared/...`` for a
+    data folder beside it), so they name no directory of the machine they ran on."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 READY_TIMEOUT_S = 180.0
 SEED_WORKERS = 4
@@ -561,7 +567,7 @@ def run_model(
     progress(f"model {model.label}: in-process ceiling")
     ceil = ceiling(model, images, duration_s)
     result: dict[str, Any] = {
-        "model": asdict(model) | {"path": str(model.path)},
+        "model": asdict(model) | {"path": shown(model.path)},
         "in_process_ms": {"p50": statistics.median(single), "p99": _pct(single, 0.99)},
         "ceiling": ceil,
         "levels": [],

@@ -1,7 +1,6 @@
-# ruff: noqa: E402  (the repo root goes on sys.path before the project imports)
 """``make bench``: the whole benchmark suite in one run, written to ``bench/RESULTS.md``.
 
-    python bench/suite.py [--size quick|full] [--images ../shared/data/qr-real-dev]
+    python -m bench.suite [--size quick|full] [--images ../shared/data/qr-real-dev]
 
 One broker and one machine for everything, so every ratio compares figures of the same run:
 
@@ -34,12 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from bench import pipeline as p1
 from bench import serving
 from core.runtime.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 
@@ -98,7 +96,7 @@ def run_all(size: Size, images_dir: Path, out: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "machine": serving.machine(),
         "size": size.__dict__,
-        "images": {"dir": str(images_dir), "count": len(images)},
+        "images": {"dir": serving.shown(images_dir), "count": len(images)},
     }
     plan = serving.Plan(images, size.levels, size.duration_s, scaling, out)
     steps.next("models")
@@ -378,7 +376,7 @@ def render(report: dict[str, Any], out: Path, pngs: Sequence[Path]) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `make bench` (`python bench/suite.py --size {report['size_name']}`) on "
+        f"Written by `make bench` (`python -m bench.suite --size {report['size_name']}`) on "
         f"{m['date']}. Raw results, logs and plots: [`{rel}/`]({rel}/). Every ratio below "
         "compares figures of this one run on this one machine.",
         "",

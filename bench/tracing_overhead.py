@@ -1,7 +1,6 @@
-# ruff: noqa: E402  (the repo root goes on sys.path before the project imports)
 """What tracing costs per image, off (the default) and on, against the pipeline itself.
 
-    python bench/tracing_overhead.py [--batches 2000] [--batch 8] [--pipeline-rounds 5]
+    python -m bench.tracing_overhead [--batches 2000] [--batch 8] [--pipeline-rounds 5]
 
 Times, in this one run:
 
@@ -26,13 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
@@ -42,6 +37,8 @@ from consumer.intake import Intake
 from core.runtime.settings import load_settings
 from core.runtime.telemetry import OFF, OtelTracing, Tracing, child_traceparent
 from core.vision.pipeline import ImageJob, Pipeline
+
+REPO = Path(__file__).resolve().parent.parent
 
 SAMPLES = REPO / "samples"
 RESULT = {"status": "OK", "error": None}

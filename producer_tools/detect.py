@@ -22,13 +22,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
 from core.runtime.errors import ConfigError, ImageTooLargeError, ModelError, QrsightError
 from core.runtime.logs import configure_from_settings
-from core.runtime.results import error_record
+from core.runtime.results import DetectionResult, error_code, error_record
 from core.runtime.settings import Settings, load_settings
 from core.vision.images import decode
 from core.vision.pipeline import ImageJob, Pipeline
@@ -111,7 +111,7 @@ def read_job(item: Input, settings: Settings) -> ImageJob | QrsightError:
     return ImageJob(request_id=uuid.uuid4().hex, data=data, source=source)
 
 
-def run_batch(items: Sequence[Input], pipeline: Pipeline) -> list[dict[str, Any]]:
+def run_batch(items: Sequence[Input], pipeline: Pipeline) -> list[DetectionResult]:
     """One record per item, in order; unreadable files become ERROR records here."""
     prepared = [read_job(item, pipeline.settings) for item in items]
     jobs = [p for p in prepared if isinstance(p, ImageJob)]
@@ -119,18 +119,19 @@ def run_batch(items: Sequence[Input], pipeline: Pipeline) -> list[dict[str, Any]
     records = []
     for item, p in zip(items, prepared, strict=True):
         if isinstance(p, ImageJob):
-            records.append(next(done))
+            record = next(done)
         else:
-            records.append(error_record(uuid.uuid4().hex, str(item.path), p))
+            record = error_record(uuid.uuid4().hex, str(item.path), p)
+        records.append(cast(DetectionResult, record))  # the builders' dicts have its shape
     return records
 
 
-def human_line(record: dict[str, Any]) -> str:
+def human_line(record: DetectionResult) -> str:
     """One readable line per image."""
-    if record["status"] != "OK":
-        err = record["error"] or {}
-        return f"{record['source']}: {record['status']} {err.get('code')}: {err.get('message')}"
-    img, dets = record["image"], record["detections"]
+    error, img, dets = record["error"], record["image"], record["detections"]
+    if record["status"] != "OK" or img is None:
+        message = error["message"] if error else None
+        return f"{record['source']}: {record['status']} {error_code(record)}: {message}"
     found = "; ".join(
         f"{d['label']} {d['confidence']:.2f} "
         f"[{d['x1']:.0f},{d['y1']:.0f},{d['x2']:.0f},{d['y2']:.0f}]"
@@ -142,7 +143,7 @@ def human_line(record: dict[str, Any]) -> str:
     return f"{head} ({ms:.0f} ms)" + (f": {found}" if dets else "")
 
 
-def annotate(item: Input, record: dict[str, Any], pipeline: Pipeline, out_dir: Path) -> None:
+def annotate(item: Input, record: DetectionResult, pipeline: Pipeline, out_dir: Path) -> None:
     if record["status"] != "OK":
         return
     try:

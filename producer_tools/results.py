@@ -12,14 +12,15 @@ import json
 import logging
 import sys
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TextIO, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from core.runtime.errors import QrsightError
 from core.runtime.kafka import avro_codec, consumer_config
 from core.runtime.logs import configure_from_settings
+from core.runtime.results import DetectionResult, error_code
 from core.runtime.settings import Settings, load_settings
 from schemas.codec import WireFormatError
 
@@ -28,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 def follow(
     settings: Settings, *, from_beginning: bool = False, idle_exit_s: float | None = None
-) -> Iterator[dict[str, Any]]:
-    """Yield every ``DetectionResult`` on the detections topic, as dicts.
+) -> Iterator[DetectionResult]:
+    """Yield every ``DetectionResult`` on the detections topic.
 
     A throw-away group id means nothing is committed: each run reads from now (or from
     the beginning) without disturbing other consumers. ``idle_exit_s`` ends the loop
@@ -62,7 +63,8 @@ def follow(
                     continue
                 raise KafkaException(error)
             try:
-                yield codec.decode(msg.value() or b"", msg.topic() or "")
+                # the codec checked it against schemas/DetectionResult.avsc
+                yield cast(DetectionResult, codec.decode(msg.value() or b"", msg.topic() or ""))
             except WireFormatError as exc:
                 logger.warning(
                     "skipping undecodable result partition=%s offset=%s error=%s",
@@ -74,8 +76,9 @@ def follow(
         consumer.close()
 
 
-def compact_line(result: dict[str, Any]) -> str:
-    """``request_id status source n=.. texts`` in one short line."""
+def compact_line(result: Mapping[str, Any]) -> str:
+    """``request_id status source n=.. texts`` in one short line (of a ``DetectionResult``,
+    or of the record ``qrsight-publish --wait`` got back)."""
     parts = [result["request_id"], result["status"], result.get("source") or "-"]
     if result["status"] == "OK":
         texts = [d["text"] for d in result["detections"] if d.get("text")]
@@ -83,13 +86,13 @@ def compact_line(result: dict[str, Any]) -> str:
         if texts:
             parts.append("texts=" + json.dumps(texts, ensure_ascii=False))
         parts.append(f"total_ms={result['timings']['total_ms']:.1f}")
-    elif result.get("error"):
-        parts.append(f"error={result['error']['code']}: {result['error']['message']}")
+    elif result["error"]:
+        parts.append(f"error={error_code(result)}: {result['error']['message']}")
     return " ".join(parts)
 
 
-def _matcher(args: argparse.Namespace) -> Callable[[dict[str, Any]], bool]:
-    def matches(result: dict[str, Any]) -> bool:
+def _matcher(args: argparse.Namespace) -> Callable[[DetectionResult], bool]:
+    def matches(result: DetectionResult) -> bool:
         if args.status and result["status"] not in args.status:
             return False
         return not args.source or (result.get("source") or "").startswith(args.source)

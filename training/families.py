@@ -1,7 +1,7 @@
 """Synthetic test families: one situation per family, photos at their native size.
 
 Each family is a stream of images that shows one situation, so a detector's false
-positives and misses can be counted per situation (``bench/eval_synthetic.py``) and the
+positives and misses can be counted per situation (``training/eval/synthetic.py``) and the
 crop verifier can be trained on the hard ones (``training/verify.py``, other seeds):
 
 - **positives** (:data:`POSITIVE`): one QR code with a known payload, in one hard

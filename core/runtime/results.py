@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol, TypedDict, cast
 
 from core.runtime.errors import QrsightError
 from schemas.names import STATUS_ERROR, STATUS_EXPIRED
@@ -74,7 +74,7 @@ def error_code(result: DetectionResult | Mapping[str, Any]) -> str | None:
 class ModelFacts(Protocol):
     """What a result needs of a model (``core.vision.detections.ModelInfo`` is one)."""
 
-    def to_record(self) -> dict[str, Any]: ...
+    def to_record(self) -> ModelRecord: ...
 
 
 TIMING_KEYS = ("queue_ms", "decode_ms", "infer_ms", "post_ms", "total_ms")
@@ -103,12 +103,12 @@ def image_request(
     }
 
 
-def timings(**values: float) -> dict[str, float]:
+def timings(**values: float) -> Timings:
     """The ``timings`` record: every key present (0.0 when not measured), rounded to µs."""
     unknown = set(values) - set(TIMING_KEYS)
     if unknown:
         raise ValueError(f"unknown timing keys: {sorted(unknown)}")
-    return {k: round(float(values.get(k, 0.0)), 3) for k in TIMING_KEYS}
+    return cast(Timings, {k: round(float(values.get(k, 0.0)), 3) for k in TIMING_KEYS})
 
 
 def base_record(

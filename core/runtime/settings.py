@@ -11,8 +11,6 @@ the part after the double underscore is lower-cased and ``_`` becomes ``.``, so
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,21 +21,43 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from core.runtime.errors import ConfigError
+# The loader, the table and the rules live beside this module (settings_env,
+# settings_table, settings_rules); the names callers import from here are re-exported.
+from core.runtime.settings_env import (
+    ENV_PREFIX,
+    KAFKA_PASSTHROUGH_PREFIX,
+    SECRET_PROPERTY_WORDS,
+    env_name,
+    is_secret_property,
+    kafka_passthrough,
+    load_from_env,
+)
+from core.runtime.settings_rules import MAX_POLL_INTERVAL_MS, check_watchdog_before_eviction
+from core.runtime.settings_table import markdown_table as _markdown_table
 
-ENV_PREFIX = "QRSIGHT_"
-MAX_POLL_INTERVAL_MS = 300_000  # librdkafka's default max.poll.interval.ms
-KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v3.onnx"
 DEFAULT_VERIFIER = REPO_ROOT / "models" / "qrsight-qrverify-v2.onnx"
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_VERIFIER",
+    "ENV_PREFIX",
+    "KAFKA_PASSTHROUGH_PREFIX",
+    "MAX_POLL_INTERVAL_MS",
+    "REPO_ROOT",
+    "SECRET_PROPERTY_WORDS",
+    "Settings",
+    "env_name",
+    "is_secret_property",
+    "kafka_passthrough",
+    "load_settings",
+    "markdown_table",
+]
 
 
 class Settings(BaseModel):
@@ -340,20 +360,7 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _watchdog_before_eviction(self) -> Settings:
-        """A hung worker must end (and its crash note count) before the group evicts it
-        and hands its batch to the next worker."""
-        raw = self.kafka_extra_values().get("max.poll.interval.ms", str(MAX_POLL_INTERVAL_MS))
-        try:
-            poll_ms = int(raw)
-        except ValueError:
-            return self  # librdkafka names the bad property when the client is made
-        if self.pipeline_timeout_s > 0 and self.pipeline_timeout_s * 1000 >= poll_ms:
-            raise ValueError(
-                f"QRSIGHT_PIPELINE_TIMEOUT_S ({self.pipeline_timeout_s:g} s) must be below "
-                f"the consumer's max.poll.interval.ms ({poll_ms} ms, "
-                "QRSIGHT_KAFKA__MAX_POLL_INTERVAL_MS): else a hung worker is evicted and its "
-                "batch handed to the next worker before the watchdog ends it"
-            )
+        check_watchdog_before_eviction(self.pipeline_timeout_s, self.kafka_extra_values())
         return self
 
     def kafka_extra_values(self) -> dict[str, str]:
@@ -364,80 +371,16 @@ class Settings(BaseModel):
         }
 
 
-SECRET_PROPERTY_WORDS = ("key", "password", "secret", "token", "credential")
-
-
-def is_secret_property(prop: str) -> bool:
-    """Whether a librdkafka property's value must never be shown (``ssl.key.password``, …)."""
-    name = prop.lower()
-    return any(word in name for word in SECRET_PROPERTY_WORDS)
-
-
-def kafka_passthrough(environ: Mapping[str, str]) -> dict[str, str]:
-    """librdkafka properties given as ``QRSIGHT_KAFKA__<PROPERTY>``."""
-    props: dict[str, str] = {}
-    for name, value in environ.items():
-        if name.upper().startswith(KAFKA_PASSTHROUGH_PREFIX):
-            prop = name[len(KAFKA_PASSTHROUGH_PREFIX) :].lower().replace("_", ".")
-            if prop:
-                props[prop] = value
-    return props
-
-
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build the process's settings from ``environ`` (default ``os.environ``).
 
-    Errors name the environment variable to fix.
-    """
-    env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
-    known = {env_name(name) for name in Settings.model_fields}
-    values: dict[str, Any] = {}
-    for name in Settings.model_fields:
-        if name != "kafka_extra" and env_name(name) in env and env[env_name(name)] != "":
-            values[name] = env[env_name(name)]
-    values["kafka_extra"] = kafka_passthrough(env)
-    values.update(overrides)
-    unknown = sorted(
-        k
-        for k in env
-        if k.startswith(ENV_PREFIX)
-        and k not in known
-        and not k.startswith(KAFKA_PASSTHROUGH_PREFIX)
-    )
-    if unknown:
-        logger.warning("ignoring unknown settings names=%s", ",".join(unknown))
-    try:
-        return Settings.model_validate(values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            if err["loc"]
-            else err["msg"].removeprefix("Value error, ")  # a rule that names its settings
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from exc
-
-
-def env_name(field: str) -> str:
-    """The environment variable of a settings field."""
-    return ENV_PREFIX + field.upper()
+    Errors name the environment variable to fix (``core.runtime.settings_env``)."""
+    return load_from_env(Settings, environ, overrides)
 
 
 def markdown_table() -> str:
-    """The README's settings table."""
-    rows = ["| variable | default | what it sets |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        if name == "kafka_extra":
-            rows.append(f"| `{KAFKA_PASSTHROUGH_PREFIX}<PROPERTY>` | — | {field.description} |")
-            continue
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, Path):
-            default = (
-                default.relative_to(REPO_ROOT) if default.is_relative_to(REPO_ROOT) else default
-            )
-        shown = "—" if default is None else f"`{default}`"
-        rows.append(f"| `{env_name(name)}` | {shown} | {field.description} |")
-    return "\n".join(rows)
+    """The README's settings table (``core.runtime.settings_table``)."""
+    return _markdown_table(Settings, REPO_ROOT)
 
 
 if __name__ == "__main__":

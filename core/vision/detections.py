@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from core.runtime.results import base_record
+from core.runtime.results import DetectionRecord, ModelRecord, base_record
 from schemas.names import STATUS_OK
 
 
@@ -29,7 +29,7 @@ class ModelInfo:
     def label(self, class_id: int) -> str:
         return self.labels.get(int(class_id), str(int(class_id)))
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> ModelRecord:
         """The ``model`` field of a ``DetectionResult``."""
         return {"name": self.name, "version": self.version, "input_size": int(self.input_size)}
 
@@ -119,11 +119,11 @@ class Detections:
             corners=[self.corners[i] for i in idx],
         )
 
-    def to_records(self, labels: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
+    def to_records(self, labels: Mapping[int, str] | None = None) -> list[DetectionRecord]:
         """The ``detections`` array of a ``DetectionResult``."""
         labels = labels or {}
         assert self.text is not None and self.corners is not None
-        records = []
+        records: list[DetectionRecord] = []
         for box, conf, cid, text, corners in zip(
             self.xyxy.tolist(),
             self.confidence.tolist(),

@@ -110,7 +110,7 @@ def _adaptive(gray: np.ndarray) -> np.ndarray:
 
 GLOBAL = zxingcpp.Binarizer.GlobalHistogram
 FIXED = zxingcpp.Binarizer.FixedThreshold
-# every extra way tried (``bench/payload_attempts.py`` measures each on synthetic hard codes)
+# every extra way tried (``training.eval.payload_attempts`` measures each on synthetic hard codes)
 CANDIDATE_ATTEMPTS: dict[str, Attempt] = {
     a.name: a
     for a in (

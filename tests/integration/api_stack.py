@@ -2,7 +2,7 @@
 detection workers (``python -m consumer.cli``) and the app under real gunicorn
 (``python -m api.cli``) on a free port, on fresh topics of a real broker.
 
-No tests here; ``tests/integration/test_api*.py`` and ``bench/soak_api.py`` use it.
+No tests here; ``tests/integration/test_api*.py`` and ``tests/chaos/soak_api.py`` use it.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 @contextlib.contextmanager
 def broker() -> Iterator[str]:
     """``QRSIGHT_KAFKA_BOOTSTRAP`` if set, else a broker of its own on a free port (stopped
-    at the end), for the scripts that run outside pytest (``bench/soak_api.py``)."""
+    at the end), for the scripts that run outside pytest (``tests/chaos/soak_api.py``)."""
     external = os.environ.get("QRSIGHT_KAFKA_BOOTSTRAP")
     if external:
         yield external

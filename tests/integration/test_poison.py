@@ -22,6 +22,7 @@ import pytest
 
 from consumer.worker import Worker
 from core.runtime.kafka import message_limits
+from core.runtime.results import error_code
 from core.runtime.settings import DEFAULT_MODEL, Settings
 from core.vision.pipeline import Pipeline
 from schemas import names
@@ -132,9 +133,10 @@ def test_the_poison_corpus_gets_one_answer_each_and_no_worker_restarts(
             problems.append(f"{case.name}: {len(got)} results")
             continue
         (result,) = got
-        error = result["error"] or {}
-        if (result["status"], error.get("code")) != (case.status, case.code):
-            problems.append(f"{case.name}: {result['status']} {error} != {case.status} {case.code}")
+        if (result["status"], error_code(result)) != (case.status, case.code):
+            problems.append(
+                f"{case.name}: {result['status']} {result['error']} != {case.status} {case.code}"
+            )
         elif case.size and (result["image"]["width"], result["image"]["height"]) != case.size:
             problems.append(f"{case.name}: size {result['image']} != {case.size}")
     assert problems == [], "\n".join(problems)
@@ -196,7 +198,7 @@ def test_a_failing_message_is_retried_isolated_and_quarantined_its_batch_goes_th
         assert [r["status"] for r in by_id[rid]] == ["OK"], rid
     for rid, _value, _ in bad:
         (result,) = by_id[rid]
-        assert (result["status"], result["error"]["code"]) == ("ERROR", "quarantined")
+        assert (result["status"], error_code(result)) == ("ERROR", "quarantined")
         assert "Assertion failed" in result["error"]["message"]
     assert {(m.key(), m.value()) for m, _ in dlq} == {(r.encode(), v) for r, v, _ in bad}
     text = worker.metrics.exposition().decode()
@@ -242,7 +244,7 @@ def _quarantined_by_deaths(
     finally:
         stop_within(supervisor, STOP_BOUND_S + 2)
     (result,) = by_id[rid]
-    assert (result["status"], result["error"]["code"]) == ("ERROR", "quarantined")
+    assert (result["status"], error_code(result)) == ("ERROR", "quarantined")
     for r, _, _ in stream:
         assert [x["status"] for x in by_id[r]] == ["OK"], r
     ((msg, _),) = dlq

@@ -36,6 +36,7 @@ from consumer.journal import CrashJournal
 from consumer.worker import Worker
 from core.runtime.errors import ModelError
 from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.results import error_code, now_ms
 from core.runtime.results import image_request as request_record
 from core.runtime.settings import DEFAULT_MODEL, REPO_ROOT, Settings
 from core.vision.pipeline import ImageJob, Pipeline
@@ -437,7 +438,7 @@ def test_bad_input_gets_error_result_and_dlq_copy_and_the_worker_keeps_going(
     for rid, _value, _headers, code in bad:
         (result,) = by_id[rid]
         assert result["status"] == "ERROR", rid
-        assert result["error"]["code"] == code, (rid, result["error"])
+        assert error_code(result) == code, (rid, result["error"])
         assert result["error"]["message"]
     copies = {(m.key() or b"").decode(): m for m, _ in dlq}
     assert set(copies) == bad_ids, "exactly the bad messages are in the DLQ"
@@ -454,19 +455,19 @@ def test_bad_input_gets_error_result_and_dlq_copy_and_the_worker_keeps_going(
 
 
 def test_deadlines_reply_routing_and_header_passthrough(settings: Settings) -> None:
-    now_ms = int(time.time() * 1000)
+    now = now_ms()
     trace = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     cid = names.H_CORRELATION_ID
     stream: list[Outgoing] = [
         (
             "late",
             jpeg(1),
-            [(cid, b"late"), (names.H_DEADLINE_MS, names.encode_deadline(now_ms - 1))],
+            [(cid, b"late"), (names.H_DEADLINE_MS, names.encode_deadline(now - 1))],
         ),
         (
             "in-time",
             jpeg(2),
-            [(cid, b"in-time"), (names.H_DEADLINE_MS, names.encode_deadline(now_ms + 600_000))],
+            [(cid, b"in-time"), (names.H_DEADLINE_MS, names.encode_deadline(now + 600_000))],
         ),
         (
             "reply-3",

@@ -21,6 +21,7 @@ from core.runtime.errors import (
 from core.runtime.settings import load_settings
 from core.vision import images
 from core.vision.images import ImageInfo, ImageLimits, decode, probe
+from core.vision.images.pixels import to_bgr8
 
 LIMITS = ImageLimits(max_bytes=10 * 1024 * 1024, max_side=8192, max_pixels=40_000_000)
 
@@ -274,7 +275,7 @@ def imdecode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(flags)
         return real(buf, flags)
 
-    monkeypatch.setattr(images.cv2, "imdecode", counting)
+    monkeypatch.setattr(cv2, "imdecode", counting)
     return calls
 
 
@@ -510,6 +511,6 @@ def test_bgra_on_white_equals_the_float_formula() -> None:
     raw = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
     color, alpha = raw[:, :, :3].astype(np.float64), raw[:, :, 3:].astype(np.float64) / 255
     expected = np.clip(color * alpha + 255 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
-    assert np.array_equal(images._to_bgr8(raw), expected)
+    assert np.array_equal(to_bgr8(raw), expected)
     raw[:, :, 3] = 255
-    assert np.array_equal(images._to_bgr8(raw), raw[:, :, :3])
+    assert np.array_equal(to_bgr8(raw), raw[:, :, :3])

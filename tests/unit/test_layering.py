@@ -7,6 +7,7 @@ with its file and line even when the module would fail to import.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,82 @@ def test_import_parsing(tmp_path: Path, source: str, expected: list[str]) -> Non
 )
 def test_only_the_reply_client_crosses_from_producer_tools_to_api(module: str, ok: bool) -> None:
     assert _is_allowed(module, ALLOWED_MODULES["producer_tools"]) is ok
+
+
+def our_modules() -> dict[str, Path]:
+    """Dotted name → file of every module of ours (a package is its ``__init__.py``)."""
+    modules: dict[str, Path] = {}
+    for package in sorted(OURS):
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Which of our modules each one imports, at the top or inside a function alike
+    (``from a.b import c`` is module ``a.b.c`` when there is one, else ``a.b``)."""
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for _, module in imported_modules(path):
+            target = module if module in modules else module.rpartition(".")[0]
+            if target in modules and target != name:
+                targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle() -> None:
+    """Two modules that import each other (even inside a function) cannot be read, moved
+    or tested apart."""
+    assert cycles(import_graph(our_modules())) == []
+
+
+def test_the_circle_finder_finds_one() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_script_edits_sys_path() -> None:
+    """Scripts run as modules (``python -m bench.suite``) from the repository root."""
+    found = [
+        f"{path.relative_to(REPO_ROOT)}:{number}"
+        for path in our_modules().values()
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\bsys\.path\.(insert|append)\(", line)
+    ]
+    assert found == []

@@ -1,6 +1,6 @@
 """The default pipeline on synthetic test families: FP rate, recall and reads per family.
 
-    python bench/eval_synthetic.py [--n 100] [--verifier PATH|off] [--out DIR] [--label NAME]
+    python -m training.eval.synthetic [--n 100] [--verifier PATH|off] [--out DIR] [--label NAME]
 
 Every image of ``training.families`` (seed 6,000,001: a stream no training, selection or
 threshold step uses) is encoded as a JPEG (quality 92, as a phone writes it) and goes
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +35,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from core.runtime.settings import Settings, load_settings
 from core.vision.images import decode
 from core.vision.pipeline import ImageJob, Pipeline
 from core.vision.postprocess import box_iou
+from training.eval.detector import LIMITS
 from training.families import FAMILIES, NEGATIVE, POSITIVE, scene
 
 EVAL_SEED = 6_000_001
@@ -148,8 +146,6 @@ def table(rows: list[FamilyRow]) -> list[str]:
 def timing(args: argparse.Namespace, settings: Settings) -> int:
     """ms of ``Pipeline.check`` per image (payloads, verifier, harder reads) for the
     default and the baselines, on the same decoded images and detections, interleaved."""
-    from bench.payload_attempts import LIMITS
-
     default = Pipeline(settings)
     configs = {"default": default}
     plain = Pipeline(settings.model_copy(update={"verifier_path": None}), detector=default.detector)

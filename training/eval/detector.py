@@ -1,6 +1,6 @@
 """Evaluate qrsight's detector against zxing-cpp and OpenCV on labelled photos.
 
-    python bench/eval_detector.py ../shared/data/qr-real-dev [--model M] [--out DIR] [--speed]
+    python -m training.eval.detector ../shared/data/qr-real-dev [--model M] [--out DIR] [--speed]
 
 Reads ``manifest.jsonl`` (one JSON per image: ``path``, ``texts``, ``kind`` =
 ``qr|negative``, ``corners_ref`` = list of 4-corner lists or null). For each method on
@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,9 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.runtime.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, load_settings
+from core.runtime.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, REPO_ROOT, load_settings
 from core.vision.detections import Detections
 from core.vision.detector import Detector
 from core.vision.images import ImageLimits, decode
@@ -162,6 +160,12 @@ def found(item: Item, boxes: np.ndarray) -> tuple[bool, list[float]]:
     return all(v >= IOU_MATCH for v in best), best
 
 
+def shown(path: Path) -> str:
+    """``path`` as ``eval.json`` records it: relative to the repository (``../shared/...``
+    for a data folder beside it), so results name no directory of the machine they ran on."""
+    return os.path.relpath(Path(path).resolve(), REPO_ROOT)
+
+
 def summarize(name: str, items: list[Item], outs: list[Outcome]) -> Summary:
     s = Summary(name)
     hits = decoded = 0
@@ -171,14 +175,14 @@ def summarize(name: str, items: list[Item], outs: list[Outcome]) -> Summary:
             s.n_neg += 1
             if len(out.boxes):
                 s.fp_images += 1
-                s.fp_paths.append(str(item.path))
+                s.fp_paths.append(shown(item.path))
             continue
         s.n_qr += 1
         ok, best = found(item, out.boxes)
         hits += ok
         ious += best
         if not ok:
-            s.missed.append(str(item.path))
+            s.missed.append(shown(item.path))
         decoded += all(t in out.texts for t in item.texts)
     s.recall = hits / max(s.n_qr, 1)
     s.mean_iou = float(np.mean(ious)) if ious else 0.0
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 "thresholds": THRESHOLDS.tolist(),
                 "recall": recalls,
                 "fp_images": fps,
-                "verifier": str(ver.model_path) if ver else None,
+                "verifier": shown(ver.model_path) if ver else None,
             },
             indent=1,
         )

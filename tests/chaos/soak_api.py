@@ -1,8 +1,7 @@
-# ruff: noqa: E402  (the repo root goes on sys.path before the project imports)
 """API soak: mixed good and bad traffic for a while; memory, waiters and metric files must
 stay flat.
 
-    make soak-api [SOAK_API_S=300]      # = python bench/soak_api.py --duration 300
+    make soak-api [SOAK_API_S=300]      # = python -m tests.chaos.soak_api --duration 300
 
 Starts, on fresh topics of a real broker (``QRSIGHT_KAFKA_BOOTSTRAP`` if set, else one of
 its own), one detection worker and the API under gunicorn (2 worker processes, auth on, a
@@ -50,11 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 import requests
 
+from core.runtime.settings import REPO_ROOT
 from tests.integration.api_stack import (
     SECRET,
     Stack,
@@ -382,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds left out (default: a fifth, at least 10)",
     )
     parser.add_argument(
-        "--out", type=Path, default=REPO / "runs" / "soak-api" / time.strftime("%Y%m%d-%H%M%S")
+        "--out", type=Path, default=REPO_ROOT / "runs" / "soak-api" / time.strftime("%Y%m%d-%H%M%S")
     )
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else max(10.0, args.duration / 5)

@@ -1,10 +1,10 @@
 """Which extra ways of reading an unread box pay for their time, on synthetic hard codes.
 
-    python bench/payload_attempts.py [--n 40] [--negatives 10] [--out DIR]
+    python -m training.eval.payload_attempts [--n 40] [--negatives 10] [--out DIR]
 
 On the positive families of ``training.families`` (blur, small, glare, perspective,
 curved, noisy, ... ; seed 6,100,003, a stream of its own, *not* the one
-``bench/eval_synthetic.py`` reports on) the shipped detector boxes each code and
+``training.eval.synthetic`` reports on) the shipped detector boxes each code and
 ``core.vision.payload.read_payloads`` reads the boxes the standard way. For the boxes on a code
 that stay unread, every attempt of ``core.vision.payload.CANDIDATE_ATTEMPTS`` is tried alone
 (success = the code's payload, exactly); on boxes that are not on a code (negative
@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.eval_detector import LIMITS
-from bench.eval_synthetic import cases
 from core.runtime.settings import DEFAULT_MODEL
 from core.vision.detector import Detector
 from core.vision.images import decode
@@ -43,6 +38,8 @@ from core.vision.payload import (
     read_payloads,
 )
 from core.vision.postprocess import box_iou
+from training.eval.detector import LIMITS
+from training.eval.synthetic import cases
 from training.families import NEGATIVE, POSITIVE
 
 TUNE_SEED = 6_100_003
