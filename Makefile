@@ -5,6 +5,10 @@ PYTHON ?= python3
 QRSIGHT_KAFKA_PORT ?= 9092
 LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
 export QRSIGHT_KAFKA_PORT
+# `make kafka-up KAFKA_SECURITY=sasl_ssl`: TLS, SASL/SCRAM and ACLs, each role's client
+# settings in .kafka/clients/<role>.env (README, "Running on a secured Kafka").
+KAFKA_SECURITY ?= plaintext
+export KAFKA_SECURITY
 
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
         train train-smoke train-verifier bench eval chaos chaos-ci soak
@@ -65,7 +69,7 @@ soak: .installed-dev  ## workers at 80 % of capacity, mixed input, SOAK_MINUTES 
 	deploy/local/test-tools.sh
 	touch $@
 
-kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft)
+kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft); KAFKA_SECURITY=sasl_ssl secures it
 	deploy/local/kafka.sh up
 
 kafka-down:

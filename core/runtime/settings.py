@@ -61,6 +61,12 @@ class Settings(BaseModel):
     kafka_sasl_password: SecretStr | None = Field(
         None, description="Kafka `sasl.password` (secret; never logged)"
     )
+    kafka_ssl_ca_location: Path | None = Field(
+        None,
+        description="Kafka `ssl.ca.location`: the PEM file of the CA that signed the brokers' "
+        "certificates (unset: the system's CAs); `make kafka-up KAFKA_SECURITY=sasl_ssl` "
+        "writes it, with the SASL settings, to `.kafka/clients/<role>.env`",
+    )
     kafka_extra: dict[str, str | SecretStr] = Field(
         default_factory=dict,
         description="any librdkafka property, as `QRSIGHT_KAFKA__<PROPERTY>` (see above); "
