@@ -65,7 +65,10 @@ def connection_problem(
     """What makes the broker refuse this client (credentials, TLS), or None when it
     answers, or does not answer at all within ``timeout_s`` (not a security problem).
 
-    ``admin_client`` is ``confluent_kafka.admin.AdminClient``."""
+    ``admin_client`` is ``confluent_kafka.admin.AdminClient``. Without TLS or SASL there
+    is nothing to refuse: None at once."""
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return None
     errors: list[ClientError] = []
     conf = admin_config(settings, error_cb=errors.append)
     conf["client.id"] = f"{settings.kafka_client_id}-{role}-check"
