@@ -1065,3 +1065,71 @@ def test_network_policy_checks_catch_drift(base_docs: list[dc.Doc]) -> None:
     ]
     assert any("allows every port" in p for p in network_policy_problems(open_all))
     assert network_policy_problems(relabeled) == ["worker: 0 network policies select its pods"]
+
+
+# --- supply chain: requirements.lock -------------------------------------------------------
+LOCK = dc.ROOT / "requirements.lock"
+
+
+def _locked() -> dict[str, list[str]]:
+    """Name -> the requirement blocks of the lock (a name may repeat per environment marker)."""
+    blocks: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text()):
+        match = re.match(r"([A-Za-z0-9_.-]+)==", block)
+        if match:
+            blocks.setdefault(match.group(1).lower().replace("_", "-"), []).append(block)
+    return blocks
+
+
+def _runtime_requirements() -> dict[str, str]:
+    project = tomllib.loads((dc.ROOT / "pyproject.toml").read_text())["project"]
+    found = {}
+    for requirement in project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)
+        assert name is not None
+        found[name.group(0).lower().replace("_", "-")] = requirement
+    return found
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    locked = _locked()
+    assert set(_runtime_requirements()) <= set(locked), "run `make lock` after editing pyproject"
+    for name, blocks in locked.items():
+        for block in blocks:
+            assert "--hash=sha256:" in block, f"{name} has no hash in requirements.lock"
+
+
+@pytest.mark.parametrize(
+    ("name", "vulnerable"),
+    [("pyjwt", "2.10.0"), ("flask", "3.1.0"), ("gunicorn", "22.0.0"), ("cryptography", "44.0.0")],
+)
+def test_lower_bounds_exclude_known_vulnerable_versions(name: str, vulnerable: str) -> None:
+    from packaging.requirements import Requirement
+
+    requirement = Requirement(_runtime_requirements()[name])
+    assert not requirement.specifier.contains(vulnerable)
+    for block in _locked()[name]:
+        locked = block.split("==", 1)[1].split()[0]
+        assert requirement.specifier.contains(locked), f"{name} {locked} below its lower bound"
+
+
+def test_cryptography_and_pydantic_are_declared_where_they_are_imported() -> None:
+    assert {"cryptography", "pydantic"} <= set(_runtime_requirements())
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_the_runtime_from_the_lock_with_hashes(path: Path) -> None:
+    runs = [args for instr, args in dc.dockerfile_instructions(path.read_text()) if instr == "RUN"]
+    installs = [r for r in runs if re.search(r"-r \S*requirements\.lock", r)]
+    assert installs and all("--require-hashes" in r for r in installs)
+    wheel_installs = [r for r in runs if "qrsight-*.whl" in r]
+    assert all(re.search(r"pip install --no-deps \S*qrsight-\*\.whl", r) for r in wheel_installs), (
+        "the wheel must not resolve its dependencies past the lock"
+    )
+
+
+def test_make_up_installs_from_the_lock() -> None:
+    makefile = (dc.ROOT / "Makefile").read_text()
+    recipe = makefile.split("\n.installed:", 1)[1].split("\n\n", 1)[0]
+    assert "--require-hashes --no-deps -r requirements.lock" in recipe
+    assert "up: .installed" in makefile
