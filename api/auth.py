@@ -36,6 +36,8 @@ from core.runtime.settings import Settings, env_name
 logger = logging.getLogger(__name__)
 
 REALM = "qrsight"
+# Example files' placeholders (deploy/k8s/base/secret.example.yaml): publicly known keys.
+PLACEHOLDER_PREFIXES = ("REPLACE", "CHANGEME", "CHANGE-ME", "YOUR-SECRET")
 HS256_MIN_KEY_BYTES = 32  # RFC 7518 section 3.2: a key at least as long as the hash output
 RSA_MIN_BITS = 2048
 EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -125,6 +127,11 @@ def check_secret(secret: str) -> str:
         raise ConfigError(
             f"{env_name('auth_jwt_secret')} holds a PEM/SSH key; a public key goes into "
             f"{env_name('auth_jwt_public_key')}"
+        )
+    if secret.strip().upper().startswith(PLACEHOLDER_PREFIXES):
+        raise ConfigError(
+            f"{env_name('auth_jwt_secret')} is still an example's placeholder; set a random "
+            "secret (e.g. `openssl rand -hex 32`)"
         )
     if len(secret.encode()) < HS256_MIN_KEY_BYTES:
         raise ConfigError(

@@ -31,7 +31,7 @@ from tests.unit import deploy_checks as dc
 
 COMPOSE_FILE = dc.ROOT / "docker-compose.yml"
 DOCKERFILES = [dc.ROOT / "deploy/docker/Dockerfile", dc.ROOT / "deploy/docker/Dockerfile.cuda"]
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "cpu-sasl-ssl"]
 # oldest supported (the API's pod-index label is on by default from 1.28) and newest bundled
 K8S_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -1133,3 +1133,39 @@ def test_make_up_installs_from_the_lock() -> None:
     recipe = makefile.split("\n.installed:", 1)[1].split("\n\n", 1)[0]
     assert "--require-hashes --no-deps -r requirements.lock" in recipe
     assert "up: .installed" in makefile
+
+
+# --- secured Kafka and secrets ---------------------------------------------------------------
+def test_the_example_jwt_secret_is_refused_if_applied_as_it_is() -> None:
+    from api.auth import check_secret
+    from core.runtime.errors import ConfigError
+
+    secret = dc.load_one(dc.K8S / "base/secret.example.yaml")["stringData"]["auth-jwt-secret"]
+    with pytest.raises(ConfigError, match="QRSIGHT_AUTH_JWT_SECRET"):
+        check_secret(secret)
+    with pytest.raises(ConfigError, match="placeholder"):  # even when it is long enough
+        check_secret(secret + "-" * 32)
+
+
+def test_the_sasl_ssl_overlay_logs_each_component_in_as_its_own_user() -> None:
+    docs = dc.render_kustomization(dc.K8S / "overlays" / "cpu-sasl-ssl")
+    config = dc.find(docs, "ConfigMap", "qrsight-config")["data"]
+    secret_keys = set(dc.load_one(dc.K8S / "base/secret.example.yaml")["stringData"])
+    users = {}
+    for kind, name in [("StatefulSet", "qrsight-api"), ("StatefulSet", "qrsight-workers")]:
+        doc = dc.find(docs, kind, name)
+        container = next(dc.containers(doc))
+        settings = load_settings({**config, **dc.literal_env(container)})
+        assert settings.kafka_security_protocol == "SASL_SSL"
+        assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+        password = next(e for e in container["env"] if e["name"] == "QRSIGHT_KAFKA_SASL_PASSWORD")
+        ref = password["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secret_keys and ref["optional"] is False
+        ca = settings.kafka_ssl_ca_location
+        assert ca is not None
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = mounts[str(ca.parent)]
+        volumes = {v["name"]: v for v in dc.pod_spec(doc)["volumes"]}  # type: ignore[index]
+        assert volumes[volume]["secret"]["secretName"] == "qrsight-kafka-ca"
+        users[name] = settings.kafka_sasl_username
+    assert users == {"qrsight-api": "api", "qrsight-workers": "worker"}
