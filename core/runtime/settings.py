@@ -7,6 +7,11 @@ the README and the manifests against it).
 Any librdkafka property can be passed through with ``QRSIGHT_KAFKA__<PROPERTY>``:
 the part after the double underscore is lower-cased and ``_`` becomes ``.``, so
 ``QRSIGHT_KAFKA__SSL_CA_LOCATION=/etc/ca.pem`` sets ``ssl.ca.location``.
+
+A secret can also be read from a file, as Docker and Kubernetes mount secrets:
+``QRSIGHT_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka-password`` (likewise
+``QRSIGHT_AUTH_JWT_SECRET_FILE`` and ``QRSIGHT_SCHEMA_REGISTRY_BASIC_AUTH_FILE``); the
+variable itself wins when both are set.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from core.runtime.errors import ConfigError
 ENV_PREFIX = "QRSIGHT_"
 MAX_POLL_INTERVAL_MS = 300_000  # librdkafka's default max.poll.interval.ms
 KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
+SECRET_FILE_SUFFIX = "_FILE"
+# Secrets that may come from a file (``<VARIABLE>_FILE``), as container secrets are mounted.
+SECRET_FILE_FIELDS = ("kafka_sasl_password", "auth_jwt_secret", "schema_registry_basic_auth")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v3.onnx"
 DEFAULT_VERIFIER = REPO_ROOT / "models" / "qrsight-qrverify-v2.onnx"
@@ -397,7 +405,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     """
     env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
     known = {env_name(name) for name in Settings.model_fields}
+    known |= {env_name(name) + SECRET_FILE_SUFFIX for name in SECRET_FILE_FIELDS}
     values: dict[str, Any] = {}
+    for name in SECRET_FILE_FIELDS:
+        if env.get(env_name(name) + SECRET_FILE_SUFFIX):
+            values[name] = read_secret_file(env_name(name) + SECRET_FILE_SUFFIX, env)
     for name in Settings.model_fields:
         if name != "kafka_extra" and env_name(name) in env and env[env_name(name)] != "":
             values[name] = env[env_name(name)]
@@ -422,6 +434,17 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def read_secret_file(variable: str, env: Mapping[str, str]) -> str:
+    """The secret in the file ``variable`` names, without its final newline."""
+    path = Path(env[variable]).expanduser()
+    try:
+        return path.read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid settings: {variable}: cannot read {path}: {exc.strerror}"
+        ) from exc
 
 
 def env_name(field: str) -> str:

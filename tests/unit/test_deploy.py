@@ -1169,3 +1169,50 @@ def test_the_sasl_ssl_overlay_logs_each_component_in_as_its_own_user() -> None:
         assert volumes[volume]["secret"]["secretName"] == "qrsight-kafka-ca"
         users[name] = settings.kafka_sasl_username
     assert users == {"qrsight-api": "api", "qrsight-workers": "worker"}
+
+
+SASL_SSL_COMPOSE = dc.ROOT / "docker-compose.sasl-ssl.yml"
+
+
+def test_the_sasl_ssl_compose_override_passes_docker_compose_config(tmp_path: Path) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is missing: .ci/run installs Debian's docker-compose")
+        pytest.skip("Debian's docker-compose is not installed (apt-get install docker-compose)")
+    for name in ("kafka-admin-password", "kafka-api-password", "kafka-worker-password"):
+        (tmp_path / name).write_text("not-a-real-password\n")
+    (tmp_path / "kafka-ca.pem").write_text("not a real CA\n")
+    env = {**os.environ, "QRSIGHT_KAFKA_BOOTSTRAP": "b:9093", "KAFKA_SECRETS_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "-f", str(SASL_SSL_COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_sasl_ssl_compose_override_gives_each_service_its_user_and_secret_files() -> None:
+    from core.runtime.settings import SECRET_FILE_FIELDS, SECRET_FILE_SUFFIX, env_name
+
+    override = dc.load_compose(SASL_SSL_COMPOSE, {"QRSIGHT_KAFKA_BOOTSTRAP": "b:9093"})
+    file_names = {env_name(f) + SECRET_FILE_SUFFIX for f in SECRET_FILE_FIELDS}
+    users = {}
+    for name, service in override["services"].items():
+        env = dc.compose_env(service)
+        assert dc.env_problems(set(env) - file_names, name) == []
+        assert env["QRSIGHT_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert "QRSIGHT_KAFKA_SASL_PASSWORD" not in env, "passwords come from secret files"
+        secret = env["QRSIGHT_KAFKA_SASL_PASSWORD_FILE"].removeprefix("/run/secrets/")
+        ca = env["QRSIGHT_KAFKA_SSL_CA_LOCATION"].removeprefix("/run/secrets/")
+        assert {secret, ca} <= set(service["secrets"]) <= set(override["secrets"])
+        users[name] = env["QRSIGHT_KAFKA_SASL_USERNAME"]
+    assert users == {
+        "topics": "admin",
+        "consumer": "worker",
+        "consumer-gpu": "worker",
+        "api": "api",
+    }
