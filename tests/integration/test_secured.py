@@ -27,8 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from core.runtime.kafka import consumer_config, producer_config
 from core.runtime.settings import Settings, load_settings
-from tests.integration.api_stack import model_path, qr_png, start
-from tests.integration.conftest import _free_port
+from tests.integration.api_stack import free_port, model_path, qr_png, start
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
@@ -79,10 +78,11 @@ def _sourced(path: Path) -> dict[str, str]:
     return values
 
 
-@pytest.fixture(scope="session")
+# One broker for the module, stopped when it ends (the other suites never need it).
+@pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]:
     home = tmp_path_factory.mktemp("kafka-secured")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QRSIGHT_")}
     env.update(
         KAFKA_HOME_DIR=str(home),
@@ -130,8 +130,8 @@ def produce_error(settings: Settings, role: str, topic: str) -> KafkaError | Non
     return reports[0]
 
 
-def consume_error(settings: Settings, role: str, topic: str, group: str) -> KafkaError | None:
-    """The first error a subscriber of ``topic`` gets within REFUSAL_S (None if none)."""
+def subscribe(settings: Settings, role: str, topic: str, group: str) -> KafkaError | str:
+    """The first error a subscriber of ``topic`` gets within REFUSAL_S, or "assigned"."""
     consumer = Consumer(consumer_config(settings, group, role))
     consumer.subscribe([topic])
     deadline = time.monotonic() + REFUSAL_S
@@ -141,8 +141,8 @@ def consume_error(settings: Settings, role: str, topic: str, group: str) -> Kafk
             if msg is not None and msg.error() is not None:
                 return msg.error()
             if consumer.assignment():
-                return None
-        return None
+                return "assigned"
+        return "neither an error nor an assignment"
     finally:
         consumer.close()
 
@@ -200,7 +200,7 @@ def run_until_exit(cmd: list[str], env: dict[str, str], log: Path, timeout_s: fl
 def api_process(
     secured: SecuredBroker, tmp: Path, **extra: str
 ) -> tuple[str, subprocess.Popen[bytes], Path]:
-    port = _free_port()
+    port = free_port()
     env = secured.env(
         "api",
         QRSIGHT_API_HOST="127.0.0.1",
@@ -248,7 +248,7 @@ def test_api_and_worker_with_their_own_credentials_return_a_result(
     worker_env = secured.env(
         "worker",
         QRSIGHT_MODEL_PATH=str(model),
-        QRSIGHT_METRICS_PORT=str(_free_port()),
+        QRSIGHT_METRICS_PORT=str(free_port()),
         QRSIGHT_ORT_INTRA_THREADS="1",
         # transactions: the worker's transactional id must match its ACL's prefix too
         QRSIGHT_PROCESSING_GUARANTEE="exactly_once",
@@ -302,10 +302,11 @@ def test_a_role_cannot_write_a_topic_it_does_not_own(
 
 def test_the_reader_cannot_read_replies_but_reads_detections(secured: SecuredBroker) -> None:
     reader = secured.settings("reader")
-    err = consume_error(reader, "reader", "qr.replies", "qrsight-results-replies")
-    assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
+    err = subscribe(reader, "reader", "qr.replies", "qrsight-results-replies")
+    assert isinstance(err, KafkaError), err
+    assert err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
     assert "qr.replies" in err.str()
-    assert consume_error(reader, "reader", "qr.detections", "qrsight-results-ok") is None
+    assert subscribe(reader, "reader", "qr.detections", "qrsight-results-ok") == "assigned"
 
 
 def test_a_worker_without_read_access_exits_naming_the_permission(
