@@ -5,9 +5,13 @@ PYTHON ?= python3
 QRSIGHT_KAFKA_PORT ?= 9092
 LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
 export QRSIGHT_KAFKA_PORT
+# `make kafka-up KAFKA_SECURITY=sasl_ssl`: TLS, SASL/SCRAM and ACLs, each role's client
+# settings in .kafka/clients/<role>.env (README, "Running on a secured Kafka").
+KAFKA_SECURITY ?= plaintext
+export KAFKA_SECURITY
 
 .PHONY: install lint format unit integration test kafka-up kafka-down up down demo \
-        train train-smoke train-verifier bench eval chaos chaos-ci soak
+        train train-smoke train-verifier bench eval chaos chaos-ci soak lock audit
 
 install: .installed  ## install qrsight's runtime (editable): what `make up` needs, no more
 
@@ -16,9 +20,11 @@ install: .installed  ## install qrsight's runtime (editable): what `make up` nee
 # no test or plotting tools); `make test` the dev extra and the train extra (torch, for the
 # training smoke test); `make train` the train extra; `make bench`/`make eval` the bench
 # extra (gevent for the seed's design, matplotlib for the plots) and the train extra (the
-# YOLOv8n-sized graph is exported with torch).
-.installed: pyproject.toml
-	$(PYTHON) -m pip install -q -e .
+# YOLOv8n-sized graph is exported with torch). The runtime's exact versions come from
+# requirements.lock, checked against its hashes (as in the images); qrsight itself goes on top.
+.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m pip install -q --require-hashes --no-deps -r requirements.lock
+	$(PYTHON) -m pip install -q --no-deps -e .
 	touch $@
 
 .installed-dev: pyproject.toml
@@ -60,12 +66,26 @@ chaos: .installed-dev  ## the chaos suite at full size (10,000 images per scenar
 soak: .installed-dev  ## workers at 80 % of capacity, mixed input, SOAK_MINUTES (5); plot in runs/soak
 	$(PYTHON) -m tests.chaos.soak --minutes $${SOAK_MINUTES:-5} --out runs/soak
 
+# requirements.lock: the runtime's dependencies (no extras) at exact versions with the
+# hashes of every file PyPI has for them, for every platform and Python >= 3.11.
+lock: .installed-lock  ## regenerate requirements.lock from pyproject.toml (uv pip compile --generate-hashes)
+	$(PYTHON) -m uv pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 \
+	  --custom-compile-command "make lock" -o requirements.lock
+
+# uv only resolves the lock (a maintainer's tool, not a dependency of qrsight).
+.installed-lock:
+	$(PYTHON) -m pip install -q 'uv>=0.5'
+	touch $@
+
+audit: .installed-dev  ## requirements.lock against PyPI's vulnerability advisories (pip-audit); says what it could not check
+	$(PYTHON) deploy/local/audit_lock.py requirements.lock
+
 # Chromium, docker-compose and kustomize for the browser and deploy checks (once).
 .test-tools: deploy/local/test-tools.sh
 	deploy/local/test-tools.sh
 	touch $@
 
-kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft)
+kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft); KAFKA_SECURITY=sasl_ssl secures it
 	deploy/local/kafka.sh up
 
 kafka-down:

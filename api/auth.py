@@ -10,7 +10,11 @@ Ed25519 key EdDSA. So a token cannot pick how it is checked: ``alg: none``, an H
 a string are refused like any bad token, with 401.
 
 ``exp`` is required; ``aud`` and ``iss`` are required and checked when configured; ``nbf``
-and ``iat`` in the future are refused.
+and ``iat`` in the future are refused. Without ``QRSIGHT_AUTH_JWT_AUDIENCE`` and
+``QRSIGHT_AUTH_JWT_ISSUER`` a token that any holder of the key minted for another service
+(same identity provider, another audience) is accepted too: the app logs a warning at start
+(README, "Auth"). The issuer is compared whole (PyJWT >= 2.10.1: 2.10.0 accepted a part of
+it, CVE-2024-53861).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from core.runtime.settings import Settings, env_name
 logger = logging.getLogger(__name__)
 
 REALM = "qrsight"
+# Example files' placeholders (deploy/k8s/base/secret.example.yaml): publicly known keys.
+PLACEHOLDER_PREFIXES = ("REPLACE", "CHANGEME", "CHANGE-ME", "YOUR-SECRET")
 HS256_MIN_KEY_BYTES = 32  # RFC 7518 section 3.2: a key at least as long as the hash output
 RSA_MIN_BITS = 2048
 EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -63,6 +69,7 @@ class JwtVerifier:
                 f"{env_name('auth_jwt_secret')} (HS256) or {env_name('auth_jwt_public_key')} "
                 "(PEM or file)"
             )
+        warn_unchecked_claims(settings)
         return cls(keys, settings.auth_jwt_audience, settings.auth_jwt_issuer)
 
     def verify(self, token: str) -> dict[str, Any]:
@@ -98,6 +105,21 @@ class JwtVerifier:
         return required
 
 
+def warn_unchecked_claims(settings: Settings) -> None:
+    """Say at start when tokens meant for other services would pass (no aud/iss check)."""
+    unset = [
+        env_name(name)
+        for name in ("auth_jwt_audience", "auth_jwt_issuer")
+        if not getattr(settings, name)
+    ]
+    if unset:
+        logger.warning(
+            "JWT audience/issuer check off: tokens that the key's holders issue for other "
+            "services are accepted too; set %s to refuse them",
+            " and ".join(unset),
+        )
+
+
 def check_secret(secret: str) -> str:
     """The HS256 secret, refused when it is short or is a PEM key pasted into the wrong
     setting (a public key must never be usable as an HMAC secret)."""
@@ -105,6 +127,11 @@ def check_secret(secret: str) -> str:
         raise ConfigError(
             f"{env_name('auth_jwt_secret')} holds a PEM/SSH key; a public key goes into "
             f"{env_name('auth_jwt_public_key')}"
+        )
+    if secret.strip().upper().startswith(PLACEHOLDER_PREFIXES):
+        raise ConfigError(
+            f"{env_name('auth_jwt_secret')} is still an example's placeholder; set a random "
+            "secret (e.g. `openssl rand -hex 32`)"
         )
     if len(secret.encode()) < HS256_MIN_KEY_BYTES:
         raise ConfigError(

@@ -52,6 +52,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from api.metrics import REPLY_READER_RESTARTS, REPLY_WAITERS
 from api.slots import reply_partition
@@ -62,6 +63,11 @@ from core.runtime.errors import (
     ReplyTimeoutError,
 )
 from core.runtime.kafka import avro_codec, check_value_size, consumer_config, producer_config
+from core.runtime.kafka_security import (
+    authorization_problem,
+    connection_problem,
+    is_authorization_error,
+)
 from core.runtime.results import image_request
 from core.runtime.settings import Settings, env_name
 from core.runtime.telemetry import tracing
@@ -81,6 +87,7 @@ logger = logging.getLogger(__name__)
 
 ASSIGN_RETRY_S = 1.0
 METADATA_TIMEOUT_S = 5.0
+SECURITY_CHECK_S = 3.0  # how long a failed assignment asks why (refused login, TLS)
 POLL_S = 0.2
 SUPERVISE_S = 0.2
 RESTART_BACKOFF_S = 1.0
@@ -228,9 +235,19 @@ class ReplyClient:
                 exc.args[0] if exc.args else exc,
             )
             return ["Kafka unreachable (the API log has the details)"]
-        wanted = (self.settings.topic_images, self.settings.topic_replies)
-        missing = [t for t in wanted if t not in metadata.topics or metadata.topics[t].error]
-        return [f"topic {t} does not exist (create it: qrsight-topics)" for t in missing]
+        wanted = {self.settings.topic_images: "write", self.settings.topic_replies: "read"}
+        problems = []
+        for name, operation in wanted.items():
+            topic = metadata.topics.get(name)
+            if (
+                topic is not None
+                and topic.error is not None
+                and is_authorization_error(topic.error)
+            ):
+                problems.append(authorization_problem(self.settings, topic.error, operation, name))
+            elif topic is None or topic.error is not None:
+                problems.append(f"topic {name} does not exist (create it: qrsight-topics)")
+        return problems
 
     def _threads(self) -> dict[str, threading.Thread | None]:
         return {
@@ -477,15 +494,25 @@ class ReplyClient:
                 problem,
             )
             self.last_problem = (
-                exc.message
-                if isinstance(exc, QrsightError)
-                else "reply partition not assigned: Kafka unreachable (the API log has the details)"
+                exc.message if isinstance(exc, QrsightError) else self._unreachable_reason()
             )
             self._stop.wait(ASSIGN_RETRY_S)
+
+    def _unreachable_reason(self) -> str:
+        """Why Kafka does not answer: a refused login or certificate, named with the
+        setting to fix, else plain unreachable."""
+        problem = connection_problem(self.settings, "api", AdminClient, SECURITY_CHECK_S)
+        if problem is not None:
+            logger.error("Kafka refuses the API problem=%r", problem)
+            return f"reply partition not assigned: {problem}"
+        return "reply partition not assigned: Kafka unreachable (the API log has the details)"
 
     def _assign(self, consumer: Consumer) -> None:
         metadata = consumer.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
         topic = metadata.topics.get(self.topic)
+        if topic is not None and topic.error is not None and is_authorization_error(topic.error):
+            problem = authorization_problem(self.settings, topic.error, "read", self.topic)
+            raise ConfigError(f"reply partition not assigned: {problem}")
         if topic is None or topic.error is not None:
             raise ConfigError(
                 f"reply partition not assigned: topic {self.topic} does not exist "

@@ -16,11 +16,14 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from confluent_kafka.admin import AdminClient
+
 from consumer.metrics import MetricsServer, WorkerMetrics
 from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
 from consumer.watchdog import HangWatchdog
 from core.runtime.errors import ConfigError
 from core.runtime.gpu import default_workers, place_worker
+from core.runtime.kafka_security import check_connection
 from core.runtime.logs import configure_from_settings, configure_logging
 from core.runtime.settings import Settings, load_settings
 from core.runtime.telemetry import setup_tracing
@@ -86,6 +89,8 @@ def run_worker(settings: Settings, index: int) -> int:
     _install_stop_handlers(worker.stop, settings.shutdown_timeout_s)
     server = _start_metrics(settings, index, metrics, lambda: worker.live)
     try:
+        # a refused login or certificate is a setting to fix: say so now, not retry for ever
+        check_connection(settings, f"worker-{index}", AdminClient)
         worker.run()
     except ConfigError as exc:
         logger.error("configuration error worker=%d error=%s", index, exc.message)

@@ -68,8 +68,9 @@ from consumer.outputs import (
 )
 from consumer.recovery import BatchRecovery, RetryPolicy, Stopping
 from consumer.watchdog import UNGUARDED, HangWatchdog
-from core.runtime.errors import QuarantinedError, UndeliverableError
+from core.runtime.errors import ConfigError, QuarantinedError, UndeliverableError
 from core.runtime.kafka import avro_codec, consumer_config, message_limits, producer_config
+from core.runtime.kafka_security import authorization_problem, is_authorization_error
 from core.runtime.results import error_record, expired_record
 from core.runtime.settings import Settings
 from core.runtime.telemetry import BatchTrace, StageLog, header_traceparent, trace_id_of, tracing
@@ -442,6 +443,13 @@ class Worker:
     def _consume_error(self, err: KafkaError) -> None:
         if err.fatal() or err.code() == KafkaError._FATAL:
             raise ConsumerFenced(err)  # this consumer instance is done
+        if is_authorization_error(err):  # no retry grants an ACL: exit, naming the one missing
+            refused = (
+                self.settings.consumer_group
+                if err.code() == KafkaError.GROUP_AUTHORIZATION_FAILED
+                else self.settings.topic_images
+            )
+            raise ConfigError(authorization_problem(self.settings, err, "read", refused))
 
         if err.code() != KafkaError._PARTITION_EOF:
             logger.warning("consume error code=%s error=%s", err.name(), err.str())

@@ -1,4 +1,5 @@
-"""``qrsight-topics create|describe``: the four topics of the contract, from settings.
+"""``qrsight-topics create|describe|acls``: the four topics of the contract, from settings,
+and the ACLs that give each role (API, workers, downstream readers) only what it needs.
 
 Partitions, replication, retention and ``max.message.bytes`` come from
 :func:`core.runtime.kafka.topic_specs`, so the topics always agree with the clients' size
@@ -6,6 +7,9 @@ limits. ``create`` is idempotent: a topic that already exists is left alone, wit
 warning when it has fewer partitions or a smaller ``max.message.bytes`` than the
 settings ask for (Kafka cannot shrink partitions, and growing them re-maps keys, so
 that is the operator's call).
+
+``acls`` (run as a super user, e.g. with ``.kafka/clients/admin.env``) creates the ACLs of
+:func:`role_acls`; creating one that exists is a no-op, so it too can run any number of times.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+)
 
 from core.runtime.errors import ConfigError, KafkaUnavailableError, QrsightError
 from core.runtime.kafka import admin_config, topic_specs
@@ -29,6 +42,9 @@ from core.runtime.settings import Settings, env_name, load_settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_USERS = {"api": "api", "worker": "worker", "reader": "reader"}
+# Downstream readers' consumer groups start with this (qrsight-results uses it).
+DEFAULT_READER_GROUP_PREFIX = "qrsight-results"
 
 
 @dataclass(frozen=True)
@@ -211,12 +227,114 @@ def _problems(
     return tuple(problems)
 
 
+@dataclass(frozen=True)
+class Grant:
+    """One ACL of one role: ``operation`` on a topic, group or transactional id."""
+
+    role: str
+    operation: AclOperation
+    resource: ResourceType
+    name: str
+    pattern: ResourcePatternType = ResourcePatternType.LITERAL
+
+    def binding(self, users: dict[str, str]) -> AclBinding:
+        return AclBinding(
+            self.resource,
+            self.name,
+            self.pattern,
+            f"User:{users[self.role]}",
+            "*",
+            self.operation,
+            AclPermissionType.ALLOW,
+        )
+
+    def line(self, users: dict[str, str]) -> str:
+        prefixed = "*" if self.pattern == ResourcePatternType.PREFIXED else ""
+        return (
+            f"User:{users[self.role]} ({self.role}) ALLOW {self.operation.name} "
+            f"{self.resource.name.lower()} {self.name}{prefixed}"
+        )
+
+
+def role_acls(
+    settings: Settings, reader_group_prefix: str = DEFAULT_READER_GROUP_PREFIX
+) -> list[Grant]:
+    """Least privilege per role (README, "Running on a secured Kafka").
+
+    The API writes requests and reads its own reply partition by assignment (no group);
+    workers read requests in their group, write results, replies and dead letters, and
+    use transactional ids that start with their group's name (``consumer.worker``:
+    ``<group>-<host>-<index>``); downstream readers read result events only. Read and
+    Write imply Describe; Write on a topic also lets a producer be idempotent (KIP-679).
+    """
+    read, write = AclOperation.READ, AclOperation.WRITE
+    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    prefixed = ResourcePatternType.PREFIXED
+    return [
+        Grant("api", write, topic, settings.topic_images),
+        Grant("api", read, topic, settings.topic_replies),
+        Grant("worker", read, topic, settings.topic_images),
+        Grant("worker", read, group, settings.consumer_group),
+        Grant("worker", write, topic, settings.topic_detections),
+        Grant("worker", write, topic, settings.topic_replies),
+        Grant("worker", write, topic, settings.topic_dlq),
+        Grant(
+            "worker", write, ResourceType.TRANSACTIONAL_ID, f"{settings.consumer_group}-", prefixed
+        ),
+        Grant("reader", read, topic, settings.topic_detections),
+        Grant("reader", read, group, reader_group_prefix, prefixed),
+    ]
+
+
+def create_acls(
+    settings: Settings,
+    users: dict[str, str] | None = None,
+    *,
+    reader_group_prefix: str = DEFAULT_READER_GROUP_PREFIX,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[str]:
+    """Create every role's ACLs (idempotent); return them as readable lines."""
+    users = {**DEFAULT_USERS, **(users or {})}
+    grants = role_acls(settings, reader_group_prefix)
+    admin = connect(settings, timeout_s)
+    futures = admin.create_acls([g.binding(users) for g in grants], request_timeout=timeout_s)
+    for binding, future in futures.items():
+        try:
+            future.result(timeout=timeout_s + 5)
+        except KafkaException as exc:
+            raise _acl_error(settings, binding, exc.args[0]) from exc
+    return [g.line(users) for g in grants]
+
+
+def _acl_error(settings: Settings, binding: AclBinding, err: KafkaError) -> QrsightError:
+    hint = ""
+    if err.code() == KafkaError.SECURITY_DISABLED:
+        hint = "; the broker has no authorizer (authorizer.class.name)"
+    elif err.code() == KafkaError.CLUSTER_AUTHORIZATION_FAILED:
+        hint = (
+            f"; {settings.kafka_sasl_username or 'this user'} is not allowed to create ACLs: "
+            "run it as a super user (e.g. with .kafka/clients/admin.env)"
+        )
+    return KafkaUnavailableError(f"could not create ACL {binding}: {err.str()}{hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="qrsight-topics",
-        description="Create or describe qrsight's Kafka topics (settings from QRSIGHT_* env).",
+        description="Create or describe qrsight's Kafka topics, or create each role's ACLs "
+        "(settings from QRSIGHT_* env).",
     )
-    parser.add_argument("command", choices=["create", "describe"])
+    parser.add_argument("command", choices=["create", "describe", "acls"])
+    for role, user in DEFAULT_USERS.items():
+        parser.add_argument(
+            f"--{role}-user", default=user, help=f"acls: the {role}'s Kafka user (default {user})"
+        )
+    parser.add_argument(
+        "--reader-group-prefix",
+        default=DEFAULT_READER_GROUP_PREFIX,
+        help="acls: downstream readers' consumer groups start with this "
+        f"(default {DEFAULT_READER_GROUP_PREFIX})",
+    )
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for Kafka"
     )
@@ -224,6 +342,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         configure_from_settings(settings)
+        if args.command == "acls":
+            users = {role: getattr(args, f"{role}_user") for role in DEFAULT_USERS}
+            lines = create_acls(
+                settings,
+                users,
+                reader_group_prefix=args.reader_group_prefix,
+                timeout_s=args.timeout,
+            )
+            print("\n".join(lines), flush=True)
+            return 0
         if args.command == "create":
             states = ensure_topics(settings, timeout_s=args.timeout)
         else:

@@ -72,6 +72,8 @@ def base_config(settings: Settings, role: str) -> dict[str, Any]:
         conf["sasl.username"] = settings.kafka_sasl_username
     if settings.kafka_sasl_password is not None:
         conf["sasl.password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_ssl_ca_location is not None:
+        conf["ssl.ca.location"] = str(settings.kafka_ssl_ca_location)
     return conf
 
 

@@ -7,6 +7,11 @@ the README and the manifests against it).
 Any librdkafka property can be passed through with ``QRSIGHT_KAFKA__<PROPERTY>``:
 the part after the double underscore is lower-cased and ``_`` becomes ``.``, so
 ``QRSIGHT_KAFKA__SSL_CA_LOCATION=/etc/ca.pem`` sets ``ssl.ca.location``.
+
+A secret can also be read from a file, as Docker and Kubernetes mount secrets:
+``QRSIGHT_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka-password`` (likewise
+``QRSIGHT_AUTH_JWT_SECRET_FILE`` and ``QRSIGHT_SCHEMA_REGISTRY_BASIC_AUTH_FILE``); the
+variable itself wins when both are set.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pydantic import (
 from core.runtime.settings_env import (
     ENV_PREFIX,
     KAFKA_PASSTHROUGH_PREFIX,
+    SECRET_FILE_FIELDS,
+    SECRET_FILE_SUFFIX,
     SECRET_PROPERTY_WORDS,
     env_name,
     is_secret_property,
@@ -50,6 +57,8 @@ __all__ = [
     "KAFKA_PASSTHROUGH_PREFIX",
     "MAX_POLL_INTERVAL_MS",
     "REPO_ROOT",
+    "SECRET_FILE_FIELDS",
+    "SECRET_FILE_SUFFIX",
     "SECRET_PROPERTY_WORDS",
     "Settings",
     "env_name",
@@ -80,6 +89,12 @@ class Settings(BaseModel):
     kafka_sasl_username: str | None = Field(None, description="Kafka `sasl.username`")
     kafka_sasl_password: SecretStr | None = Field(
         None, description="Kafka `sasl.password` (secret; never logged)"
+    )
+    kafka_ssl_ca_location: Path | None = Field(
+        None,
+        description="Kafka `ssl.ca.location`: the PEM file of the CA that signed the brokers' "
+        "certificates (unset: the system's CAs); `make kafka-up KAFKA_SECURITY=sasl_ssl` "
+        "writes it, with the SASL settings, to `.kafka/clients/<role>.env`",
     )
     kafka_extra: dict[str, str | SecretStr] = Field(
         default_factory=dict,

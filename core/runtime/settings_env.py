@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -22,6 +23,9 @@ ENV_PREFIX = "QRSIGHT_"
 KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
 KAFKA_EXTRA_FIELD = "kafka_extra"  # the field the pass-through fills
 SECRET_PROPERTY_WORDS = ("key", "password", "secret", "token", "credential")
+SECRET_FILE_SUFFIX = "_FILE"
+# Secrets that may come from a file (``<VARIABLE>_FILE``), as container secrets are mounted.
+SECRET_FILE_FIELDS = ("kafka_sasl_password", "auth_jwt_secret", "schema_registry_basic_auth")
 
 logger = logging.getLogger("core.runtime.settings")  # the name operators filter on
 
@@ -58,19 +62,37 @@ def load_from_env(
 
     Raises :class:`ConfigError` naming each variable to fix."""
     env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+    secret_files = [name for name in SECRET_FILE_FIELDS if name in model.model_fields]
     values: dict[str, Any] = {
-        name: env[env_name(name)]
+        name: read_secret_file(env_name(name) + SECRET_FILE_SUFFIX, env)
+        for name in secret_files
+        if env.get(env_name(name) + SECRET_FILE_SUFFIX)
+    }
+    values.update(
+        (name, env[env_name(name)])
         for name in model.model_fields
         if name != KAFKA_EXTRA_FIELD and env.get(env_name(name), "") != ""
-    }
+    )
     if KAFKA_EXTRA_FIELD in model.model_fields:
         values[KAFKA_EXTRA_FIELD] = kafka_passthrough(env)
     values.update(overrides)
-    _warn_unknown(env, {env_name(name) for name in model.model_fields})
+    known = {env_name(name) for name in model.model_fields}
+    _warn_unknown(env, known | {env_name(name) + SECRET_FILE_SUFFIX for name in secret_files})
     try:
         return model.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {_problems(exc)}") from exc
+
+
+def read_secret_file(variable: str, env: Mapping[str, str]) -> str:
+    """The secret in the file ``variable`` names, without its final newline."""
+    path = Path(env[variable]).expanduser()
+    try:
+        return path.read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid settings: {variable}: cannot read {path}: {exc.strerror}"
+        ) from exc
 
 
 def _warn_unknown(env: Mapping[str, str], known: set[str]) -> None:

@@ -22,6 +22,8 @@
 # production broker on its own hosts needs Kafka's defaults instead (README, "Kafka").
 #   KAFKA_START_TIMEOUT    seconds to wait for a metadata answer (default 60)
 #   KAFKA_STOP_TIMEOUT     seconds to wait after SIGTERM before SIGKILL (default 20)
+#   KAFKA_SECURITY         plaintext (default) or sasl_ssl: TLS, SASL/SCRAM-SHA-512, ACLs and
+#                          each role's client settings in <KAFKA_HOME_DIR>/clients/ (security.sh)
 # Tests start a second, independent broker with their own KAFKA_HOME_DIR and port.
 set -euo pipefail
 
@@ -44,6 +46,9 @@ STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-20}"
 
 say() { echo "kafka: $*"; }
 die() { echo "kafka: error: $*" >&2; exit 1; }
+
+# shellcheck source=deploy/local/security.sh
+source "$HERE/security.sh"
 
 java_bin() {
   if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then echo "$JAVA_HOME/bin/java"; else echo java; fi
@@ -195,6 +200,7 @@ render_config() {  # $1 = controller port
       -e "s|@MESSAGE_MAX_BYTES@|$max_bytes|g" \
       -e "s|@SOCKET_REQUEST_MAX_BYTES@|$((max_bytes > 104857600 ? max_bytes + 1048576 : 104857600))|g" \
       "$HERE/server.properties.template" >"$CONFIG"
+  if security_enabled; then security_render "$CONFIG" "$1"; fi
 }
 
 java_opts() {
@@ -209,21 +215,22 @@ java_opts() {
 
 format_storage() {
   [[ -f "$DATA_DIR/meta.properties" ]] && return
-  local cluster_id opts
+  local cluster_id opts scram
+  mapfile -t scram < <(security_format_args)
   cluster_id="$("$PYTHON" -c 'import base64, uuid
 while (u := base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()).startswith("-"): pass
 print(u)')"
   mapfile -t opts < <(java_opts)
   say "formatting $DATA_DIR (cluster id $cluster_id)"
   "$(java_bin)" "${opts[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$CONFIG" \
-    --ignore-formatted >>"$LOG_DIR/format.log" 2>&1 \
+    --ignore-formatted "${scram[@]}" >>"$LOG_DIR/format.log" 2>&1 \
     || { tail -n 20 "$LOG_DIR/format.log" >&2; die "formatting $DATA_DIR failed (log: $LOG_DIR/format.log)"; }
 }
 
 wait_ready() {  # $1 = pid; waits for a metadata answer, or the process to die, or the timeout
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$PORT" "$1" "$START_TIMEOUT" \
     "$LOG_DIR/server.log" <<'EOF'
-import socket, sys, time
+import json, os, socket, sys, time
 port, pid, timeout, log = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
 deadline = time.monotonic() + timeout
 
@@ -247,7 +254,8 @@ def answers() -> bool:
     except ImportError:  # no client yet (before `pip install`): the log line will do
         with open(log, errors="replace") as f:
             return "Kafka Server started" in f.read()
-    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+    security = json.loads(os.environ.get("KAFKA_WAIT_CLIENT_CONFIG") or "{}")  # security.sh
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0, **security})
     try:
         admin.list_topics(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
         return True
@@ -283,6 +291,7 @@ up() {
     die "controller port $cport is in use; set KAFKA_CONTROLLER_PORT to a free port"
   fi
   mkdir -p "$DATA_DIR" "$LOG_DIR"
+  if security_enabled; then security_prepare; fi
   render_config "$cport"
   format_storage
   mapfile -t opts < <(java_opts)
@@ -296,6 +305,7 @@ up() {
   echo "$PORT" >"$PORT_FILE"
   echo "$cport" >"$CPORT_FILE"
   local why
+  if security_enabled; then KAFKA_WAIT_CLIENT_CONFIG="$(security_wait_config)"; export KAFKA_WAIT_CLIENT_CONFIG; fi
   if ! why="$(wait_ready "$pid" 2>&1)"; then
     tail -n 30 "$LOG_DIR/server.log" "$LOG_DIR/kafka.out" 2>/dev/null >&2 || true
     if [[ "$why" == *died* ]]; then
@@ -307,6 +317,7 @@ up() {
   fi
   say "ready in $((SECONDS - start)) s (pid $pid) bootstrap=127.0.0.1:$PORT"
   say "log: $LOG_DIR/server.log"
+  if security_enabled; then security_after_start; return; fi
   say "use it: export QRSIGHT_KAFKA_BOOTSTRAP=127.0.0.1:$PORT"
 }
 

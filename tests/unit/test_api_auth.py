@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from flask import Flask
 
 from api import create_app
+from api.auth import JwtVerifier
 from api.cli import main as cli_main
 from core.runtime.errors import ConfigError
 from tests.unit.test_api_helpers import api_settings, offline_app, png
@@ -165,6 +166,38 @@ def test_no_secret_or_token_in_logs(app: Flask, caplog: pytest.LogCaptureFixture
     assert logged  # the requests were logged
     assert SECRET not in logged
     assert token not in logged
+
+
+@pytest.mark.parametrize(
+    ("values", "unset"),
+    [
+        ({}, ["QRSIGHT_AUTH_JWT_AUDIENCE", "QRSIGHT_AUTH_JWT_ISSUER"]),
+        ({"auth_jwt_audience": AUD}, ["QRSIGHT_AUTH_JWT_ISSUER"]),
+        ({"auth_jwt_audience": AUD, "auth_jwt_issuer": ISS}, []),
+    ],
+)
+def test_start_warns_while_tokens_of_other_services_would_pass(
+    values: dict[str, str], unset: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="api.auth")
+    JwtVerifier.from_settings(api_settings(auth_enabled=True, auth_jwt_secret=SECRET, **values))
+    warnings = [r.getMessage() for r in caplog.records if "audience/issuer" in r.getMessage()]
+    assert bool(warnings) == bool(unset)
+    for name in unset:
+        assert name in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    ["https://issuer", "issuer.example", "https://issuer.example.evil"],
+)
+def test_an_issuer_that_is_only_part_of_the_configured_one_is_refused(
+    app: Flask, issuer: str
+) -> None:
+    # PyJWT 2.10.0 compared with `in` and let a part of the issuer through (CVE-2024-53861)
+    response = post(app, "Bearer " + hs(iss=issuer))
+    assert response.status_code == 401
+    assert "invalid_token" in response.headers["WWW-Authenticate"]
 
 
 # --- hostile headers and claims: always 401, never a 500 -------------------------------

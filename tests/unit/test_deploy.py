@@ -31,7 +31,7 @@ from tests.unit import deploy_checks as dc
 
 COMPOSE_FILE = dc.ROOT / "docker-compose.yml"
 DOCKERFILES = [dc.ROOT / "deploy/docker/Dockerfile", dc.ROOT / "deploy/docker/Dockerfile.cuda"]
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "cpu-sasl-ssl"]
 # oldest supported (the API's pod-index label is on by default from 1.28) and newest bundled
 K8S_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -1065,3 +1065,154 @@ def test_network_policy_checks_catch_drift(base_docs: list[dc.Doc]) -> None:
     ]
     assert any("allows every port" in p for p in network_policy_problems(open_all))
     assert network_policy_problems(relabeled) == ["worker: 0 network policies select its pods"]
+
+
+# --- supply chain: requirements.lock -------------------------------------------------------
+LOCK = dc.ROOT / "requirements.lock"
+
+
+def _locked() -> dict[str, list[str]]:
+    """Name -> the requirement blocks of the lock (a name may repeat per environment marker)."""
+    blocks: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text()):
+        match = re.match(r"([A-Za-z0-9_.-]+)==", block)
+        if match:
+            blocks.setdefault(match.group(1).lower().replace("_", "-"), []).append(block)
+    return blocks
+
+
+def _runtime_requirements() -> dict[str, str]:
+    project = tomllib.loads((dc.ROOT / "pyproject.toml").read_text())["project"]
+    found = {}
+    for requirement in project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)
+        assert name is not None
+        found[name.group(0).lower().replace("_", "-")] = requirement
+    return found
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    locked = _locked()
+    assert set(_runtime_requirements()) <= set(locked), "run `make lock` after editing pyproject"
+    for name, blocks in locked.items():
+        for block in blocks:
+            assert "--hash=sha256:" in block, f"{name} has no hash in requirements.lock"
+
+
+@pytest.mark.parametrize(
+    ("name", "vulnerable"),
+    [("pyjwt", "2.10.0"), ("flask", "3.1.0"), ("gunicorn", "22.0.0"), ("cryptography", "44.0.0")],
+)
+def test_lower_bounds_exclude_known_vulnerable_versions(name: str, vulnerable: str) -> None:
+    from packaging.requirements import Requirement
+
+    requirement = Requirement(_runtime_requirements()[name])
+    assert not requirement.specifier.contains(vulnerable)
+    for block in _locked()[name]:
+        locked = block.split("==", 1)[1].split()[0]
+        assert requirement.specifier.contains(locked), f"{name} {locked} below its lower bound"
+
+
+def test_cryptography_and_pydantic_are_declared_where_they_are_imported() -> None:
+    assert {"cryptography", "pydantic"} <= set(_runtime_requirements())
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_the_runtime_from_the_lock_with_hashes(path: Path) -> None:
+    runs = [args for instr, args in dc.dockerfile_instructions(path.read_text()) if instr == "RUN"]
+    installs = [r for r in runs if re.search(r"-r \S*requirements\.lock", r)]
+    assert installs and all("--require-hashes" in r for r in installs)
+    wheel_installs = [r for r in runs if "qrsight-*.whl" in r]
+    assert all(re.search(r"pip install --no-deps \S*qrsight-\*\.whl", r) for r in wheel_installs), (
+        "the wheel must not resolve its dependencies past the lock"
+    )
+
+
+def test_make_up_installs_from_the_lock() -> None:
+    makefile = (dc.ROOT / "Makefile").read_text()
+    recipe = makefile.split("\n.installed:", 1)[1].split("\n\n", 1)[0]
+    assert "--require-hashes --no-deps -r requirements.lock" in recipe
+    assert "up: .installed" in makefile
+
+
+# --- secured Kafka and secrets ---------------------------------------------------------------
+def test_the_example_jwt_secret_is_refused_if_applied_as_it_is() -> None:
+    from api.auth import check_secret
+    from core.runtime.errors import ConfigError
+
+    secret = dc.load_one(dc.K8S / "base/secret.example.yaml")["stringData"]["auth-jwt-secret"]
+    with pytest.raises(ConfigError, match="QRSIGHT_AUTH_JWT_SECRET"):
+        check_secret(secret)
+    with pytest.raises(ConfigError, match="placeholder"):  # even when it is long enough
+        check_secret(secret + "-" * 32)
+
+
+def test_the_sasl_ssl_overlay_logs_each_component_in_as_its_own_user() -> None:
+    docs = dc.render_kustomization(dc.K8S / "overlays" / "cpu-sasl-ssl")
+    config = dc.find(docs, "ConfigMap", "qrsight-config")["data"]
+    secret_keys = set(dc.load_one(dc.K8S / "base/secret.example.yaml")["stringData"])
+    users = {}
+    for kind, name in [("StatefulSet", "qrsight-api"), ("StatefulSet", "qrsight-workers")]:
+        doc = dc.find(docs, kind, name)
+        container = next(dc.containers(doc))
+        settings = load_settings({**config, **dc.literal_env(container)})
+        assert settings.kafka_security_protocol == "SASL_SSL"
+        assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+        password = next(e for e in container["env"] if e["name"] == "QRSIGHT_KAFKA_SASL_PASSWORD")
+        ref = password["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secret_keys and ref["optional"] is False
+        ca = settings.kafka_ssl_ca_location
+        assert ca is not None
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = mounts[str(ca.parent)]
+        volumes = {v["name"]: v for v in dc.pod_spec(doc)["volumes"]}  # type: ignore[index]
+        assert volumes[volume]["secret"]["secretName"] == "qrsight-kafka-ca"
+        users[name] = settings.kafka_sasl_username
+    assert users == {"qrsight-api": "api", "qrsight-workers": "worker"}
+
+
+SASL_SSL_COMPOSE = dc.ROOT / "docker-compose.sasl-ssl.yml"
+
+
+def test_the_sasl_ssl_compose_override_passes_docker_compose_config(tmp_path: Path) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is missing: .ci/run installs Debian's docker-compose")
+        pytest.skip("Debian's docker-compose is not installed (apt-get install docker-compose)")
+    for name in ("kafka-admin-password", "kafka-api-password", "kafka-worker-password"):
+        (tmp_path / name).write_text("not-a-real-password\n")
+    (tmp_path / "kafka-ca.pem").write_text("not a real CA\n")
+    env = {**os.environ, "QRSIGHT_KAFKA_BOOTSTRAP": "b:9093", "KAFKA_SECRETS_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "-f", str(SASL_SSL_COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_sasl_ssl_compose_override_gives_each_service_its_user_and_secret_files() -> None:
+    from core.runtime.settings import SECRET_FILE_FIELDS, SECRET_FILE_SUFFIX, env_name
+
+    override = dc.load_compose(SASL_SSL_COMPOSE, {"QRSIGHT_KAFKA_BOOTSTRAP": "b:9093"})
+    file_names = {env_name(f) + SECRET_FILE_SUFFIX for f in SECRET_FILE_FIELDS}
+    users = {}
+    for name, service in override["services"].items():
+        env = dc.compose_env(service)
+        assert dc.env_problems(set(env) - file_names, name) == []
+        assert env["QRSIGHT_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert "QRSIGHT_KAFKA_SASL_PASSWORD" not in env, "passwords come from secret files"
+        secret = env["QRSIGHT_KAFKA_SASL_PASSWORD_FILE"].removeprefix("/run/secrets/")
+        ca = env["QRSIGHT_KAFKA_SSL_CA_LOCATION"].removeprefix("/run/secrets/")
+        assert {secret, ca} <= set(service["secrets"]) <= set(override["secrets"])
+        users[name] = env["QRSIGHT_KAFKA_SASL_USERNAME"]
+    assert users == {
+        "topics": "admin",
+        "consumer": "worker",
+        "consumer-gpu": "worker",
+        "api": "api",
+    }

@@ -201,3 +201,17 @@ def test_readme_documents_every_setting() -> None:
         f"README.md lacks {missing}: paste `python3 -m core.runtime.settings` output"
     )
     assert KAFKA_PASSTHROUGH_PREFIX in text
+
+
+def test_a_secret_can_come_from_a_file_as_containers_mount_them(tmp_path: Path) -> None:
+    secret = tmp_path / "kafka-password"
+    secret.write_text("from-a-file\n")
+    env = {"QRSIGHT_KAFKA_SASL_PASSWORD_FILE": str(secret)}
+    settings = load_settings(env)
+    assert settings.kafka_sasl_password is not None
+    assert settings.kafka_sasl_password.get_secret_value() == "from-a-file"
+    both = load_settings({**env, "QRSIGHT_KAFKA_SASL_PASSWORD": "direct"})
+    assert both.kafka_sasl_password is not None
+    assert both.kafka_sasl_password.get_secret_value() == "direct"
+    with pytest.raises(ConfigError, match="QRSIGHT_AUTH_JWT_SECRET_FILE"):
+        load_settings({"QRSIGHT_AUTH_JWT_SECRET_FILE": str(tmp_path / "missing")})
