@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
 
 from flask import Flask, Response, current_app, g, request
@@ -37,6 +36,7 @@ from api.ratelimit import init_limiter, limit_of
 from api.replies import ReplyClient
 from api.slots import reply_partition
 from api.state import EXTENSION, ApiState, api_state
+from api.waiters import new_request_id
 from core.runtime import logs
 from core.runtime.errors import QrsightError
 from core.runtime.settings import Settings
@@ -104,10 +104,6 @@ def create_app(
         hops,
     )
     return app
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 def begin_request() -> None:

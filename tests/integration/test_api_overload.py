@@ -183,7 +183,7 @@ def test_a_killed_reply_reader_turns_ready_503_and_is_restarted_without_losing_a
     asking = threading.Thread(target=ask)
     asking.start()
     wait_for(lambda: replies.pending() == 1, 10, "the request never waited")
-    reader = replies._reader
+    reader = replies.reader.thread
     assert reader is not None
     kill_thread(reader)
     reader.join(5)
@@ -217,11 +217,11 @@ def test_a_reader_that_keeps_dying_gives_up_and_stops_the_process(
     replies.max_restarts = 1
     try:
         assert replies.wait_ready(30)
-        first = replies._reader
+        first = replies.reader.thread
         assert first is not None
         kill_thread(first)
-        wait_for(lambda: replies._reader not in (None, first), 10, "never restarted")
-        second = replies._reader
+        wait_for(lambda: replies.reader.thread not in (None, first), 10, "never restarted")
+        second = replies.reader.thread
         assert second is not None
         wait_for(second.is_alive, 10, "no reader running")
         kill_thread(second)
