@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from api.slots import lowest_free_slot
+from api.slots import least_held_slot
 from core.runtime.settings import load_settings
 
 _settings = load_settings()
@@ -84,9 +84,10 @@ def on_starting(server: Any) -> None:
 
 
 def pre_fork(server: Any, worker: Any) -> None:
-    """In the master: give the new worker the lowest slot no live worker holds."""
+    """In the master: give the new worker the slot the fewest live workers hold (during a
+    reload the old workers still run: see ``api/slots.py``)."""
     taken = [getattr(w, "qrsight_slot", -1) for w in server.WORKERS.values()]
-    worker.qrsight_slot = lowest_free_slot(taken)
+    worker.qrsight_slot = least_held_slot(taken, server.num_workers)
 
 
 def post_fork(server: Any, worker: Any) -> None:
