@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, Producer
 from flask import Flask
 
 from api import create_app
+from api.pace import BODY_GRACE_S, BODY_IDLE_TIMEOUT_S, HEADER_TIMEOUT_S
 from api.replies import ReplyClient
 from core.runtime.errors import CorruptImageError
 from core.runtime.kafka import avro_codec, consumer_config, producer_config
@@ -250,9 +251,8 @@ def read_response(sock: socket.socket) -> tuple[str, bytes]:
 
 
 def test_an_upload_that_stops_arriving_gives_its_slot_back(no_workers: Stack) -> None:
-    """Slow-loris: headers announce 100 kB, 100 bytes come, then nothing."""
-    from api.app import BODY_IDLE_TIMEOUT_S
-
+    """Slow-loris: headers announce 100 kB, 100 bytes come, then nothing: cut off when the
+    100 bytes no longer meet the minimum rate (after the grace), before the longest pause."""
     host, port = no_workers.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=BODY_IDLE_TIMEOUT_S + 20) as sock:
         sock.sendall(
@@ -266,5 +266,61 @@ def test_an_upload_that_stops_arriving_gives_its_slot_back(no_workers: Stack) ->
         waited = time.monotonic() - started
     assert head.startswith("HTTP/1.1 400"), head
     assert json.loads(body)["error"]["code"] == "bad_request"
-    assert BODY_IDLE_TIMEOUT_S - 2 < waited < BODY_IDLE_TIMEOUT_S + 5
+    assert BODY_GRACE_S - 3 < waited < BODY_GRACE_S + 2  # the longest pause (10 s) is later
     assert metric(no_workers.metrics(), "qrsight_api_detect_in_flight") == 0
+
+
+def drip(
+    address: tuple[str, int], first: bytes, every_s: float, limit_s: float
+) -> tuple[str, float]:
+    """Send ``first``, then one byte every ``every_s`` until the server answers or closes
+    (at most ``limit_s``): (what it answered, seconds it took after ``first``)."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(first)
+        started = time.monotonic()
+        sock.settimeout(every_s)
+        answer = b""
+        while time.monotonic() - started < limit_s:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"x")
+                except OSError:
+                    break
+                continue
+            if not chunk:
+                break
+            answer += chunk
+        return answer.decode("latin-1"), time.monotonic() - started
+
+
+def address(stack: Stack) -> tuple[str, int]:
+    host, port = stack.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def test_a_body_that_drips_in_is_cut_off_and_gives_its_slot_back(no_workers: Stack) -> None:
+    """Slow-drip: one byte every 2 s never trips the longest pause (10 s), but misses the
+    minimum rate: 400 soon after the grace, and the in-flight slot is free again."""
+    head = (
+        b"POST /api/v1/detect HTTP/1.1\r\nHost: qrsight\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 100000\r\n\r\n" + qr_png("drip")[0][:100]
+    )
+    answer, took = drip(address(no_workers), head, every_s=2.0, limit_s=40)
+    assert answer.startswith("HTTP/1.1 400"), answer
+    assert '"code": "bad_request"' in answer or '"code":"bad_request"' in answer, answer
+    assert took < BODY_GRACE_S + 4
+    assert metric(no_workers.metrics(), "qrsight_api_detect_in_flight") == 0
+
+
+def test_headers_that_drip_in_are_cut_off_with_408(no_workers: Stack) -> None:
+    """gunicorn reads the headers with no time limit of its own: one header byte every 2 s
+    would hold a worker thread for ever. They get HEADER_TIMEOUT_S in all."""
+    first = b"GET /api/v1/health HTTP/1.1\r\nHost: qrsight\r\nX-Slow: "
+    answer, took = drip(address(no_workers), first, every_s=2.0, limit_s=40)
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "request_timeout" in answer
+    assert took < HEADER_TIMEOUT_S + 4
+    assert requests.get(f"{no_workers.url}/api/v1/health", timeout=5).status_code == 200
+
