@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+import signal
 import socket
 import statistics
 import threading
@@ -324,3 +325,39 @@ def test_headers_that_drip_in_are_cut_off_with_408(no_workers: Stack) -> None:
     assert took < HEADER_TIMEOUT_S + 4
     assert requests.get(f"{no_workers.url}/api/v1/health", timeout=5).status_code == 200
 
+
+def test_a_reload_keeps_the_last_pods_worker_on_its_partition(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGHUP to the master of a one-worker API whose replies topic has one partition (the
+    last pod of a StatefulSet): the reload's new worker starts beside the old one and must
+    not ask for partition 1, which does not exist (it failed to boot, and gunicorn's
+    master gave up with it)."""
+    stack = make_stack(
+        kafka_bootstrap,
+        tmp_path_factory.mktemp("reload"),
+        api_workers=1,
+        detection_workers=0,
+        replies_partitions=1,
+        rate_limit="off",
+    )
+    try:
+        assert stack.api is not None
+        before = stack.api_worker_pids()
+        stack.api.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (pids := stack.api_worker_pids()) != before and len(pids) == 1,
+            60,
+            "the old worker was never replaced:\n" + stack.api_log.read_text()[-3000:],
+        )
+        wait_for(
+            lambda: requests.get(f"{stack.url}/api/v1/ready", timeout=5).status_code == 200,
+            60,
+            "the new worker never got ready:\n" + stack.api_log.read_text()[-3000:],
+        )
+        assert stack.api.poll() is None, stack.api_log.read_text()[-3000:]
+        ready = requests.get(f"{stack.url}/api/v1/ready", timeout=5).json()
+        assert ready == {"status": "ready", "reply_partition": 0}
+        assert "failed to boot" not in stack.api_log.read_text().lower()
+    finally:
+        stack.stop()
