@@ -5,11 +5,14 @@ for a write that cannot happen (too few in-sync replicas, every broker down, a l
 that never drains), holding a thread and an in-flight slot the whole time. With it:
 
 - **closed** (normal): every request is produced. A success resets the count of failures.
-- **open**: after ``threshold`` failed writes in a row (a refused ``produce()`` or a failed
-  delivery report), or at once when librdkafka reports that every broker is down, new
-  requests are refused with 503 and ``Retry-After`` without touching Kafka, and ``/ready``
-  says why. It stays open for a back-off (:data:`OPEN_BACKOFF`: 1 s, doubling up to 8 s
-  while the trials keep failing).
+- **open**: after ``threshold`` failed writes in a row (a refused ``produce()``, a failed
+  delivery report, no acknowledgement in time), new requests are refused with 503 and
+  ``Retry-After`` without touching Kafka, and ``/ready`` says why. When librdkafka has
+  reported every broker down, one failed write is enough; and it opens at once if writes
+  were waiting then. Not on the report alone: a broker closing an idle connection
+  (``connections.max.idle.ms``) makes the same report while nothing is wrong. It stays
+  open for a back-off (:data:`OPEN_BACKOFF`: 1 s, doubling up to 8 s while the trials
+  keep failing).
 - **half-open**: when the back-off has passed, one request goes through as a trial; the
   others are still refused. Its delivery closes the circuit, its failure opens it again.
 
@@ -36,6 +39,7 @@ class _State:
     opens: int = 0  # times opened since the last success (drives the back-off)
     open_until: float | None = None  # None: closed
     trial_since: float | None = None  # when the half-open trial went out
+    all_down: bool = False  # librdkafka reported every broker down since the last success
     reason: str = ""
 
 
@@ -77,14 +81,21 @@ class WriteCircuit:
             state.failures += 1
             state.reason = reason
             half_open = state.open_until is not None and now >= state.open_until
-            if half_open or (state.open_until is None and state.failures >= self.threshold):
+            enough = state.failures >= self.threshold or state.all_down
+            if half_open or (state.open_until is None and enough):
+                if state.all_down:
+                    state.reason = f"{reason}; every broker is unreachable"
                 self._open(now)
 
-    def trip(self, now: float, reason: str) -> None:
-        """Open now, whatever the count (librdkafka says every broker is down)."""
+    def all_brokers_down(self, now: float, reason: str, *, writes_waiting: bool) -> None:
+        """librdkafka says every broker is down: open now if writes are waiting, else let
+        the next failed write open it (an idle connection closed by a broker looks the
+        same, and the next write simply reconnects)."""
         with self._lock:
-            self._state.reason = reason
-            if self._state.open_until is None or now >= self._state.open_until:
+            state = self._state
+            state.all_down = True
+            state.reason = reason
+            if writes_waiting and (state.open_until is None or now >= state.open_until):
                 self._open(now)
 
     def succeeded(self) -> None:

@@ -205,9 +205,15 @@ class Sender:
     def _on_client_error(self, err: KafkaError) -> None:
         """librdkafka's error callback (served by :meth:`serve`)."""
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            logger.warning("every broker is down; write circuit open reason=%s", err.str())
-            self.circuit.trip(time.monotonic(), ALL_BROKERS_DOWN)
-            WRITE_CIRCUIT_OPEN.set(1)
+            waiting = self._producer is not None and len(self._producer) > 0
+            log = logger.warning if waiting else logger.info  # idle: often an idle close
+            log("every broker is down reason=%s writes_waiting=%s", err.str(), waiting)
+            was_open = self.circuit.is_open()
+            self.circuit.all_brokers_down(
+                time.monotonic(), ALL_BROKERS_DOWN, writes_waiting=waiting
+            )
+            if self.circuit.is_open() and not was_open:
+                WRITE_CIRCUIT_OPEN.set(1)
         else:  # librdkafka's own log line (logger "librdkafka") already says it
             logger.debug("producer error code=%s reason=%s", err.name(), err.str())
 

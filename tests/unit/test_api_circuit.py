@@ -43,16 +43,35 @@ def test_three_failed_writes_in_a_row_refuse_new_requests_with_a_retry_time() ->
     assert "NOT_ENOUGH_REPLICAS" in problem and "next try in 1 s" in problem
 
 
-def test_every_broker_down_opens_it_at_once() -> None:
+def test_every_broker_down_with_writes_waiting_opens_it_at_once() -> None:
     breaker = circuit()
-    breaker.trip(5.0, "_ALL_BROKERS_DOWN")
+    breaker.all_brokers_down(5.0, "every broker is unreachable", writes_waiting=True)
     assert breaker.refusal(5.0) == pytest.approx(1.0)
-    assert "_ALL_BROKERS_DOWN" in (breaker.problem(5.0) or "")
+    assert "every broker is unreachable" in (breaker.problem(5.0) or "")
+
+
+def test_every_broker_down_while_idle_waits_for_a_failed_write() -> None:
+    """A broker closing an idle connection makes the same report: nothing is refused on it
+    alone, but the first write that then fails opens the circuit."""
+    breaker = circuit()
+    breaker.all_brokers_down(5.0, "every broker is unreachable", writes_waiting=False)
+    assert breaker.refusal(5.1) is None
+    breaker.failed(6.1, "no acknowledgement in time")
+    assert breaker.refusal(6.2) is not None
+    assert "every broker is unreachable" in (breaker.problem(6.2) or "")
+
+
+def test_an_idle_disconnect_then_a_delivery_leaves_it_closed() -> None:
+    breaker = circuit()
+    breaker.all_brokers_down(5.0, "every broker is unreachable", writes_waiting=False)
+    breaker.succeeded()  # the next write reconnected and was delivered
+    breaker.failed(7.0, "_MSG_TIMED_OUT")
+    assert breaker.refusal(7.1) is None
 
 
 def test_after_the_back_off_one_trial_goes_out_and_the_others_wait() -> None:
     breaker = circuit()
-    breaker.trip(0.0, "_ALL_BROKERS_DOWN")
+    breaker.all_brokers_down(0.0, "every broker is unreachable", writes_waiting=True)
     assert breaker.refusal(1.0) is None  # the trial
     assert breaker.refusal(1.1) is not None  # everyone else, while it is out
     assert breaker.problem(1.1) is None  # half-open: /ready lets traffic come back
@@ -60,7 +79,7 @@ def test_after_the_back_off_one_trial_goes_out_and_the_others_wait() -> None:
 
 def test_a_delivered_trial_closes_it() -> None:
     breaker = circuit()
-    breaker.trip(0.0, "_ALL_BROKERS_DOWN")
+    breaker.all_brokers_down(0.0, "every broker is unreachable", writes_waiting=True)
     assert breaker.refusal(1.0) is None
     breaker.succeeded()
     assert breaker.refusal(1.1) is None
@@ -73,7 +92,7 @@ def test_a_failed_trial_opens_it_again_for_longer_up_to_the_cap(
     trials_failed: int, open_s: float
 ) -> None:
     breaker = circuit()
-    breaker.trip(0.0, "_ALL_BROKERS_DOWN")
+    breaker.all_brokers_down(0.0, "every broker is unreachable", writes_waiting=True)
     now = 1.0
     for _ in range(trials_failed):
         assert breaker.refusal(now) is None
@@ -86,7 +105,7 @@ def test_a_failed_trial_opens_it_again_for_longer_up_to_the_cap(
 
 def test_a_trial_that_never_reports_frees_its_turn() -> None:
     breaker = circuit()
-    breaker.trip(0.0, "_ALL_BROKERS_DOWN")
+    breaker.all_brokers_down(0.0, "every broker is unreachable", writes_waiting=True)
     assert breaker.refusal(1.0) is None
     assert breaker.refusal(5.0) is not None
     assert breaker.refusal(11.0) is None
@@ -101,7 +120,9 @@ def test_detect_answers_503_with_retry_after_at_once_while_the_circuit_is_open()
     settings = api_settings()
     replies = ReplyClient(settings, 0)
     replies.reader.ready.set()  # as if the reply partition were assigned
-    replies.sender.circuit.trip(time.monotonic(), "_ALL_BROKERS_DOWN")
+    replies.sender.circuit.all_brokers_down(
+        time.monotonic(), "every broker is unreachable", writes_waiting=True
+    )
     client = create_app(settings, reply_client=replies).test_client()
     started = time.monotonic()
     response = client.post("/api/v1/detect", data=png(), content_type="image/png")
@@ -110,7 +131,7 @@ def test_detect_answers_503_with_retry_after_at_once_while_the_circuit_is_open()
     assert response.headers["Retry-After"] == "1"
     error = response.get_json()["error"]
     assert error["code"] == "kafka_unavailable"
-    assert "not taking writes (_ALL_BROKERS_DOWN)" in error["message"]
+    assert "not taking writes (every broker is unreachable)" in error["message"]
     assert replies.pending() == 0
 
 
