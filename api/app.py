@@ -13,7 +13,9 @@ is remembered, not refused yet); the rate limit (keyed by the token's subject, e
 client address, so floods without a valid token are limited too); the refusal of a bad
 token (401); a body announced over the limit (413); admission (503 ``overloaded`` past
 ``QRSIGHT_API_MAX_IN_FLIGHT``). All of them run before the body is read; an admitted body
-that stops arriving for ``BODY_IDLE_TIMEOUT_S`` is given up (400).
+that does not keep to its pace (a whole-body deadline, a minimum rate, a longest pause:
+``api/pace.py``, applied by the gunicorn worker class) is given up (400), which gives the
+slot back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
 
 from flask import Flask, Response, current_app, g, request
@@ -33,10 +34,12 @@ from api.admission import Admission, container_memory_bytes, in_flight_limit
 from api.auth import JwtVerifier, authenticate
 from api.errors import register_error_handlers
 from api.logs import REQUEST_ID_ENVIRON, TRACE_ID_ENVIRON
+from api.pace import BODY_IDLE_TIMEOUT_S
 from api.ratelimit import init_limiter, limit_of
 from api.replies import ReplyClient
 from api.slots import reply_partition
 from api.state import EXTENSION, ApiState, api_state
+from api.waiters import new_request_id
 from core.runtime import logs
 from core.runtime.errors import QrsightError
 from core.runtime.settings import Settings
@@ -50,10 +53,6 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
 CLIENT_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PROTECTED_BLUEPRINTS = {"detect"}
-# Longest pause in an upload before it is given up (400): a client that stops sending its
-# body (slow-loris) cannot hold an in-flight slot. gunicorn resets the socket to blocking
-# at its next request.
-BODY_IDLE_TIMEOUT_S = 10.0
 ADMITTED_ENDPOINTS = {"detect.detect"}
 
 
@@ -106,10 +105,6 @@ def create_app(
     return app
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
 def begin_request() -> None:
     g.request_id = new_request_id()
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
@@ -152,7 +147,7 @@ def admit() -> None:
         g.admitted = True
         metrics.DETECT_IN_FLIGHT.inc()
         client = request.environ.get("gunicorn.socket")
-        if client is not None:  # a body that stops arriving gives its slot back (400)
+        if client is not None:  # the longest pause, under any server (400, slot back)
             client.settimeout(BODY_IDLE_TIMEOUT_S)
 
 

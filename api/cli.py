@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from api.auth import JwtVerifier
+from api.slots import base_partition
 from core.runtime.errors import ConfigError
 from core.runtime.settings import env_name, load_settings
 from core.runtime.telemetry import setup_tracing
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         JwtVerifier.from_settings(settings)
+        base_partition(settings)  # on Kubernetes: a distinct reply partition per pod, or stop
         setup_tracing("qrsight-api")  # checks the OTEL_* settings; each worker sets up its own
         if not settings.kafka_bootstrap:
             raise ConfigError(f"no Kafka broker configured: set {env_name('kafka_bootstrap')}")

@@ -29,6 +29,7 @@ from core.runtime.errors import (
     error_for_code,
 )
 from core.runtime.errors import all_error_classes as core_error_classes
+from core.runtime.results import DetectionResult, error_code
 from core.runtime.settings import Settings
 from core.vision.images import probe
 from schemas.names import STATUS_EXPIRED, STATUS_OK
@@ -173,7 +174,8 @@ def all_error_classes() -> list[type[QrsightError]]:
     return core_error_classes()
 
 
-def check_result(result: dict[str, Any]) -> None:
+def check_result(result: DetectionResult) -> None:
+    """Nothing for an OK result; else the error its status and code name."""
     rid = result.get("request_id")
     status = result.get("status")
     if status == STATUS_OK:
@@ -181,13 +183,14 @@ def check_result(result: dict[str, Any]) -> None:
     if status == STATUS_EXPIRED:
         DETECT_RESULTS.labels("expired").inc()
         raise ReplyTimeoutError("the request expired before a worker took it", request_id=rid)
-    err = result.get("error") or {}
-    code = str(err.get("code") or "internal_error")
+    code = error_code(result) or "internal_error"
     DETECT_RESULTS.labels(code).inc()
-    raise error_for(code, str(err.get("message") or "detection failed"), rid)
+    error = result.get("error")
+    message = error["message"] if error and error.get("message") else "detection failed"
+    raise error_for(code, str(message), rid)
 
 
-def reply_body(result: dict[str, Any]) -> dict[str, Any]:
+def reply_body(result: DetectionResult) -> dict[str, Any]:
     return {
         "request_id": result["request_id"],
         "image": result.get("image"),

@@ -10,6 +10,11 @@ monkey-patching cannot yield; one blocked call stalls the whole hub and with it 
 request of the worker, and librdkafka's background threads do not cooperate with
 greenlets at all. Real threads cost a little memory and just work.
 
+The worker class is gthread's with paced reads (``api/gworker.py``, ``api/pace.py``):
+gthread reads a request's headers with no time limit once its first byte has come, and a
+body's reads only with a per-read timeout, so a client dribbling bytes could hold a thread
+(and, for /detect, an in-flight slot) for as long as it liked.
+
 Workers are never preloaded (``preload_app = False``): librdkafka's threads do not
 survive ``fork``, so each worker imports ``api.wsgi`` and builds its own clients.
 Each worker gets a *slot* (``pre_fork``/``post_fork`` below) that picks its partition
@@ -37,7 +42,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from api.slots import lowest_free_slot
+from api.slots import least_held_slot
 from core.runtime.settings import load_settings
 
 _settings = load_settings()
@@ -45,7 +50,8 @@ _settings = load_settings()
 bind = f"{_settings.api_host}:{_settings.api_port}"
 workers = _settings.api_workers
 threads = _settings.api_threads
-worker_class = "gthread"
+# gthread with paced reads: headers and bodies that dribble in are cut off (api/gworker.py)
+worker_class = "api.gworker.PacedThreadWorker"
 preload_app = False
 # A request may wait api_max_timeout_ms for its reply; the worker must outlive that.
 timeout = int(_settings.api_max_timeout_ms / 1000) + 30
@@ -84,9 +90,10 @@ def on_starting(server: Any) -> None:
 
 
 def pre_fork(server: Any, worker: Any) -> None:
-    """In the master: give the new worker the lowest slot no live worker holds."""
+    """In the master: give the new worker the slot the fewest live workers hold (during a
+    reload the old workers still run: see ``api/slots.py``)."""
     taken = [getattr(w, "qrsight_slot", -1) for w in server.WORKERS.values()]
-    worker.qrsight_slot = lowest_free_slot(taken)
+    worker.qrsight_slot = least_held_slot(taken, server.num_workers)
 
 
 def post_fork(server: Any, worker: Any) -> None:

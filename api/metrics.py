@@ -56,6 +56,12 @@ REPLY_READER_RESTARTS = Counter(
     "qrsight_api_reply_reader_restarts",
     "times the reply reader thread died and was started again",
 )
+WRITE_CIRCUIT_OPEN = Gauge(
+    "qrsight_api_write_circuit_open",
+    "1 while Kafka does not take this process's writes and /detect answers 503 at once "
+    "(api/circuit.py)",
+    multiprocess_mode="livemax",
+)
 DETECT_RESULTS = Counter(
     "qrsight_api_detect_results",
     "/detect outcomes by error code ('ok' for success)",

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,13 +27,14 @@ import cv2
 from confluent_kafka import KafkaError, Message, Producer
 from tqdm import tqdm
 
-from api.replies import ReplyClient  # the one request/reply client, shared with the API
+# the one request/reply client and request-id maker, shared with the API
+from api.replies import ReplyClient, new_request_id
 from core.runtime.errors import QrsightError
 from core.runtime.kafka import avro_codec, check_value_size, producer_config
 from core.runtime.logs import configure_from_settings
 from core.runtime.results import image_request
 from core.runtime.settings import Settings, load_settings
-from core.runtime.telemetry import Span, setup_tracing, tracing
+from core.runtime.telemetry import KafkaHeaders, Span, setup_tracing, tracing
 from core.vision.images import ImageLimits, decode, probe
 from producer_tools.annotate import write_annotated
 from producer_tools.results import compact_line
@@ -55,7 +55,7 @@ class Item:
 
     source: str
     data: bytes
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_request_id)
 
 
 def is_video(spec: str) -> bool:
@@ -131,12 +131,10 @@ class Publisher:
         self.delivered = 0
         self.failures: list[str] = []
 
-    def encode(self, item: Item) -> tuple[bytes, list[tuple[str, str | bytes | None]]]:
+    def encode(self, item: Item) -> tuple[bytes, KafkaHeaders]:
         info = probe(item.data, self.limits)  # refuse what a worker would refuse, before sending
         source = self.source or item.source
-        headers: list[tuple[str, str | bytes | None]] = [
-            (names.H_CORRELATION_ID, item.request_id.encode())
-        ]
+        headers: KafkaHeaders = [(names.H_CORRELATION_ID, item.request_id.encode())]
         if self.raw:
             headers.append((names.H_CONTENT_TYPE, info.content_type.encode()))
             value = item.data
@@ -163,7 +161,7 @@ class Publisher:
                     topic,
                     value=value,
                     key=item.request_id.encode(),
-                    headers=headers,
+                    headers=list(headers),  # librdkafka's type: values str | bytes | None
                     on_delivery=self._delivered(item.source, span),
                 )
                 break
@@ -230,12 +228,14 @@ def _ask(
 ) -> dict[str, Any]:
     """One request/reply; a refusal or timeout becomes a result line, not a crash."""
     try:
-        return client.request(
-            item.data,
-            timeout_s,
-            content_type=content_type,
-            source=source or item.source,
-            request_id=item.request_id,
+        return dict(
+            client.request(
+                item.data,
+                timeout_s,
+                content_type=content_type,
+                source=source or item.source,
+                request_id=item.request_id,
+            )
         )
     except QrsightError as exc:
         status = "EXPIRED" if exc.code == "timeout" else "ERROR"
@@ -250,8 +250,6 @@ def _ask(
 
 def wait_all(args: argparse.Namespace, settings: Settings) -> int:
     """Send each image through the API's request/reply client and print its result."""
-    from api.replies import ReplyClient  # the one client, shared with the API
-
     limits = ImageLimits.from_settings(settings)
     client = ReplyClient(settings)
     client.start()

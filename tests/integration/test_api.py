@@ -377,9 +377,30 @@ def kafka_sh(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
     )
 
 
+def detect_in_process(client: Any, timeout_ms: int) -> tuple[int, dict[str, Any], float]:
+    started = time.monotonic()
+    response = client.post(
+        f"/api/v1/detect?timeout_ms={timeout_ms}", data=qr_png("w")[0], content_type="image/png"
+    )
+    return response.status_code, response.get_json(), time.monotonic() - started
+
+
+def wait_for_504(client: Any, within_s: float) -> None:
+    """No detection worker runs: a request Kafka took ends in 504."""
+    deadline = time.monotonic() + within_s
+    while (answer := detect_in_process(client, 300))[0] != 504:
+        assert answer[0] == 503 and time.monotonic() < deadline, answer
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_503_within_the_produce_timeout_when_the_broker_stops(tmp_path: Path) -> None:
-    """A broker of its own, stopped under a ready app: requests fail fast, /ready says why."""
+def test_503_at_once_while_the_broker_takes_no_writes_and_back_when_it_does(
+    tmp_path: Path,
+) -> None:
+    """A broker of its own under a ready app. Frozen (SIGSTOP: connections open, no answer),
+    the first calls fail within the produce timeout, the next ones at once with
+    Retry-After, and /ready says why; resumed, requests go through without a restart.
+    Stopped, every call is refused at once; no answer names the broker."""
     port = free_port()
     env = {
         **os.environ,
@@ -390,6 +411,7 @@ def test_503_within_the_produce_timeout_when_the_broker_stops(tmp_path: Path) ->
     env.pop("KAFKA_CONTROLLER_PORT", None)
     started = kafka_sh("up", env)
     assert started.returncode == 0, started.stdout + started.stderr
+    broker_pid = int((tmp_path / "kafka" / "kafka.pid").read_text())
     settings = load_settings(
         {},
         kafka_bootstrap=f"127.0.0.1:{port}",
@@ -405,6 +427,30 @@ def test_503_within_the_produce_timeout_when_the_broker_stops(tmp_path: Path) ->
         assert app.extensions["qrsight"].replies.wait_ready(60)
         client = app.test_client()
         assert client.get("/api/v1/ready").status_code == 200
+        wait_for_504(client, 30)
+
+        os.kill(broker_pid, signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                first = list(
+                    pool.map(lambda _: detect_in_process(app.test_client(), 20_000), range(3))
+                )
+            for status, body, took in first:
+                assert (status, body["error"]["code"]) == (503, "kafka_unavailable"), body
+                assert took < 1.0 + 1.0
+            started_at = time.monotonic()
+            refused = client.post("/api/v1/detect", data=qr_png("x")[0], content_type="image/png")
+            assert time.monotonic() - started_at < 0.5  # not the produce timeout again
+            assert refused.status_code == 503, refused.get_json()
+            assert int(refused.headers["Retry-After"]) >= 1
+            ready = client.get("/api/v1/ready")
+            assert ready.status_code == 503
+            assert "not taking writes" in ready.get_json()["error"]["message"]
+        finally:
+            os.kill(broker_pid, signal.SIGCONT)
+        wait_for_504(client, 60)
+        assert client.get("/api/v1/ready").status_code == 200
+
         stopped = kafka_sh("down", env)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         started_at = time.monotonic()
@@ -414,10 +460,16 @@ def test_503_within_the_produce_timeout_when_the_broker_stops(tmp_path: Path) ->
         assert response.status_code == 503, response.get_json()
         assert response.get_json()["error"]["code"] == "kafka_unavailable"
         assert time.monotonic() - started_at < 1.0 + 1.0
+        # the next calls do not wait out the produce timeout again: 503 at once
+        started_at = time.monotonic()
+        again = client.post("/api/v1/detect", data=qr_png("down")[0], content_type="image/png")
+        assert again.status_code == 503, again.get_json()
+        assert time.monotonic() - started_at < 0.5
+        assert int(again.headers["Retry-After"]) >= 1
         ready = client.get("/api/v1/ready")
         assert ready.status_code == 503
         assert "unreachable" in ready.get_json()["error"]["message"]
-        for answer in (response, ready):
+        for answer in (response, again, ready):
             assert f"127.0.0.1:{port}" not in answer.get_data(as_text=True)
     finally:
         if app is not None:

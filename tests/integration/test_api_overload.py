@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+import signal
 import socket
 import statistics
 import threading
@@ -29,6 +30,7 @@ from confluent_kafka import Consumer, Producer
 from flask import Flask
 
 from api import create_app
+from api.pace import BODY_GRACE_S, BODY_IDLE_TIMEOUT_S, HEADER_TIMEOUT_S
 from api.replies import ReplyClient
 from core.runtime.errors import CorruptImageError
 from core.runtime.kafka import avro_codec, consumer_config, producer_config
@@ -183,7 +185,7 @@ def test_a_killed_reply_reader_turns_ready_503_and_is_restarted_without_losing_a
     asking = threading.Thread(target=ask)
     asking.start()
     wait_for(lambda: replies.pending() == 1, 10, "the request never waited")
-    reader = replies._reader
+    reader = replies.reader.thread
     assert reader is not None
     kill_thread(reader)
     reader.join(5)
@@ -217,11 +219,11 @@ def test_a_reader_that_keeps_dying_gives_up_and_stops_the_process(
     replies.max_restarts = 1
     try:
         assert replies.wait_ready(30)
-        first = replies._reader
+        first = replies.reader.thread
         assert first is not None
         kill_thread(first)
-        wait_for(lambda: replies._reader not in (None, first), 10, "never restarted")
-        second = replies._reader
+        wait_for(lambda: replies.reader.thread not in (None, first), 10, "never restarted")
+        second = replies.reader.thread
         assert second is not None
         wait_for(second.is_alive, 10, "no reader running")
         kill_thread(second)
@@ -250,9 +252,8 @@ def read_response(sock: socket.socket) -> tuple[str, bytes]:
 
 
 def test_an_upload_that_stops_arriving_gives_its_slot_back(no_workers: Stack) -> None:
-    """Slow-loris: headers announce 100 kB, 100 bytes come, then nothing."""
-    from api.app import BODY_IDLE_TIMEOUT_S
-
+    """Slow-loris: headers announce 100 kB, 100 bytes come, then nothing: cut off when the
+    100 bytes no longer meet the minimum rate (after the grace), before the longest pause."""
     host, port = no_workers.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=BODY_IDLE_TIMEOUT_S + 20) as sock:
         sock.sendall(
@@ -266,5 +267,97 @@ def test_an_upload_that_stops_arriving_gives_its_slot_back(no_workers: Stack) ->
         waited = time.monotonic() - started
     assert head.startswith("HTTP/1.1 400"), head
     assert json.loads(body)["error"]["code"] == "bad_request"
-    assert BODY_IDLE_TIMEOUT_S - 2 < waited < BODY_IDLE_TIMEOUT_S + 5
+    assert BODY_GRACE_S - 3 < waited < BODY_GRACE_S + 2  # the longest pause (10 s) is later
     assert metric(no_workers.metrics(), "qrsight_api_detect_in_flight") == 0
+
+
+def drip(
+    address: tuple[str, int], first: bytes, every_s: float, limit_s: float
+) -> tuple[str, float]:
+    """Send ``first``, then one byte every ``every_s`` until the server answers or closes
+    (at most ``limit_s``): (what it answered, seconds it took after ``first``)."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(first)
+        started = time.monotonic()
+        sock.settimeout(every_s)
+        answer = b""
+        while time.monotonic() - started < limit_s:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"x")
+                except OSError:
+                    break
+                continue
+            if not chunk:
+                break
+            answer += chunk
+        return answer.decode("latin-1"), time.monotonic() - started
+
+
+def address(stack: Stack) -> tuple[str, int]:
+    host, port = stack.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def test_a_body_that_drips_in_is_cut_off_and_gives_its_slot_back(no_workers: Stack) -> None:
+    """Slow-drip: one byte every 2 s never trips the longest pause (10 s), but misses the
+    minimum rate: 400 soon after the grace, and the in-flight slot is free again."""
+    head = (
+        b"POST /api/v1/detect HTTP/1.1\r\nHost: qrsight\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 100000\r\n\r\n" + qr_png("drip")[0][:100]
+    )
+    answer, took = drip(address(no_workers), head, every_s=2.0, limit_s=40)
+    assert answer.startswith("HTTP/1.1 400"), answer
+    assert '"code": "bad_request"' in answer or '"code":"bad_request"' in answer, answer
+    assert took < BODY_GRACE_S + 4
+    assert metric(no_workers.metrics(), "qrsight_api_detect_in_flight") == 0
+
+
+def test_headers_that_drip_in_are_cut_off_with_408(no_workers: Stack) -> None:
+    """gunicorn reads the headers with no time limit of its own: one header byte every 2 s
+    would hold a worker thread for ever. They get HEADER_TIMEOUT_S in all."""
+    first = b"GET /api/v1/health HTTP/1.1\r\nHost: qrsight\r\nX-Slow: "
+    answer, took = drip(address(no_workers), first, every_s=2.0, limit_s=40)
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "request_timeout" in answer
+    assert took < HEADER_TIMEOUT_S + 4
+    assert requests.get(f"{no_workers.url}/api/v1/health", timeout=5).status_code == 200
+
+
+def test_a_reload_keeps_the_last_pods_worker_on_its_partition(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGHUP to the master of a one-worker API whose replies topic has one partition (the
+    last pod of a StatefulSet): the reload's new worker starts beside the old one and must
+    not ask for partition 1, which does not exist (it failed to boot, and gunicorn's
+    master gave up with it)."""
+    stack = make_stack(
+        kafka_bootstrap,
+        tmp_path_factory.mktemp("reload"),
+        api_workers=1,
+        detection_workers=0,
+        replies_partitions=1,
+        rate_limit="off",
+    )
+    try:
+        assert stack.api is not None
+        before = stack.api_worker_pids()
+        stack.api.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (pids := stack.api_worker_pids()) != before and len(pids) == 1,
+            60,
+            "the old worker was never replaced:\n" + stack.api_log.read_text()[-3000:],
+        )
+        wait_for(
+            lambda: requests.get(f"{stack.url}/api/v1/ready", timeout=5).status_code == 200,
+            60,
+            "the new worker never got ready:\n" + stack.api_log.read_text()[-3000:],
+        )
+        assert stack.api.poll() is None, stack.api_log.read_text()[-3000:]
+        ready = requests.get(f"{stack.url}/api/v1/ready", timeout=5).json()
+        assert ready == {"status": "ready", "reply_partition": 0}
+        assert "failed to boot" not in stack.api_log.read_text().lower()
+    finally:
+        stack.stop()

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from api.openapi import document
-from api.slots import lowest_free_slot, reply_partition, set_process_slot
+from api.slots import KUBERNETES_ENV, reply_partition, set_process_slot
 from core.runtime.errors import ConfigError
 from core.runtime.telemetry import child_traceparent
 from tests.unit.test_api_helpers import api_settings, offline_app
@@ -38,14 +38,8 @@ def test_every_error_status_of_detect_is_documented() -> None:
     assert {"200", "400", "401", "413", "415", "429", "503", "504"} <= set(responses)
 
 
-@pytest.mark.parametrize(
-    ("taken", "slot"), [([], 0), ([0], 1), ([1], 0), ([0, 1, 2], 3), ([0, 2], 1), ([-1], 0)]
-)
-def test_lowest_free_slot(taken: list[int], slot: int) -> None:
-    assert lowest_free_slot(taken) == slot
-
-
-def test_reply_partition_is_base_plus_slot() -> None:
+def test_reply_partition_is_base_plus_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KUBERNETES_ENV, raising=False)
     try:
         set_process_slot(3)
         assert reply_partition(api_settings()) == 3

@@ -42,6 +42,11 @@ def result(status: str, code: str | None = None) -> dict[str, Any]:
         # never a 500: the model failing is retried (503), an unknown code is bad input (400)
         ("ERROR", "model_error", 503, "model_error"),
         ("ERROR", "something_new", 400, "something_new"),
+        # a result too large for the replies topic comes back as a small ERROR result: its
+        # code reaches the caller at once, never a 504 after the timeout
+        ("ERROR", "result_undeliverable", 400, "result_undeliverable"),
+        ("ERROR", "message_too_large", 413, "message_too_large"),
+        ("ERROR", "reply_too_large", 400, "reply_too_large"),
         ("EXPIRED", None, 504, "timeout"),
     ],
 )
