@@ -30,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from core.runtime.backoff import Backoff
 from core.runtime.errors import ModelError, QuarantinedError
 from core.runtime.results import error_record
 from core.runtime.settings import Settings
@@ -59,9 +60,15 @@ class RetryPolicy:
             settings.retry_backoff_max_ms / 1000.0,
         )
 
+    @property
+    def backoff(self) -> Backoff:
+        """The project's one back-off policy with these figures (a first back-off above the
+        cap waits the cap, as ``min(first * 2^k, cap)`` always did)."""
+        return Backoff(min(self.backoff_s, self.backoff_max_s), self.backoff_max_s)
+
     def delay_s(self, attempt: int) -> float:
         """Back-off before retry ``attempt`` (1-based): exponential, capped."""
-        return min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
+        return self.backoff.delay_s(attempt)
 
 
 def canary_job() -> ImageJob:

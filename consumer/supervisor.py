@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from consumer.watchdog import HANG_SIGNAL
+from core.runtime.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # sysexits EX_CONFIG
-BACKOFF_FIRST_S = 1.0
-BACKOFF_MAX_S = 30.0
+RESTART_BACKOFF = Backoff(first_s=1.0, max_s=30.0)
 STABLE_AFTER_S = 60.0  # a child that ran this long resets its backoff
 POLL_S = 0.2
 KILL_GRACE_S = 5.0
@@ -130,7 +130,7 @@ class Supervisor:
             self.stop()
             return
         slot.failures = 1 if now - slot.started >= STABLE_AFTER_S else slot.failures + 1
-        delay = min(BACKOFF_FIRST_S * 2 ** (slot.failures - 1), BACKOFF_MAX_S)
+        delay = RESTART_BACKOFF.delay_s(slot.failures)
         slot.restart_at = now + delay
         self.restarts += 1
         logger.warning(
