@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from consumer.metrics import MetricsServer, WorkerMetrics
-from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
+from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor, static_identity
 from consumer.watchdog import HangWatchdog
 from core.runtime.errors import ConfigError
 from core.runtime.gpu import default_workers, place_worker
 from core.runtime.logs import configure_from_settings, configure_logging
-from core.runtime.settings import Settings, load_settings
+from core.runtime.settings import Settings, env_name, load_settings
 from core.runtime.telemetry import setup_tracing
 
 logger = logging.getLogger("consumer")
@@ -65,9 +65,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if workers < 1:
         logger.error("--workers must be at least 1, got %d", workers)
         return EXIT_CONFIG
-    supervisor = Supervisor(workers, settings.shutdown_timeout_s)
+    identity, lock = static_identity(
+        settings.state_dir,
+        settings.consumer_group,
+        settings.group_instance_id,
+        settings.static_membership,
+    )
+    env = {env_name("group_instance_id"): identity} if identity else None
+    logger.info("supervising workers=%d group_instance_id=%s", workers, identity or "-")
+    supervisor = Supervisor(workers, settings.shutdown_timeout_s, env=env)
     supervisor.install_signal_handlers()
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def run_worker(settings: Settings, index: int) -> int:

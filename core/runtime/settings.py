@@ -184,7 +184,17 @@ class Settings(BaseModel):
         None,
         description="static group membership (`group.instance.id`): this host's stable "
         "name, e.g. the StatefulSet pod name; worker i joins as `<id>-<i>` and its "
-        "`transactional.id` uses it too (unset: dynamic membership and the host name)",
+        "`transactional.id` uses it too (unset: the host name under "
+        "`qrsight-consumer`, see `QRSIGHT_STATIC_MEMBERSHIP`)",
+    )
+    static_membership: bool = Field(
+        True,
+        description="with `QRSIGHT_GROUP_INSTANCE_ID` unset, `qrsight-consumer` gives its "
+        "workers the host name as that identity, so each is a static group member "
+        "(`<host>-<i>`) and a restarted worker takes its partitions back without a "
+        "rebalance (a second supervisor of the group on the same host gets dynamic "
+        "membership); `false`: dynamic membership, a worker stopped for good hands its "
+        "partitions on at once instead of after `session.timeout.ms`",
     )
     retry_attempts: int = Field(
         2,
