@@ -171,6 +171,15 @@ class Settings(BaseModel):
         "(a lone image runs at once; 0 = take only what is queued)",
     )
     decode_threads: int = Field(2, ge=1, description="threads decoding images per worker")
+    batch_memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="most MiB one batch's images take decoded (judged from their headers, "
+        "at the peak of each decode: 6 bytes per pixel for a JPEG, up to 18 for a 16-bit "
+        "RGBA PNG): a batch over it "
+        "runs in parts, one after another, with the same results; an image over it runs "
+        "alone (unset: a quarter of the container's memory limit, 512 MiB without one)",
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once", description="`exactly_once` uses Kafka transactions per batch"
     )
