@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, Message
 
+from consumer import recovery as recovery_module
 from consumer.intake import Intake
 from consumer.journal import DELIVERED_FRESH_S, CrashJournal, journal_path
 from consumer.outputs import OutputConfig, dlq_record, failure_kind
 from consumer.recovery import CANARY_ID, BatchRecovery, RetryPolicy, Stopping
 from consumer.worker import Fetched, split_owned
 from core.runtime.errors import ModelError
+from core.runtime.settings import MAX_POLL_INTERVAL_MS, load_settings
 from core.vision.pipeline import ImageJob
 from schemas import names
 
@@ -136,6 +138,50 @@ def test_stop_during_backoff_gives_up_the_batch_uncommitted() -> None:
     rec = BatchRecovery(run, RetryPolicy(3, 1.0, 1.0), wait=lambda _s: True)
     with pytest.raises(Stopping):
         rec.run(jobs(2))
+
+
+class FakeTime:
+    """A clock that moves only when the slow pipeline runs or the recovery backs off."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        return False
+
+
+class SlowPipeline(FlakyPipeline):
+    """``per_image_s`` of (simulated) work per image in every run, failed runs too."""
+
+    def __init__(self, clock: FakeTime, per_image_s: float, poison: set[str]) -> None:
+        super().__init__(poison=poison)
+        self.clock, self.per_image_s = clock, per_image_s
+
+    def __call__(self, jobs: Sequence[ImageJob]) -> list[Result]:
+        self.clock.now += self.per_image_s * len(jobs)
+        return super().__call__(jobs)
+
+
+def test_recovering_a_batch_of_slow_valid_images_never_outlasts_the_poll_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of 8 images of 10 s each (80 s a run, within the hang watchdog's 120 s) with
+    one that raises: 3 full runs and the bisection took 380 s, past max.poll.interval.ms
+    (300 s): the group evicts the worker, its commit is refused, and the next owner of the
+    partition does the same, for ever."""
+    clock = FakeTime()
+    monkeypatch.setattr(recovery_module, "time", clock, raising=False)
+    settings = load_settings({}, retry_attempts=2)
+    rec = BatchRecovery(
+        SlowPipeline(clock, 10.0, poison={"r3"}), RetryPolicy.from_settings(settings), clock.wait
+    )
+    results = rec.run(jobs(8))
+    assert clock.now < MAX_POLL_INTERVAL_MS / 1000, f"recovery took {clock.now:.0f} s"
+    assert statuses(results) == {f"r{i}": "ERROR" if i == 3 else "OK" for i in range(8)}
 
 
 # --- crash journal ---------------------------------------------------------------------
