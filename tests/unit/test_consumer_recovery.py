@@ -17,7 +17,13 @@ from consumer import recovery as recovery_module
 from consumer.intake import Intake
 from consumer.journal import DELIVERED_FRESH_S, CrashJournal, journal_path
 from consumer.outputs import OutputConfig, dlq_record, failure_kind
-from consumer.recovery import CANARY_ID, BatchRecovery, RetryPolicy, Stopping
+from consumer.recovery import (
+    CANARY_ID,
+    BatchRecovery,
+    RetryPolicy,
+    Stopping,
+    recovery_budget_s,
+)
 from consumer.worker import Fetched, split_owned
 from core.runtime.errors import ModelError
 from core.runtime.settings import MAX_POLL_INTERVAL_MS, load_settings
@@ -155,14 +161,15 @@ class FakeTime:
 
 
 class SlowPipeline(FlakyPipeline):
-    """``per_image_s`` of (simulated) work per image in every run, failed runs too."""
+    """``per_image_s`` of (simulated) work per image in every run, failed runs too; the
+    canary (a small image) costs nothing."""
 
     def __init__(self, clock: FakeTime, per_image_s: float, poison: set[str]) -> None:
         super().__init__(poison=poison)
         self.clock, self.per_image_s = clock, per_image_s
 
     def __call__(self, jobs: Sequence[ImageJob]) -> list[Result]:
-        self.clock.now += self.per_image_s * len(jobs)
+        self.clock.now += self.per_image_s * sum(j.request_id != CANARY_ID for j in jobs)
         return super().__call__(jobs)
 
 
@@ -182,6 +189,34 @@ def test_recovering_a_batch_of_slow_valid_images_never_outlasts_the_poll_interva
     results = rec.run(jobs(8))
     assert clock.now < MAX_POLL_INTERVAL_MS / 1000, f"recovery took {clock.now:.0f} s"
     assert statuses(results) == {f"r{i}": "ERROR" if i == 3 else "OK" for i in range(8)}
+
+
+def test_images_left_undecided_when_the_time_is_up_are_quarantined_saying_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs so slow that not even a half of the batch fits what is left: nothing more is
+    tried; the canary shows the pipeline works, so the batch is quarantined (DLQ copies)."""
+    clock = FakeTime()
+    monkeypatch.setattr(recovery_module, "time", clock, raising=False)
+    run = SlowPipeline(clock, 30.0, poison={"r3"})
+    rec = BatchRecovery(run, RetryPolicy(2, 0.5, 10.0, budget_s=270.0), clock.wait)
+    results = rec.run(jobs(8))
+    assert clock.now < 270
+    assert run.calls == [[f"r{i}" for i in range(8)], [CANARY_ID]], "no retry, no bisection"
+    assert {r["status"] for r in results} == {"ERROR"}
+    assert all("time to find the failing image ran out" in r["error"]["message"] for r in results)
+
+
+@pytest.mark.parametrize(
+    ("poll_ms", "expected_s"), [(None, 270.0), ("60000", 50.0), ("600000", 540.0)]
+)
+def test_the_recovery_budget_is_the_poll_interval_less_a_margin(
+    poll_ms: str | None, expected_s: float
+) -> None:
+    extra = {} if poll_ms is None else {"max.poll.interval.ms": poll_ms}
+    settings = load_settings({}, kafka_extra=extra, pipeline_timeout_s=30)
+    assert recovery_budget_s(settings) == expected_s
+    assert RetryPolicy.from_settings(settings).budget_s == expected_s
 
 
 # --- crash journal ---------------------------------------------------------------------
