@@ -95,7 +95,7 @@ def run_worker(settings: Settings, index: int) -> int:
     metrics = WorkerMetrics(index)
     watchdog = HangWatchdog(settings.pipeline_timeout_s)  # this process is the worker's own
     worker = Worker(settings, index, metrics=metrics, watchdog=watchdog)
-    _install_stop_handlers(worker.stop, settings.shutdown_timeout_s)
+    _install_stop_handlers(worker.stop, settings.shutdown_timeout_s, worker.journal.stopping)
     server = _start_metrics(settings, index, metrics, lambda: worker.live)
     try:
         worker.run()
@@ -125,11 +125,16 @@ def _start_metrics(
         ) from exc
 
 
-def _install_stop_handlers(stop: Callable[[], None], timeout_s: float) -> None:
-    """SIGTERM/SIGINT stop the worker; if it is not out within ``timeout_s``, exit 1."""
+def _install_stop_handlers(
+    stop: Callable[[], None], timeout_s: float, told: Callable[[], None] = lambda: None
+) -> None:
+    """SIGTERM/SIGINT stop the worker; if it is not out within ``timeout_s``, exit 1.
+    ``told`` runs first: the crash journal records that this worker was told to stop, so
+    its death from here on is not blamed on the batch in hand (consumer.journal)."""
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         logger.info("stopping signal=%s timeout_s=%.1f", signal.Signals(signum).name, timeout_s)
+        told()
         stop()
         watchdog = threading.Timer(timeout_s, _too_slow, args=(timeout_s,))
         watchdog.daemon = True

@@ -5,6 +5,7 @@ keep only messages of partitions still owned; cut DLQ copies to fit. Nothing is 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from confluent_kafka import KafkaError, Message
 
 from consumer import recovery as recovery_module
 from consumer.intake import Intake
-from consumer.journal import DELIVERED_FRESH_S, CrashJournal, journal_path
+from consumer.journal import DELIVERED_FRESH_S, CrashJournal, Plan, journal_path
 from consumer.outputs import OutputConfig, dlq_record, failure_kind
 from consumer.recovery import (
     CANARY_ID,
@@ -262,6 +263,38 @@ def test_a_clean_exit_or_a_finished_batch_is_not_a_death(tmp_path: Path) -> None
     journal.note(ids(3))
     journal.done(ids(3))
     assert restart(path).suspects == {}
+
+
+def test_a_worker_told_to_stop_with_a_batch_in_hand_does_not_count_a_death(
+    tmp_path: Path,
+) -> None:
+    """Rollouts during a slow batch: SIGTERM (the handler records it), then the worker
+    ends with its note behind (its own exit after the shutdown timeout, a SIGKILL after
+    the grace period). However often, the batch is not split nor quarantined, and the
+    deaths it had before keep counting."""
+    path = tmp_path / "w.json"
+    batch = ids(1, 2)
+    journal = restart(path, limit=2)
+    journal.note(batch)
+    journal = restart(path, limit=2)  # one real death first (say an OOM kill)
+    for _rollout in range(3):
+        journal.note(batch)
+        journal.stopping()
+        journal = restart(path, limit=2)
+        assert journal.plan(batch) == Plan(frozenset(), one_at_a_time=False)
+    assert {m: s.deaths for m, s in journal.suspects.items()} == dict.fromkeys(batch, 1)
+    assert journal.stop_path is not None and not journal.stop_path.exists(), "read once"
+    journal.note(batch)  # a death without a stop: counted again, now at the limit
+    assert restart(path, limit=2).plan(batch).one_at_a_time
+
+
+def test_a_stop_recorded_by_another_process_excuses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "w.json"
+    journal = restart(path)
+    journal.note(ids(5))
+    assert journal.stop_path is not None
+    journal.stop_path.write_text(f"{os.getpid() + 1}\n")  # a predecessor, stopped cleanly
+    assert restart(path).suspects[("qr.images", 0, 5)].deaths == 1
 
 
 def test_a_death_passes_on_the_offsets_delivered_but_not_yet_confirmed(tmp_path: Path) -> None:
