@@ -219,8 +219,9 @@ class Settings(BaseModel):
     crash_limit: int = Field(
         3,
         ge=1,
-        description="worker deaths (crash, OOM kill, hang) on the same messages before they are "
-        "run one at a time and the one that kills the worker is quarantined to the DLQ",
+        description="worker deaths (crash, OOM kill, hang; not a stop the worker was told to "
+        "make, docs/RELIABILITY.md) on the same messages before they are run one at a time "
+        "and the one that kills the worker is quarantined to the DLQ",
     )
     pipeline_timeout_s: float = Field(
         120.0,
