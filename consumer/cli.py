@@ -19,13 +19,13 @@ from types import FrameType
 from confluent_kafka.admin import AdminClient
 
 from consumer.metrics import MetricsServer, WorkerMetrics
-from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
+from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor, static_identity
 from consumer.watchdog import HangWatchdog
 from core.runtime.errors import ConfigError
 from core.runtime.gpu import default_workers, place_worker
 from core.runtime.kafka_security import check_connection
 from core.runtime.logs import configure_from_settings, configure_logging
-from core.runtime.settings import Settings, load_settings
+from core.runtime.settings import Settings, env_name, load_settings
 from core.runtime.telemetry import setup_tracing
 
 logger = logging.getLogger("consumer")
@@ -68,9 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if workers < 1:
         logger.error("--workers must be at least 1, got %d", workers)
         return EXIT_CONFIG
-    supervisor = Supervisor(workers, settings.shutdown_timeout_s)
+    identity, lock = static_identity(
+        settings.state_dir,
+        settings.consumer_group,
+        settings.group_instance_id,
+        settings.static_membership,
+    )
+    env = {env_name("group_instance_id"): identity} if identity else None
+    logger.info("supervising workers=%d group_instance_id=%s", workers, identity or "-")
+    supervisor = Supervisor(workers, settings.shutdown_timeout_s, env=env)
     supervisor.install_signal_handlers()
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def run_worker(settings: Settings, index: int) -> int:
@@ -86,7 +98,7 @@ def run_worker(settings: Settings, index: int) -> int:
     metrics = WorkerMetrics(index)
     watchdog = HangWatchdog(settings.pipeline_timeout_s)  # this process is the worker's own
     worker = Worker(settings, index, metrics=metrics, watchdog=watchdog)
-    _install_stop_handlers(worker.stop, settings.shutdown_timeout_s)
+    _install_stop_handlers(worker.stop, settings.shutdown_timeout_s, worker.journal.stopping)
     server = _start_metrics(settings, index, metrics, lambda: worker.live)
     try:
         # a refused login or certificate is a setting to fix: say so now, not retry for ever
@@ -118,11 +130,16 @@ def _start_metrics(
         ) from exc
 
 
-def _install_stop_handlers(stop: Callable[[], None], timeout_s: float) -> None:
-    """SIGTERM/SIGINT stop the worker; if it is not out within ``timeout_s``, exit 1."""
+def _install_stop_handlers(
+    stop: Callable[[], None], timeout_s: float, told: Callable[[], None] = lambda: None
+) -> None:
+    """SIGTERM/SIGINT stop the worker; if it is not out within ``timeout_s``, exit 1.
+    ``told`` runs first: the crash journal records that this worker was told to stop, so
+    its death from here on is not blamed on the batch in hand (consumer.journal)."""
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         logger.info("stopping signal=%s timeout_s=%.1f", signal.Signals(signum).name, timeout_s)
+        told()
         stop()
         watchdog = threading.Timer(timeout_s, _too_slow, args=(timeout_s,))
         watchdog.daemon = True

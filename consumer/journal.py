@@ -22,6 +22,18 @@ a committed offset backwards), so a death on a message re-delivers only the batc
 in. A note older than ``DELIVERED_FRESH_S`` keeps its suspects but not these offsets: an
 operator who reset the group's offsets while the workers were down is not overruled.
 
+Only deaths the message in hand can cause are counted: a native crash, an OOM kill, a
+hang (the watchdog's ``SIGALRM``), a ``SIGKILL`` out of the blue. A worker that was told to
+stop is not killed by its message: on ``SIGTERM``/``SIGINT`` (a rollout, a scale-down, its
+supervisor stopping) the worker's signal handler records its pid in a second small file
+(:meth:`CrashJournal.stopping`), and a note left by a pid that recorded this is read
+without counting a death, however the process then ended (its own exit after
+``QRSIGHT_SHUTDOWN_TIMEOUT_S``, the supervisor's or the kubelet's ``SIGKILL`` after the
+grace period). The record must come from the worker itself, not from whoever sent the
+signal: a worker whose message holds it in a loop that keeps the GIL cannot run its handler
+(and fails its liveness probe, so the kubelet stops it before the watchdog's alarm): that
+stop is the message's doing, and it is counted.
+
 Writing the note costs one small file write per batch (no fsync: a process death keeps
 the page cache; a machine crash is not a poison message). The note is per worker
 identity, so it follows a restarted worker (same supervisor slot, same StatefulSet pod:
@@ -74,8 +86,35 @@ class CrashJournal:
         self.delivered: dict[Key, int] = {}
         self._noted = False
 
+    @property
+    def stop_path(self) -> Path | None:
+        """Where a worker told to stop records its pid (:meth:`stopping`)."""
+        return None if self.path is None else self.path.with_suffix(".stopping")
+
+    def stopping(self) -> None:
+        """The worker was told to stop (called from its SIGTERM/SIGINT handler): however it
+        ends now, the batch in hand did not kill it."""
+        path = self.stop_path
+        if path is None:
+            return
+        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as out:
+            out.write(f"{os.getpid()}\n")
+
+    def _stopped_pids(self) -> set[int]:
+        """The pids that recorded a stop, once: the record is removed as it is read."""
+        path = self.stop_path
+        if path is None:
+            return set()
+        try:
+            text = path.read_text(encoding="utf-8")
+            path.unlink()
+        except OSError:
+            return set()
+        return {int(word) for word in text.split() if word.isdigit()}
+
     def recover(self) -> int:
         """Read a note a dead predecessor left; returns how many messages it names."""
+        stopped = self._stopped_pids()
         if self.path is None or not self.path.exists():
             return 0
         try:
@@ -86,24 +125,43 @@ class CrashJournal:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("unreadable worker note ignored path=%s error=%s", self.path, exc)
             return 0
-        alone = len(entries) == 1
-        for t, p, o, d in entries:
-            self.suspects[(t, p, o)] = Suspect(d + 1, alone)
+        if note.get("pid") in stopped:
+            self._excuse(entries, note.get("pid"))
+        else:
+            self._count_death(entries, note.get("pid"))
         if time.time() - written <= DELIVERED_FRESH_S:
             self.delivered = delivered
         elif delivered:
             logger.info(
                 "stale worker note: its delivered offsets are not applied path=%s", self.path
             )
+        return len(entries)
+
+    def _count_death(self, entries: list[tuple[str, int, int, int]], pid: object) -> None:
+        alone = len(entries) == 1
+        for t, p, o, d in entries:
+            self.suspects[(t, p, o)] = Suspect(d + 1, alone)
         worst = max((d + 1 for *_, d in entries), default=0)
         logger.warning(
             "the previous worker died with messages in hand messages=%d deaths=%d limit=%d pid=%s",
             len(entries),
             worst,
             self.limit,
-            note.get("pid"),
+            pid,
         )
-        return len(entries)
+
+    def _excuse(self, entries: list[tuple[str, int, int, int]], pid: object) -> None:
+        """A predecessor told to stop: its messages keep the deaths they had."""
+        alone = len(entries) == 1
+        for t, p, o, d in entries:
+            if d > 0:
+                self.suspects[(t, p, o)] = Suspect(d, alone)
+        logger.info(
+            "the previous worker was told to stop with messages in hand: not a death of "
+            "theirs messages=%d pid=%s",
+            len(entries),
+            pid,
+        )
 
     def plan(self, ids: Iterable[MessageId]) -> Plan:
         doomed: set[MessageId] = set()

@@ -4,32 +4,44 @@ Each worker is a child process (``python -m consumer.cli --worker-index i``) wit
 ONNX session, Kafka clients and metrics port, all in one consumer group. A crashed worker
 is restarted with exponential backoff; a worker that exits with :data:`EXIT_CONFIG`
 (a setting or file to fix) stops the whole supervisor, since a restart cannot help.
+
+**A stable identity per worker.** Worker *i* joins the group as the static member
+``<identity>-<i>`` (``group.instance.id``), the identity being ``QRSIGHT_GROUP_INSTANCE_ID``
+or, unset, this host's name (what a StatefulSet gives on Kubernetes: the pod name). A
+restarted worker is the same member again: it takes its partitions back at once, and the
+group does not rebalance. A new member for each restart would make the group wait out the
+dead one's ``session.timeout.ms`` (45 s) and, meanwhile, fence every offset commit of the
+survivors, whose work is then done again when their partitions move (:func:`static_identity`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from consumer.watchdog import HANG_SIGNAL
+from core.runtime.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # sysexits EX_CONFIG
-BACKOFF_FIRST_S = 1.0
-BACKOFF_MAX_S = 30.0
+RESTART_BACKOFF = Backoff(first_s=1.0, max_s=30.0)
 STABLE_AFTER_S = 60.0  # a child that ran this long resets its backoff
 POLL_S = 0.2
 KILL_GRACE_S = 5.0
@@ -55,6 +67,44 @@ def _die_with_parent() -> None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def static_identity(
+    state_dir: Path, group: str, configured: str | None, enabled: bool
+) -> tuple[str | None, IO[str] | None]:
+    """The identity the workers of this supervisor join the group under, and the lock that
+    keeps it this supervisor's own (hold it as long as the workers run).
+
+    ``QRSIGHT_GROUP_INSTANCE_ID`` when set (the operator vouches that it is unique); else,
+    with static membership on, the host name, if no other supervisor of the same group on
+    this host (sharing ``QRSIGHT_STATE_DIR``) holds it already: two would fence each
+    other's workers for good. Without one: dynamic membership (None).
+    """
+    if configured:
+        return configured, None
+    if not enabled:
+        return None, None
+    host = socket.gethostname()
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{group}.{host}")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(state_dir / f"{safe}.lock", "a", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        logger.warning("no lock on the host identity, using it anyway error=%s", exc)
+        return host, None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        logger.warning(
+            "another qrsight-consumer of group %s on this host uses the identity %s: this "
+            "one's workers join as dynamic members (give each its own "
+            "QRSIGHT_GROUP_INSTANCE_ID to make them static)",
+            group,
+            host,
+        )
+        return None, None
+    return host, lock
+
+
 def worker_command(index: int) -> list[str]:
     return [sys.executable, "-m", "consumer.cli", "--worker-index", str(index)]
 
@@ -77,10 +127,14 @@ class Supervisor:
         workers: int,
         shutdown_timeout_s: float,
         command: Callable[[int], list[str]] = worker_command,
+        *,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``env``: variables the workers get on top of this process's environment."""
         self.slots = [Slot(i) for i in range(workers)]
         self.shutdown_timeout_s = shutdown_timeout_s
         self.command = command
+        self.env = {**os.environ, **env} if env else None
         self._stopping = threading.Event()
         self._code = EXIT_OK
         self.restarts = 0
@@ -108,7 +162,8 @@ class Supervisor:
     def _start(self, slot: Slot) -> None:
         preexec = _die_with_parent if _LIBC is not None else None
         # safe with threads: the hook takes no lock (libc was loaded at import)
-        slot.proc = subprocess.Popen(self.command(slot.index), preexec_fn=preexec)  # noqa: PLW1509
+        command = self.command(slot.index)
+        slot.proc = subprocess.Popen(command, env=self.env, preexec_fn=preexec)  # noqa: PLW1509
         slot.started = time.monotonic()
         slot.restart_at = None
         logger.info("worker started worker=%d pid=%d", slot.index, slot.proc.pid)
@@ -130,7 +185,7 @@ class Supervisor:
             self.stop()
             return
         slot.failures = 1 if now - slot.started >= STABLE_AFTER_S else slot.failures + 1
-        delay = min(BACKOFF_FIRST_S * 2 ** (slot.failures - 1), BACKOFF_MAX_S)
+        delay = RESTART_BACKOFF.delay_s(slot.failures)
         slot.restart_at = now + delay
         self.restarts += 1
         logger.warning(

@@ -206,6 +206,15 @@ class Settings(BaseModel):
         "(a lone image runs at once; 0 = take only what is queued)",
     )
     decode_threads: int = Field(2, ge=1, description="threads decoding images per worker")
+    batch_memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="most MiB one batch's images take decoded (judged from their headers, "
+        "at the peak of each decode: 6 bytes per pixel for a JPEG, up to 18 for a 16-bit "
+        "RGBA PNG): a batch over it "
+        "runs in parts, one after another, with the same results; an image over it runs "
+        "alone (unset: a quarter of the container's memory limit, 512 MiB without one)",
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once", description="`exactly_once` uses Kafka transactions per batch"
     )
@@ -219,7 +228,17 @@ class Settings(BaseModel):
         None,
         description="static group membership (`group.instance.id`): this host's stable "
         "name, e.g. the StatefulSet pod name; worker i joins as `<id>-<i>` and its "
-        "`transactional.id` uses it too (unset: dynamic membership and the host name)",
+        "`transactional.id` uses it too (unset: the host name under "
+        "`qrsight-consumer`, see `QRSIGHT_STATIC_MEMBERSHIP`)",
+    )
+    static_membership: bool = Field(
+        True,
+        description="with `QRSIGHT_GROUP_INSTANCE_ID` unset, `qrsight-consumer` gives its "
+        "workers the host name as that identity, so each is a static group member "
+        "(`<host>-<i>`) and a restarted worker takes its partitions back without a "
+        "rebalance (a second supervisor of the group on the same host gets dynamic "
+        "membership); `false`: dynamic membership, a worker stopped for good hands its "
+        "partitions on at once instead of after `session.timeout.ms`",
     )
     retry_attempts: int = Field(
         2,
@@ -235,8 +254,9 @@ class Settings(BaseModel):
     crash_limit: int = Field(
         3,
         ge=1,
-        description="worker deaths (crash, OOM kill, hang) on the same messages before they are "
-        "run one at a time and the one that kills the worker is quarantined to the DLQ",
+        description="worker deaths (crash, OOM kill, hang; not a stop the worker was told to "
+        "make, docs/RELIABILITY.md) on the same messages before they are run one at a time "
+        "and the one that kills the worker is quarantined to the DLQ",
     )
     pipeline_timeout_s: float = Field(
         120.0,

@@ -28,6 +28,7 @@ import numpy as np
 
 from core.runtime.errors import CorruptImageError, QrsightError
 from core.runtime.gpu import default_workers, post_threads
+from core.runtime.memory import container_memory_bytes
 from core.runtime.results import error_record, now_ms
 from core.runtime.settings import Settings
 from core.runtime.telemetry import StageLog
@@ -41,6 +42,13 @@ from core.vision.verifier import Verifier, load_verifier
 logger = logging.getLogger(__name__)
 
 REDUCE_KEEP = 2  # decode reduced only while the longer side stays >= this x the model input
+MIB = 1 << 20
+DEFAULT_BUDGET_BYTES = 512 * MIB  # a batch's decoded images without a container limit
+# Bytes per pixel one image takes at the peak of its decode (OpenCV 4, measured in a fresh
+# process): a JPEG, and a PNG without alpha, about 6 (the 3-byte BGR result and a copy);
+# a 16-bit RGBA PNG 18 (libpng's 8-byte rows, OpenCV's channel-swapped copy of them, then
+# the 3-byte result); 8-bit BGRA WebP and BMP 9. The worst case of each format is counted.
+PEAK_BYTES_PER_PIXEL = {"jpeg": 6, "png": 18, "webp": 9, "bmp": 9}
 # unread QR boxes the verifier judges at least this plausible get the harder reads
 # (measured in models/README.md: below it they are not codes, and each costs the full
 # time of every attempt)
@@ -99,6 +107,7 @@ class Pipeline:
         self._keep_side = (
             REDUCE_KEEP * max(self.detector.input_hw) if settings.reduced_decode else 0
         )
+        self.budget_bytes = batch_budget_bytes(settings, container_memory_bytes())
         self._pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="qrsight-decode"
         )
@@ -135,12 +144,47 @@ class Pipeline:
         self.close()
 
     def run(self, jobs: Sequence[ImageJob], stages: StageLog | None = None) -> list[dict[str, Any]]:
-        """``stages`` (tracing on) receives each job's stage intervals for its spans."""
+        """``stages`` (tracing on) receives each job's stage intervals for its spans.
+
+        The jobs run in parts whose decoded images fit the batch's memory budget
+        (:meth:`parts`), one part after another, so a batch of large images never holds
+        them all decoded at once; the results are the same as in one part."""
         start, start_ms = time.perf_counter(), now_ms()
         queue_ms = [
             0.0 if j.submitted_at_ms is None else max(0.0, float(start_ms - j.submitted_at_ms))
             for j in jobs
         ]
+        results: list[dict[str, Any]] = [{} for _ in jobs]
+        for part in self.parts(jobs):
+            sub = [jobs[i] for i in part]
+            records = self._run_part(sub, [queue_ms[i] for i in part], start, stages)
+            for i, record in zip(part, records, strict=True):
+                results[i] = record
+        logger.debug("pipeline run images=%d ms=%.1f", len(jobs), _ms(start))
+        return results
+
+    def parts(self, jobs: Sequence[ImageJob]) -> list[list[int]]:
+        """The jobs' indices in consecutive parts whose decoded bytes
+        (:func:`decoded_bytes`) stay within ``QRSIGHT_BATCH_MEMORY_MB``; an image over the
+        budget on its own is a part on its own."""
+        parts: list[list[int]] = []
+        held = 0
+        for i, job in enumerate(jobs):
+            cost = decoded_bytes(job.data, self.limits, self._keep_side)
+            if not parts or held + cost > self.budget_bytes:
+                parts.append([])
+                held = 0
+            parts[-1].append(i)
+            held += cost
+        return parts
+
+    def _run_part(
+        self,
+        jobs: Sequence[ImageJob],
+        queue_ms: Sequence[float],
+        start: float,
+        stages: StageLog | None,
+    ) -> list[dict[str, Any]]:
         intakes = self._decode_all(jobs)
         if stages is not None:
             for job, intake in zip(jobs, intakes, strict=True):
@@ -160,7 +204,6 @@ class Pipeline:
             records = self._run_chunk(jobs, intakes, chunk, queue_ms, start, stages=stages)
             for i, record in zip(chunk, records, strict=True):
                 results[i] = record
-        logger.debug("pipeline run images=%d ok=%d ms=%.1f", len(jobs), len(good), _ms(start))
         return [r for r in results if r is not None]
 
     def _decode_all(self, jobs: Sequence[ImageJob]) -> list[_Intake]:
@@ -345,6 +388,29 @@ class Pipeline:
             return image.shape[0], image.shape[1]
         info = probe(job.data, self.limits)
         return info.height, info.width
+
+
+def batch_budget_bytes(settings: Settings, memory_bytes: int | None) -> int:
+    """``QRSIGHT_BATCH_MEMORY_MB``, or by default a quarter of ``memory_bytes``, the
+    container's memory limit (the model, the runtime and the Kafka clients' buffers need
+    the rest), and :data:`DEFAULT_BUDGET_BYTES` where there is no limit."""
+    if settings.batch_memory_mb is not None:
+        return settings.batch_memory_mb * MIB
+    return DEFAULT_BUDGET_BYTES if memory_bytes is None else max(memory_bytes // 4, MIB)
+
+
+def decoded_bytes(data: bytes, limits: ImageLimits, keep_side: int = 0) -> int:
+    """What decoding the image takes at its peak, judged from its header alone: its pixels
+    (at the size a large JPEG is decoded at) times its format's
+    :data:`PEAK_BYTES_PER_PIXEL`. An image its header refuses costs nothing: it is never
+    decoded."""
+    try:
+        info = probe(data, limits)
+    except Exception:
+        return 0
+    scale = jpeg_scale(info, keep_side)
+    pixels = -(-info.width // scale) * -(-info.height // scale)
+    return pixels * PEAK_BYTES_PER_PIXEL.get(info.format, max(PEAK_BYTES_PER_PIXEL.values()))
 
 
 def _best_effort(

@@ -3,7 +3,8 @@ counts what a ``read_committed`` reader of ``qr.detections`` sees, and the table
 
 A *pod* is what Kubernetes would run: one ``qrsight-consumer --workers N`` process (the
 real supervisor, which restarts crashed workers) with its own ``QRSIGHT_GROUP_INSTANCE_ID``
-(the StatefulSet pod name) or none (dynamic membership). Everything is real: Apache
+(the StatefulSet pod name), or dynamic membership, or what the settings give (by default
+the host name as identity). Everything is real: Apache
 Kafka, the worker processes, SIGKILL.
 """
 
@@ -50,14 +51,27 @@ class Pod:
     """One supervisor process (``qrsight-consumer --workers N``) with its log."""
 
     def __init__(
-        self, settings: Settings, name: str | None, workers: int, logdir: Path, **env: str
+        self,
+        settings: Settings,
+        name: str | None,
+        workers: int,
+        logdir: Path,
+        *,
+        as_configured: bool = False,
+        **env: str,
     ) -> None:
-        self.name = name or f"dynamic-{uuid.uuid4().hex[:6]}"
+        """``name``: the pod's stable name (``QRSIGHT_GROUP_INSTANCE_ID``); None: dynamic
+        membership. ``as_configured``: neither, the membership ``settings`` give (what
+        ``qrsight-consumer`` does with nothing set)."""
+        self.name = name or f"{'default' if as_configured else 'dynamic'}-{uuid.uuid4().hex[:6]}"
         self.log = logdir / f"pod-{self.name}.log"
         environ = settings_env(settings)
-        environ.pop("QRSIGHT_GROUP_INSTANCE_ID", None)
-        if name:
-            environ["QRSIGHT_GROUP_INSTANCE_ID"] = name
+        if not as_configured:
+            environ.pop("QRSIGHT_GROUP_INSTANCE_ID", None)
+            if name:
+                environ["QRSIGHT_GROUP_INSTANCE_ID"] = name
+            else:  # not the host name either
+                environ["QRSIGHT_STATIC_MEMBERSHIP"] = "false"
         environ.update(env)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(

@@ -195,6 +195,72 @@ def test_kill_9_of_one_of_two_supervised_workers_every_3_s_loses_nothing(
     assert row.restarts == len(kills) > 0
 
 
+DEFAULTS_RATE = 40.0  # images per second, as the report that found the wait sent them
+DEFAULT_SESSION_S = 45.0  # librdkafka's session.timeout.ms, which these settings keep
+
+
+@pytest.fixture
+def make_defaults(
+    kafka_settings_factory: Callable[..., Settings], model_path: Path, tmp_path: Path
+) -> Callable[..., Settings]:
+    """Settings a new user has: nothing about membership, session or shutdown set; only the
+    test's broker and topics, the tiny model, no metrics port, a state folder of its own."""
+
+    def build(**update: object) -> Settings:
+        base = kafka_settings_factory(topic_partitions=6)
+        values: dict[str, object] = {
+            "model_path": model_path,
+            "verifier_path": None,
+            "conf_threshold": 0.5,
+            "metrics_port": 0,
+            "state_dir": tmp_path / "state",
+        }
+        return base.model_copy(update={**values, **update})
+
+    return build
+
+
+def test_repeated_kills_with_default_settings_neither_wait_out_a_session_nor_redo_work(
+    make_defaults: Callable[..., Settings], pods: list[Pod], logdir: Path
+) -> None:
+    """``qrsight-consumer --workers 2`` with nothing set, images at a steady 40 per second,
+    one of the workers SIGKILLed every 3 s. Were each restarted worker a new group member,
+    the group would wait out the dead one's session (45 s by default) and fence every
+    commit of the survivor meanwhile, whose work is then done again when its partitions
+    move: duplicates far above one batch per kill (not every run: it takes the survivor's
+    partitions moving), and no result at all for a minute or more (every run)."""
+    settings = make_defaults()
+    tracker = Tracker(settings)
+    tracker.start()
+    pods.append(Pod(settings, None, 2, logdir, as_configured=True))
+    pods[0].wait_ready(2)
+    started = time.monotonic()
+    publisher = Publisher(settings, IMAGES, min(RATE, DEFAULTS_RATE), "defaults")
+    publisher.start()
+    kills: list[int] = []
+    stop = threading.Event()
+    every(KILL_EVERY_S, killer(pods, kills, random.Random(28), publisher.is_alive), stop)
+    publisher.join(drain_timeout())
+    stop.set()
+    row = finish(
+        "kill -9 every 3 s, `--workers 2`, default settings",
+        settings,
+        publisher=publisher,
+        tracker=tracker,
+        pods=pods,
+        started=started,
+        kills=len(kills),
+        bound=len(kills) * settings.max_batch,
+    )
+    tracker.stop()
+    stopped = pods[0].stop()
+    assert row.missing == 0
+    assert row.duplicates <= len(kills) * settings.max_batch
+    assert row.restarts == len(kills) > 0
+    assert row.stall_s < DEFAULT_SESSION_S, "no partition waited out a dead member's session"
+    assert stopped == 0, "a graceful stop does not wait for the group"
+
+
 def test_exactly_once_under_kills_and_a_restart_under_a_new_identity_shows_no_duplicate(
     make: Callable[..., Settings], pods: list[Pod], logdir: Path
 ) -> None:

@@ -26,7 +26,7 @@ from core.runtime.results import error_code
 from core.runtime.settings import DEFAULT_MODEL, Settings
 from core.vision.pipeline import Pipeline
 from schemas import names
-from tests.integration.crashy_worker import HANG_MARKER, MARKER
+from tests.integration.crashy_worker import HANG_MARKER, MARKER, SLOW_LINE, SLOW_MARKER, SLOW_S
 from tests.integration.test_worker import (
     STOP_BOUND_S,
     good_stream,
@@ -252,6 +252,37 @@ def _quarantined_by_deaths(
     # 2 deaths on the batch, 1 running it one message at a time, then quarantined unrun
     assert restarts(log) == 3
     return result
+
+
+def test_rollouts_during_a_slow_valid_batch_do_not_count_as_its_deaths(
+    settings: Settings, supervised_log: Path
+) -> None:
+    """Three rollouts (SIGTERM to the supervisor) while a slow, valid image is in hand: the
+    worker cannot finish it within QRSIGHT_SHUTDOWN_TIMEOUT_S and exits, note left behind.
+    Those deaths are the rollouts', not the image's: it must not be quarantined (crash
+    limit 2), and the fourth worker publishes its OK result."""
+    import signal
+
+    settings = settings.model_copy(update={"crash_limit": 2, "shutdown_timeout_s": 1.0})
+    rid = "slow"
+    publish(settings, [(rid, marked_jpeg(5, SLOW_MARKER), [(names.H_CORRELATION_ID, b"slow")])])
+
+    def in_hand_or_quarantined(times: int) -> bool:
+        text = supervised_log.read_text(errors="replace")
+        return text.count(SLOW_LINE) >= times or f"quarantined request_id={rid}" in text
+
+    for rollout in range(1, 4):
+        supervisor = _spawn_crashy(settings, supervised_log)
+        wait_for(lambda n=rollout: in_hand_or_quarantined(n), 60, f"rollout {rollout}")
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(30)
+    supervisor = _spawn_crashy(settings, supervised_log)
+    try:
+        by_id = results_by_id(settings, {rid}, timeout_s=60 + SLOW_S)
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(30)
+    assert [r["status"] for r in by_id[rid]] == ["OK"]
 
 
 def _spawn_crashy(settings: Settings, log: Path) -> Any:

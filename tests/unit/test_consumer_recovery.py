@@ -5,6 +5,7 @@ keep only messages of partitions still owned; cut DLQ copies to fit. Nothing is 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,12 +14,20 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, Message
 
+from consumer import recovery as recovery_module
 from consumer.intake import Intake
-from consumer.journal import DELIVERED_FRESH_S, CrashJournal, journal_path
+from consumer.journal import DELIVERED_FRESH_S, CrashJournal, Plan, journal_path
 from consumer.outputs import OutputConfig, dlq_record, failure_kind
-from consumer.recovery import CANARY_ID, BatchRecovery, RetryPolicy, Stopping
+from consumer.recovery import (
+    CANARY_ID,
+    BatchRecovery,
+    RetryPolicy,
+    Stopping,
+    recovery_budget_s,
+)
 from consumer.worker import Fetched, split_owned
 from core.runtime.errors import ModelError
+from core.runtime.settings import MAX_POLL_INTERVAL_MS, load_settings
 from core.vision.pipeline import ImageJob
 from schemas import names
 
@@ -138,6 +147,79 @@ def test_stop_during_backoff_gives_up_the_batch_uncommitted() -> None:
         rec.run(jobs(2))
 
 
+class FakeTime:
+    """A clock that moves only when the slow pipeline runs or the recovery backs off."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        return False
+
+
+class SlowPipeline(FlakyPipeline):
+    """``per_image_s`` of (simulated) work per image in every run, failed runs too; the
+    canary (a small image) costs nothing."""
+
+    def __init__(self, clock: FakeTime, per_image_s: float, poison: set[str]) -> None:
+        super().__init__(poison=poison)
+        self.clock, self.per_image_s = clock, per_image_s
+
+    def __call__(self, jobs: Sequence[ImageJob]) -> list[Result]:
+        self.clock.now += self.per_image_s * sum(j.request_id != CANARY_ID for j in jobs)
+        return super().__call__(jobs)
+
+
+def test_recovering_a_batch_of_slow_valid_images_never_outlasts_the_poll_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of 8 images of 10 s each (80 s a run, within the hang watchdog's 120 s) with
+    one that raises: 3 full runs and the bisection took 380 s, past max.poll.interval.ms
+    (300 s): the group evicts the worker, its commit is refused, and the next owner of the
+    partition does the same, for ever."""
+    clock = FakeTime()
+    monkeypatch.setattr(recovery_module, "time", clock, raising=False)
+    settings = load_settings({}, retry_attempts=2)
+    rec = BatchRecovery(
+        SlowPipeline(clock, 10.0, poison={"r3"}), RetryPolicy.from_settings(settings), clock.wait
+    )
+    results = rec.run(jobs(8))
+    assert clock.now < MAX_POLL_INTERVAL_MS / 1000, f"recovery took {clock.now:.0f} s"
+    assert statuses(results) == {f"r{i}": "ERROR" if i == 3 else "OK" for i in range(8)}
+
+
+def test_images_left_undecided_when_the_time_is_up_are_quarantined_saying_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs so slow that not even a half of the batch fits what is left: nothing more is
+    tried; the canary shows the pipeline works, so the batch is quarantined (DLQ copies)."""
+    clock = FakeTime()
+    monkeypatch.setattr(recovery_module, "time", clock, raising=False)
+    run = SlowPipeline(clock, 30.0, poison={"r3"})
+    rec = BatchRecovery(run, RetryPolicy(2, 0.5, 10.0, budget_s=270.0), clock.wait)
+    results = rec.run(jobs(8))
+    assert clock.now < 270
+    assert run.calls == [[f"r{i}" for i in range(8)], [CANARY_ID]], "no retry, no bisection"
+    assert {r["status"] for r in results} == {"ERROR"}
+    assert all("time to find the failing image ran out" in r["error"]["message"] for r in results)
+
+
+@pytest.mark.parametrize(
+    ("poll_ms", "expected_s"), [(None, 270.0), ("60000", 50.0), ("600000", 540.0)]
+)
+def test_the_recovery_budget_is_the_poll_interval_less_a_margin(
+    poll_ms: str | None, expected_s: float
+) -> None:
+    extra = {} if poll_ms is None else {"max.poll.interval.ms": poll_ms}
+    settings = load_settings({}, kafka_extra=extra, pipeline_timeout_s=30)
+    assert recovery_budget_s(settings) == expected_s
+    assert RetryPolicy.from_settings(settings).budget_s == expected_s
+
+
 # --- crash journal ---------------------------------------------------------------------
 def ids(*offsets: int) -> list[tuple[str, int, int]]:
     return [("qr.images", 0, o) for o in offsets]
@@ -181,6 +263,38 @@ def test_a_clean_exit_or_a_finished_batch_is_not_a_death(tmp_path: Path) -> None
     journal.note(ids(3))
     journal.done(ids(3))
     assert restart(path).suspects == {}
+
+
+def test_a_worker_told_to_stop_with_a_batch_in_hand_does_not_count_a_death(
+    tmp_path: Path,
+) -> None:
+    """Rollouts during a slow batch: SIGTERM (the handler records it), then the worker
+    ends with its note behind (its own exit after the shutdown timeout, a SIGKILL after
+    the grace period). However often, the batch is not split nor quarantined, and the
+    deaths it had before keep counting."""
+    path = tmp_path / "w.json"
+    batch = ids(1, 2)
+    journal = restart(path, limit=2)
+    journal.note(batch)
+    journal = restart(path, limit=2)  # one real death first (say an OOM kill)
+    for _rollout in range(3):
+        journal.note(batch)
+        journal.stopping()
+        journal = restart(path, limit=2)
+        assert journal.plan(batch) == Plan(frozenset(), one_at_a_time=False)
+    assert {m: s.deaths for m, s in journal.suspects.items()} == dict.fromkeys(batch, 1)
+    assert journal.stop_path is not None and not journal.stop_path.exists(), "read once"
+    journal.note(batch)  # a death without a stop: counted again, now at the limit
+    assert restart(path, limit=2).plan(batch).one_at_a_time
+
+
+def test_a_stop_recorded_by_another_process_excuses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "w.json"
+    journal = restart(path)
+    journal.note(ids(5))
+    assert journal.stop_path is not None
+    journal.stop_path.write_text(f"{os.getpid() + 1}\n")  # a predecessor, stopped cleanly
+    assert restart(path).suspects[("qr.images", 0, 5)].deaths == 1
 
 
 def test_a_death_passes_on_the_offsets_delivered_but_not_yet_confirmed(tmp_path: Path) -> None:

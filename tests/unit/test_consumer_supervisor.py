@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
+from consumer.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor, static_identity
 
 # A child that appends its start to a file, then sleeps until SIGTERM (exit 0) or crashes.
 CHILD = """
@@ -98,3 +99,61 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_bound(tmp_path: Path)
     thread.join(15)
     assert codes == [EXIT_FAILURE]
     assert time.monotonic() - started < 0.5 + 5 + 2
+
+
+def test_workers_get_the_host_name_as_their_identity_so_a_restart_is_the_same_member(
+    tmp_path: Path,
+) -> None:
+    identity, lock = static_identity(tmp_path, "g", None, enabled=True)
+    try:
+        assert identity == socket.gethostname()
+    finally:
+        assert lock is not None
+        lock.close()
+
+
+def test_a_second_supervisor_of_the_group_on_the_host_joins_dynamically(tmp_path: Path) -> None:
+    """Two supervisors under one identity would fence each other's workers for good."""
+    first, lock = static_identity(tmp_path, "g", None, enabled=True)
+    assert first is not None and lock is not None
+    assert static_identity(tmp_path, "g", None, enabled=True) == (None, None)
+    other_group, other_lock = static_identity(tmp_path, "h", None, enabled=True)
+    assert other_group == first, "another group's members do not collide"
+    assert other_lock is not None
+    other_lock.close()
+    lock.close()
+    again, lock = static_identity(tmp_path, "g", None, enabled=True)
+    assert again == first, "the identity is free again once its holder is gone"
+    assert lock is not None
+    lock.close()
+
+
+@pytest.mark.parametrize(
+    ("configured", "enabled", "expected"),
+    [("pod-3", True, "pod-3"), ("pod-3", False, "pod-3"), (None, False, None)],
+)
+def test_a_configured_identity_wins_and_static_membership_can_be_turned_off(
+    tmp_path: Path, configured: str | None, enabled: bool, expected: str | None
+) -> None:
+    assert static_identity(tmp_path, "g", configured, enabled=enabled) == (expected, None)
+
+
+def test_the_workers_get_the_supervisors_extra_environment(tmp_path: Path) -> None:
+    script = tmp_path / "env.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "open(sys.argv[1], 'w').write(os.environ.get('QRSIGHT_GROUP_INSTANCE_ID', '-'))\n"
+        "time.sleep(60)\n"
+    )
+    out = tmp_path / "seen"
+    sup = Supervisor(
+        1,
+        2.0,
+        command=lambda _i: [sys.executable, str(script), str(out)],
+        env={"QRSIGHT_GROUP_INSTANCE_ID": "host-a"},
+    )
+    thread, _codes = run_in_thread(sup)
+    wait_until(lambda: out.exists() and out.read_text() != "")
+    sup.stop()
+    thread.join(10)
+    assert out.read_text() == "host-a"
