@@ -5,6 +5,13 @@ One loop, one batch at a time::
     fetch → parse → Pipeline.run (decode pool, one ONNX run, NMS, payloads) → produce
     results (+ reply partition, + DLQ copies) → delivered? → commit the batch's offsets
 
+The worker is that loop; its decisions live in small parts, each with unit tests that
+start no broker: which partitions it owns and whether a fetched message is still its own
+(:mod:`consumer.ownership`), the per-batch state (:mod:`consumer.batch`), the records a
+batch produces and what to do with those the broker refuses (:mod:`consumer.outputs`),
+what to commit when and what a dead predecessor left to commit (:mod:`consumer.commits`),
+and the exactly-once transactions (:mod:`consumer.transactions`).
+
 **Fetch without idle wait.** A blocking ``consume`` for the first message, then whatever
 librdkafka has already fetched (``consume(max_batch - 1, timeout=0)``); only when images
 were already waiting does the worker top the batch up for at most
@@ -37,61 +44,57 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import (
-    OFFSET_INVALID,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from consumer.batch import Batch, one_at_a_time, stamp_epochs
+from consumer.clients import worker_consumer_config, worker_producer_config
+from consumer.commits import (
+    CommitBook,
+    as_partitions,
+    committed_offsets,
+    next_offsets,
+    resume_moves,
+)
 from consumer.intake import Intake, parse_message
 from consumer.journal import CrashJournal, MessageId, journal_path
+from consumer.lag import LagReporter
 from consumer.metrics import WorkerMetrics
 from consumer.outputs import (
-    DLQ_FALLBACK_BYTES,
     DeliveryError,
     DeliveryTracker,
-    Failure,
     OutputConfig,
     OutRecord,
-    dlq_record,
+    absorb,
+    batch_records,
     produce_all,
-    raise_unrecoverable,
-    result_records,
     wait_delivered,
 )
+from consumer.ownership import Fetched, Ownership, fmt, keys_of, reseek, split_owned
 from consumer.recovery import BatchRecovery, RetryPolicy, Stopping
+from consumer.routes import ReplyRoutes
+from consumer.transactions import DELIVERY_TIMEOUT_S, Outcome, Transactions, first_offsets, rewind
 from consumer.watchdog import UNGUARDED, HangWatchdog
-from core.runtime.errors import QuarantinedError, UndeliverableError
-from core.runtime.kafka import avro_codec, consumer_config, message_limits, producer_config
+from core.runtime.errors import QuarantinedError
+from core.runtime.kafka import avro_codec, message_limits
 from core.runtime.results import error_record, expired_record
 from core.runtime.settings import Settings
-from core.runtime.telemetry import BatchTrace, StageLog, header_traceparent, trace_id_of, tracing
+from core.runtime.telemetry import StageLog, header_traceparent, trace_id_of, tracing
 from core.vision.images import ImageLimits
 from core.vision.pipeline import Pipeline
 from schemas import names
 from schemas.codec import RegistryError
 
+__all__ = ["ConsumerFenced", "Fetched", "Worker", "load_pipeline", "next_offsets", "split_owned"]
+
 logger = logging.getLogger(__name__)
 
-LAG_INTERVAL_S = 5.0
 IDLE_POLL_S = 0.5  # also how quickly an idle worker notices stop()
-DELIVERY_TIMEOUT_S = 120.0
-TXN_TIMEOUT_S = 30.0
-TXN_COMMIT_TRIES = 5
 DELIVERY_ROUNDS = 3  # first try, then records rebuilt after permanent refusals
-REPLY_METADATA_REFRESH_S = 10.0
 REGISTRY_TRIES = 10
 REBUILD_INTERVAL_S = 60.0
 COMMITTED_TIMEOUT_S = 10.0  # reading the group's committed offsets on assignment
-
-Key = tuple[str, int]
 
 
 def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
@@ -121,14 +124,6 @@ class ConsumerFenced(Exception):  # noqa: N818  (a state, handled by replacing t
         self.error = error
 
 
-@dataclass
-class Fetched:
-    """A message and the assignment epoch of its partition when ``consume()`` returned it."""
-
-    msg: Message
-    epoch: int
-
-
 class Worker:
     """One consumer-group member. ``run()`` blocks until ``stop()`` or a failure."""
 
@@ -149,10 +144,8 @@ class Worker:
         self._pipeline = pipeline
         self._owns_pipeline = False
         self._stop = threading.Event()
-        self._assigned: set[Key] = set()
-        self._epochs: dict[Key, int] = {}  # bumped on every assign, revoke, loss
-        self._stored: dict[Key, int] = {}
-        self._unconfirmed: dict[Key, int] = {}  # committed asynchronously, not yet confirmed
+        self.ownership = Ownership()
+        self.book = CommitBook()
         self._limits = ImageLimits.from_settings(settings)
         self._request_codec = avro_codec(settings, "ImageRequest")
         self._result_codec = avro_codec(settings, "DetectionResult")
@@ -161,23 +154,14 @@ class Worker:
             settings.topic_dlq,
             message_limits(settings).max_message_bytes,
         )
-        self._recovery = BatchRecovery(
-            self._run_pipeline,
-            RetryPolicy.from_settings(settings),
-            self._stop.wait,
-            on_retry=self.metrics.retries.inc,
-            on_quarantine=self.metrics.quarantined.labels("error").inc,
-        )
+        self._policy = RetryPolicy.from_settings(settings)
         path = journal_path(settings.state_dir, settings.consumer_group, self.identity, index)
         self.journal = CrashJournal(path, settings.crash_limit)
+        self._routes = ReplyRoutes(settings.topic_replies)
+        self._lag = LagReporter(self.metrics)
         self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
-        self._reply_count: int | None = None
-        self._reply_checked = -REPLY_METADATA_REFRESH_S
-        self._last_lag = 0.0
+        self._txns: Transactions | None = None
         self._last_rebuild = -REBUILD_INTERVAL_S
-        self._trace: BatchTrace = BatchTrace()  # the batch in hand's spans
-        self._stages: StageLog | None = None
 
     # --- identity and lifecycle -------------------------------------------------------
     def stop(self) -> None:
@@ -204,31 +188,25 @@ class Worker:
 
     def run(self) -> None:
         """Consume until stopped. Raises on a model, broker or delivery failure."""
-        if self._pipeline is None:
-            self._pipeline, facts = load_pipeline(self.settings)
-            self._owns_pipeline = True
-            self.metrics.set_model(facts)
-        elif not self.metrics.model_loaded:
-            self.metrics.set_model({"name": "injected"})
+        self._load_model()
         if self.journal.recover():
             self.metrics.quarantined.labels("crash")  # make the series visible
-        producer = Producer(self._producer_config())
-        self._producer = producer
+        producer = Producer(
+            worker_producer_config(
+                self.settings,
+                self.index,
+                transactional_id=self.transactional_id if self.exactly_once else None,
+            )
+        )
+        self._routes.producer = producer
         consumer = self._subscribe()
         try:
             if self.exactly_once:
-                producer.init_transactions(TXN_TIMEOUT_S)
-            logger.info(
-                "worker started worker=%d group=%s instance=%s topic=%s guarantee=%s "
-                "max_batch=%d max_wait_ms=%d",
-                self.index,
-                self.settings.consumer_group,
-                self.group_instance_id or "-",
-                self.settings.topic_images,
-                self.settings.processing_guarantee,
-                self.settings.max_batch,
-                self.settings.max_wait_ms,
-            )
+                self._txns = Transactions(
+                    producer, on_given_back=self.metrics.transactions_aborted.inc
+                )
+                self._txns.init()
+            self._log_start()
             while True:
                 try:
                     self._loop(consumer, producer)
@@ -240,8 +218,37 @@ class Worker:
             self.journal.clear()  # leaving on our own: nothing in hand killed us
             self._close(consumer, producer)
 
+    def _load_model(self) -> None:
+        if self._pipeline is None:
+            self._pipeline, facts = load_pipeline(self.settings)
+            self._owns_pipeline = True
+            self.metrics.set_model(facts)
+        elif not self.metrics.model_loaded:
+            self.metrics.set_model({"name": "injected"})
+
+    def _log_start(self) -> None:
+        logger.info(
+            "worker started worker=%d group=%s instance=%s topic=%s guarantee=%s "
+            "max_batch=%d max_wait_ms=%d",
+            self.index,
+            self.settings.consumer_group,
+            self.group_instance_id or "-",
+            self.settings.topic_images,
+            self.settings.processing_guarantee,
+            self.settings.max_batch,
+            self.settings.max_wait_ms,
+        )
+
     def _subscribe(self) -> Consumer:
-        consumer = Consumer(self._consumer_config())
+        consumer = Consumer(
+            worker_consumer_config(
+                self.settings,
+                self.index,
+                group_instance_id=self.group_instance_id,
+                on_commit=self._on_commit,
+                exactly_once=self.exactly_once,
+            )
+        )
         consumer.subscribe(
             [self.settings.topic_images],
             on_assign=self._on_assign,
@@ -271,22 +278,34 @@ class Worker:
             consumer.close()
         except (KafkaException, RuntimeError) as close_exc:
             logger.info("closing the failed consumer error=%s", close_exc)
-        self._forget([TopicPartition(t, p) for t, p in list(self._assigned)])
+        self._forget(list(self.ownership.assigned))
         return self._subscribe()
 
     def _loop(self, consumer: Consumer, producer: Producer) -> None:
         while not self._stop.is_set():
-            msgs = self._fetch(consumer)
-            if msgs:
+            batch = self._fetch(consumer)
+            if batch is not None:
                 try:
-                    self.process_batch(msgs, consumer, producer)
+                    self.process_batch(batch, consumer, producer)
                 except Stopping:
                     logger.info("stopped during a retry; the batch stays uncommitted")
                     return
-            self._maybe_update_lag(consumer)
+            self._lag.maybe_update(consumer, self.ownership.assigned)
+
+    def _close(self, consumer: Consumer, producer: Producer) -> None:
+        remaining = producer.flush(self.settings.shutdown_timeout_s / 2)
+        if remaining:
+            logger.warning("unflushed records at close count=%d", remaining)
+        consumer.close()  # leaves the group (a static member does not: it is expected back)
+        self._consumer = None
+        self._routes.producer = None
+        if self._owns_pipeline and self._pipeline is not None:
+            self._pipeline.close()
+        self.metrics.set_assigned(0)
+        logger.info("worker stopped worker=%d", self.index)
 
     # --- fetching ---------------------------------------------------------------------
-    def _fetch(self, consumer: Consumer) -> list[Message]:
+    def _fetch(self, consumer: Consumer) -> Batch | None:
         """One micro-batch, without idle wait, of messages of partitions still owned.
 
         1. wait (up to IDLE_POLL_S) for a first message;
@@ -302,102 +321,79 @@ class Worker:
             wait_s = self.settings.max_wait_ms / 1000.0
             if more and len(got) < max_batch and wait_s > 0:
                 got += self._consume(consumer, max_batch - len(got), wait_s)
-        return self._owned(consumer, got)
+        msgs = self._owned(consumer, got)
+        if not msgs:
+            return None
+        return Batch(msgs, stamp_epochs(msgs, self.ownership.epoch))
 
     def _consume(self, consumer: Consumer, count: int, timeout_s: float) -> list[Fetched]:
-        msgs = consumer.consume(num_messages=count, timeout=timeout_s)
         # after consume(): its rebalance callbacks have run, so this is the epoch they left
-        return [Fetched(m, self._epochs.get(_key(m), 0)) for m in msgs]
+        return self.ownership.stamp(consumer.consume(num_messages=count, timeout=timeout_s))
 
     def _owned(self, consumer: Consumer, fetched: list[Fetched]) -> list[Message]:
         """Drop messages whose partition was revoked (or revoked and re-assigned) after
         ``consume()`` returned them: the partition's current owner reads them again."""
-        keep, dropped = split_owned(fetched, self._assigned, self._epochs)
+        keep, dropped = self.ownership.split(fetched)
         if dropped:
-            self.metrics.dropped_revoked.inc(sum(len(v) for v in dropped.values()))
+            count = sum(len(v) for v in dropped.values())
+            self.metrics.dropped_revoked.inc(count)
             logger.info(
                 "dropped messages of partitions revoked during the fetch worker=%d count=%d",
                 self.index,
-                sum(len(v) for v in dropped.values()),
+                count,
             )
-            self._reseek(consumer, dropped, keep)
+            reseek(consumer, self.ownership.reseek_targets(dropped, keep))
         return keep
 
-    def _reseek(
-        self, consumer: Consumer, dropped: dict[Key, list[int]], keep: list[Message]
-    ) -> None:
-        """A partition revoked and re-assigned during the fetch resumes from its committed
-        offset; should its position already be past a dropped message, seek back to it."""
-        kept = {(m.topic(), m.partition()) for m in keep}
-        for key, offsets in dropped.items():
-            if key not in self._assigned or key in kept:
-                continue
-            first = min(offsets)
-            try:
-                (pos,) = consumer.position([TopicPartition(key[0], key[1])])
-                if pos.offset != OFFSET_INVALID and pos.offset > first:
-                    consumer.seek(TopicPartition(key[0], key[1], first))
-                    logger.info("re-seek partition=%s[%d] offset=%d", key[0], key[1], first)
-            except KafkaException as exc:
-                logger.warning("re-seek failed partition=%s[%d] error=%s", *key, exc)
-
-    def _close(self, consumer: Consumer, producer: Producer) -> None:
-        remaining = producer.flush(self.settings.shutdown_timeout_s / 2)
-        if remaining:
-            logger.warning("unflushed records at close count=%d", remaining)
-        consumer.close()  # leaves the group (a static member does not: it is expected back)
-        self._consumer = self._producer = None
-        if self._owns_pipeline and self._pipeline is not None:
-            self._pipeline.close()
-        self.metrics.set_assigned(0)
-        logger.info("worker stopped worker=%d", self.index)
-
     # --- one batch --------------------------------------------------------------------
-    def process_batch(
-        self,
-        msgs: Sequence[Message],
-        consumer: Consumer,
-        producer: Producer,
-        *,
-        suspect: bool = False,
-    ) -> None:
-        """Results for ``msgs``, delivered, then their offsets committed. ``suspect``: one
-        message of a batch the worker died on; its commit is waited for, since the next
-        message may kill the worker again (and an unfinished commit would re-deliver this
-        one)."""
-        ids = [message_id(m) for m in msgs if m.error() is None]
+    def process_batch(self, batch: Batch, consumer: Consumer, producer: Producer) -> bool:
+        """Results for the batch, delivered, then its offsets committed. False when the
+        batch was given back (an aborted transaction: its partitions were rewound)."""
+        ids = batch.ids
         plan = self.journal.plan(ids)
-        if plan.one_at_a_time and len(msgs) > 1:
+        if plan.one_at_a_time and len(batch.msgs) > 1:
             logger.warning(
                 "running a batch one message at a time: the worker died on it before "
                 "worker=%d messages=%d",
                 self.index,
-                len(msgs),
+                len(batch.msgs),
             )
-            for msg in msgs:
-                self.process_batch([msg], consumer, producer, suspect=True)
-            return
-        self.journal.note(ids, self._unconfirmed)
-        items = self._parse(msgs)
-        if not items:
+            one_at_a_time(batch.msgs, lambda m: self._process_alone(m, batch, consumer, producer))
+            return True
+        self.journal.note(ids, self.book.unconfirmed)
+        batch.items = self._parse(batch.msgs)
+        if not batch.items:
             self.journal.done(ids)
-            return
-        self.metrics.batch_size.observe(len(items))
-        with tracing().batch(items, self.settings.consumer_group) as trace:
-            self._trace = trace
-            results = self._results(items, plan.doomed, trace.stages)
+            return True
+        self.metrics.batch_size.observe(len(batch.items))
+        with tracing().batch(batch.items, self.settings.consumer_group) as trace:
+            batch.trace = trace
+            batch.results = self._results(batch.items, plan.doomed, trace.stages)
             started = time.perf_counter()
-            if self.exactly_once:
-                if not self._deliver_transaction(items, results, consumer, producer):
-                    self.journal.done(ids)  # given back (rewound), not a death
-                    return
-            else:
-                self._deliver(items, results, producer)
-                self._commit_batch(items, consumer, wait=suspect)
+            if not self._deliver_and_commit(batch, consumer, producer):
+                self.journal.done(ids)  # given back (rewound), not a death
+                return False
         self.journal.done(ids)
-        self.metrics.observe_produce(time.perf_counter() - started, len(items))
-        for result in results:
+        self.metrics.observe_produce(time.perf_counter() - started, len(batch.items))
+        for result in batch.results:
             self.metrics.observe_result(result)
+        return True
+
+    def _process_alone(
+        self, msg: Message, batch: Batch, consumer: Consumer, producer: Producer
+    ) -> bool:
+        """One message of a batch the worker died on; its commit is waited for, since the
+        next message may kill the worker again (and an unfinished commit would re-deliver
+        this one)."""
+        alone = Batch([msg], dict(batch.epochs), suspect=True)
+        return self.process_batch(alone, consumer, producer)
+
+    def _deliver_and_commit(self, batch: Batch, consumer: Consumer, producer: Producer) -> bool:
+        if self.exactly_once:
+            return self._deliver_transaction(batch, consumer)
+        self._deliver(batch, producer)
+        self._commit_batch(batch, consumer)
+        return True
 
     def _parse(self, msgs: Sequence[Message]) -> list[Intake]:
         """Parse the batch; while the Schema Registry is away (not the messages' fault),
@@ -409,7 +405,7 @@ class Worker:
             except RegistryError as exc:
                 if attempt == REGISTRY_TRIES:
                     raise
-                delay = self._recovery.policy.delay_s(attempt)
+                delay = self._policy.delay_s(attempt)
                 logger.warning(
                     "schema registry unavailable, retrying attempt=%d backoff_s=%.2f error=%s",
                     attempt,
@@ -434,7 +430,7 @@ class Worker:
                     self._request_codec,
                     self._limits,
                     default_replies_topic=self.settings.topic_replies,
-                    reply_partitions=self._reply_partitions,
+                    reply_partitions=self._routes.partitions,
                 )
             )
         return items
@@ -457,8 +453,14 @@ class Worker:
             if item.job is not None and (item.topic, item.partition, item.offset) in doomed:
                 self._doom(item)
         jobs = [item.job for item in items if item.job is not None]
-        self._stages = stages
-        ran = iter(self._recovery.run(jobs))  # ModelError, Stopping propagate
+        recovery = BatchRecovery(
+            functools.partial(self._run_pipeline, stages=stages),
+            self._policy,
+            self._stop.wait,
+            on_retry=self.metrics.retries.inc,
+            on_quarantine=self.metrics.quarantined.labels("error").inc,
+        )
+        ran = iter(recovery.run(jobs))  # ModelError, Stopping propagate
         results: list[dict[str, Any]] = []
         for item in items:
             if item.error is not None:
@@ -481,10 +483,10 @@ class Worker:
         self.metrics.quarantined.labels("crash").inc()
         logger.error("quarantined request_id=%s %s reason=crash", item.request_id, item.where)
 
-    def _run_pipeline(self, jobs: Sequence[Any]) -> list[dict[str, Any]]:
+    def _run_pipeline(self, jobs: Sequence[Any], stages: StageLog | None) -> list[dict[str, Any]]:
         assert self._pipeline is not None
         with self.watchdog.guard():
-            return self._pipeline.run(jobs, self._stages)
+            return self._pipeline.run(jobs, stages)
 
     @staticmethod
     def _expired(item: Intake) -> dict[str, Any]:
@@ -495,31 +497,27 @@ class Worker:
         )
 
     # --- output records -----------------------------------------------------------------
-    def _records(
-        self,
-        items: list[Intake],
-        results: list[dict[str, Any]],
-        dlq_caps: dict[int, int] | None = None,
-    ) -> list[OutRecord]:
-        records: list[OutRecord] = []
-        caps = dlq_caps or {}
-        trace = self._trace
-        for i, (item, result) in enumerate(zip(items, results, strict=True)):
-            headers = functools.partial(trace.headers, item, result)
-            records.extend(
-                result_records(
-                    item, result, self._result_codec, self._out, i, trace_headers=headers
-                )
-            )
-            if result.get("status") == names.STATUS_ERROR:
-                error = result.get("error") or {}
-                code, message = str(error.get("code", "")), str(error.get("message", ""))
-                dlq = dlq_record(item, code, message, self._out, i, max_bytes=caps.get(i))
-                records.append(dlq)
-        return records
+    def _records(self, batch: Batch) -> list[OutRecord]:
+        return batch_records(
+            batch.items,
+            batch.results,
+            self._result_codec,
+            self._out,
+            trace_headers=batch.trace.headers,
+            dlq_caps=batch.dlq_caps,
+        )
 
-    def _log_outcomes(self, items: list[Intake], results: list[dict[str, Any]]) -> None:
-        for item, result in zip(items, results, strict=True):
+    def _absorb(self, batch: Batch, tracker: DeliveryTracker) -> None:
+        absorb(
+            batch.items,
+            batch.results,
+            tracker.failures,
+            batch.dlq_caps,
+            on_truncated=self.metrics.dlq_truncated.inc,
+        )
+
+    def _log_outcomes(self, batch: Batch) -> None:
+        for item, result in zip(batch.items, batch.results, strict=True):
             status = result.get("status")
             if status == names.STATUS_ERROR:
                 error = result.get("error") or {}
@@ -537,221 +535,73 @@ class Worker:
                     "expired request_id=%s %s", item.request_id, item.where, extra=_ids(item)
                 )
 
-    def _absorb(
-        self,
-        items: list[Intake],
-        results: list[dict[str, Any]],
-        failures: list[Failure],
-        dlq_caps: dict[int, int],
-    ) -> None:
-        """Turn records the broker refused for good into what can be delivered: an
-        ``ERROR`` result (and DLQ copy) for an image whose result is refused, a shorter
-        DLQ copy, no reply for a refused reply route. Raises for anything transient."""
-        raise_unrecoverable(failures)
-        for failure in failures:
-            rec, i = failure.record, failure.record.item
-            item = items[i]
-            if rec.kind == "dlq":
-                size = len(rec.value or b"")
-                dlq_caps[i] = DLQ_FALLBACK_BYTES if size > DLQ_FALLBACK_BYTES else 0
-                self.metrics.dlq_truncated.inc()
-                logger.warning(
-                    "DLQ copy refused, truncating request_id=%s size=%d cap=%d error=%s",
-                    item.request_id,
-                    rec.size(),
-                    dlq_caps[i],
-                    failure.error.str(),
-                )
-            elif rec.kind == "reply":
-                logger.warning(
-                    "reply refused, none sent request_id=%s error=%s",
-                    item.request_id,
-                    failure.error.str(),
-                )
-                item.reply_topic = None
-            else:
-                error = UndeliverableError(
-                    f"the broker refused this image's result: {failure.error.str()}",
-                    request_id=item.request_id,
-                )
-                results[i] = error_record(item.request_id, item.source, error)
-
-    # --- delivery and offsets ---------------------------------------------------------
-    def _deliver(
-        self, items: list[Intake], results: list[dict[str, Any]], producer: Producer
-    ) -> None:
+    # --- at-least-once: delivery and offsets --------------------------------------------
+    def _deliver(self, batch: Batch, producer: Producer) -> None:
         """Produce and wait; records refused for good are rebuilt and sent once more."""
-        caps: dict[int, int] = {}
         delivered: set[tuple[int, str]] = set()
         for _round in range(DELIVERY_ROUNDS):
-            records = [
-                r for r in self._records(items, results, caps) if (r.item, r.kind) not in delivered
-            ]
+            records = [r for r in self._records(batch) if (r.item, r.kind) not in delivered]
             tracker = DeliveryTracker()
             produce_all(producer, records, tracker)
             wait_delivered(producer, tracker, DELIVERY_TIMEOUT_S)
             failed = {(f.record.item, f.record.kind) for f in tracker.failures}
             delivered |= {(r.item, r.kind) for r in records} - failed
             if not tracker.failures:
-                self._log_outcomes(items, results)
+                self._log_outcomes(batch)
                 return
-            self._absorb(items, results, tracker.failures, caps)
+            self._absorb(batch, tracker)
         raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} rounds")
 
-    def _commit_batch(self, items: list[Intake], consumer: Consumer, wait: bool = False) -> None:
-        """Store the batch's offsets and commit them at once, asynchronously unless
-        ``wait``: a kill then re-delivers about the batch in hand (not 5 s of auto-commit
-        interval), and a broker outage never blocks the worker in a commit (the next
-        commit, or the one on revoke or at close, covers a failed one)."""
-        nxt = next_offsets(items)
-        offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
+    def _commit_batch(self, batch: Batch, consumer: Consumer) -> None:
+        """Store the batch's offsets and commit them at once, asynchronously unless the
+        batch is a suspect's: a kill then re-delivers about the batch in hand (not 5 s of
+        auto-commit interval), and a broker outage never blocks the worker in a commit
+        (the next commit, or the one on revoke or at close, covers a failed one)."""
+        nxt = next_offsets(batch.items)
+        offsets = as_partitions(nxt)
         try:
             consumer.store_offsets(offsets=offsets)
-            if wait:
+            if batch.suspect:
                 consumer.commit(offsets=offsets, asynchronous=False)
             else:
                 consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # e.g. the partition was lost meanwhile
             logger.warning("storing or committing offsets failed error=%s", exc)
             return
-        self._stored.update(nxt)
-        if wait:
-            self._confirmed(offsets)
-        else:
-            self._unconfirmed.update(nxt)  # noted with the next batch until confirmed
+        self.book.committed(nxt, confirmed=batch.suspect)
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             self.metrics.commit_failures.inc()
             logger.warning("commit failed (the next commit covers it) error=%s", err.str())
             return
-        self._confirmed([tp for tp in partitions if tp.error is None])
-
-    def _confirmed(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            key = (tp.topic, tp.partition)
-            if key in self._unconfirmed and tp.offset >= self._unconfirmed[key]:
-                del self._unconfirmed[key]
+        self.book.confirm(
+            ((tp.topic, tp.partition), tp.offset) for tp in partitions if tp.error is None
+        )
 
     def _resume_delivered(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions a dead predecessor (this identity) had delivered results for, with the
         commit still in flight when it died: commit those offsets now, never backwards, so
         the finished batch is not run and published a second time."""
-        ahead = self.journal.take_delivered((tp.topic, tp.partition) for tp in partitions)
+        ahead = self.journal.take_delivered(keys_of(partitions))
         if not ahead or self.exactly_once:
             return
         try:
-            committed = consumer.committed(
-                [TopicPartition(t, p) for t, p in ahead], timeout=COMMITTED_TIMEOUT_S
-            )
-            moves = [
-                TopicPartition(tp.topic, tp.partition, ahead[(tp.topic, tp.partition)])
-                for tp in committed
-                if tp.error is None and tp.offset < ahead[(tp.topic, tp.partition)]
-            ]
+            moves = resume_moves(ahead, committed_offsets(consumer, ahead, COMMITTED_TIMEOUT_S))
             if not moves:
                 return
-            consumer.commit(offsets=moves, asynchronous=False)
+            consumer.commit(offsets=as_partitions(moves), asynchronous=False)
         except KafkaException as exc:  # the batch is re-delivered: a duplicate, not a loss
             logger.warning("committing the predecessor's delivered offsets failed error=%s", exc)
             return
         logger.info(
             "committed what the previous worker delivered before it died worker=%d offsets=%s",
             self.index,
-            ",".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in moves),
+            ",".join(f"{t}[{p}]@{o}" for (t, p), o in moves.items()),
         )
 
-    def _deliver_transaction(
-        self,
-        items: list[Intake],
-        results: list[dict[str, Any]],
-        consumer: Consumer,
-        producer: Producer,
-    ) -> bool:
-        """Records and offsets in one transaction. False when the transaction had to be
-        aborted for a reason that is nobody's fault (a rebalance moved the group on): the
-        consumer is rewound to the batch and whoever owns its partitions next redoes it."""
-        caps: dict[int, int] = {}
-        offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets(items).items()]
-        for _round in range(DELIVERY_ROUNDS):
-            tracker = DeliveryTracker()
-            records = self._records(items, results, caps)
-            if not self._transaction(records, offsets, tracker, consumer):
-                self._rewind(items, consumer)
-                return False
-            if not tracker.failures:
-                self._log_outcomes(items, results)
-                return True
-            self._absorb(items, results, tracker.failures, caps)
-        raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} transactions")
-
-    def _transaction(
-        self,
-        records: list[OutRecord],
-        offsets: list[TopicPartition],
-        tracker: DeliveryTracker,
-        consumer: Consumer,
-    ) -> bool:
-        """One transaction: records + offsets. True when committed, or aborted because
-        records were refused for good (``tracker.failures`` says which); False when it
-        was aborted because the group moved on; raises for anything else."""
-        producer = self._producer
-        assert producer is not None
-        producer.begin_transaction()
-        try:
-            produce_all(producer, records, tracker)
-            wait_delivered(producer, tracker, DELIVERY_TIMEOUT_S)
-            if tracker.failures:
-                raise_unrecoverable(tracker.failures)
-                producer.abort_transaction(TXN_TIMEOUT_S)
-                return True
-            producer.send_offsets_to_transaction(
-                offsets, consumer.consumer_group_metadata(), TXN_TIMEOUT_S
-            )
-            _commit_transaction(producer)
-            return True
-        except KafkaException as exc:
-            err = exc.args[0]
-            abortable = not err.fatal() and (err.txn_requires_abort() or err.retriable())
-            self._abort(producer, err)
-            if abortable:
-                self.metrics.transactions_aborted.inc()
-                logger.warning(
-                    "transaction aborted, batch given back error=%s (a rebalance moved the "
-                    "group on: the partitions' owner redoes it)",
-                    err.str(),
-                )
-                return False
-            raise DeliveryError(f"transaction of {len(records)} record(s) failed: {exc}") from exc
-        except DeliveryError as exc:
-            self._abort(producer, exc)
-            raise
-
-    @staticmethod
-    def _abort(producer: Producer, reason: object) -> None:
-        logger.warning("aborting transaction reason=%s", reason)
-        try:
-            producer.abort_transaction(TXN_TIMEOUT_S)
-        except KafkaException as abort_exc:
-            logger.error("abort_transaction failed error=%s", abort_exc)
-
-    def _rewind(self, items: list[Intake], consumer: Consumer) -> None:
-        """Seek the batch's partitions back to its first offsets (what the last committed
-        transaction left), so no message of an aborted transaction is skipped."""
-        first: dict[Key, int] = {}
-        for item in items:
-            key = (item.topic, item.partition)
-            first[key] = min(first.get(key, item.offset), item.offset)
-        for (topic, partition), offset in first.items():
-            if (topic, partition) not in self._assigned:
-                continue
-            try:
-                consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as exc:  # revoked meanwhile: the new owner starts there
-                logger.info("rewind skipped partition=%s[%d] error=%s", topic, partition, exc)
-
     def _final_commit(self, consumer: Consumer) -> None:
-        if self.exactly_once or not self._stored:
+        if self.exactly_once or not self.book.stored:
             return
         try:
             consumer.commit(asynchronous=False)
@@ -759,175 +609,63 @@ class Worker:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 logger.warning("final commit failed error=%s", exc)
 
-    # --- reply routes -----------------------------------------------------------------
-    def _reply_partitions(self, asked: int) -> int:
-        """Partitions of the replies topic, from metadata; refreshed (at most every
-        REPLY_METADATA_REFRESH_S) when a request names one beyond the known count."""
-        now = time.monotonic()
-        stale = self._reply_count is None or asked >= self._reply_count
-        if stale and now - self._reply_checked >= REPLY_METADATA_REFRESH_S:
-            self._reply_checked = now
-            self._refresh_reply_partitions()
-        if self._reply_count is None:  # metadata unknown (broker away): let produce decide
-            return asked + 1
-        return self._reply_count
-
-    def _refresh_reply_partitions(self) -> None:
-        topic = self.settings.topic_replies
-        producer = self._producer
-        if producer is None:
-            return
-        try:
-            meta = producer.list_topics(topic, timeout=5).topics.get(topic)
-        except KafkaException as exc:
-            logger.warning("replies topic metadata unavailable topic=%s error=%s", topic, exc)
-            return
-        if meta is None or meta.error is not None:
-            self._reply_count = 0
-            logger.warning("replies topic missing topic=%s error=%s", topic, meta and meta.error)
-            return
-        self._reply_count = len(meta.partitions)
+    # --- exactly-once -------------------------------------------------------------------
+    def _deliver_transaction(self, batch: Batch, consumer: Consumer) -> bool:
+        """Records and offsets in one transaction. False when the transaction had to be
+        aborted for a reason that is nobody's fault (a rebalance moved the group on): the
+        consumer is rewound to the batch and whoever owns its partitions next redoes it."""
+        txns = self._txns
+        assert txns is not None
+        offsets = as_partitions(next_offsets(batch.items))
+        for _round in range(DELIVERY_ROUNDS):
+            tracker = DeliveryTracker()
+            outcome = txns.run(
+                self._records(batch), offsets, tracker, consumer.consumer_group_metadata()
+            )
+            if outcome is Outcome.GIVEN_BACK:
+                where = (((i.topic, i.partition), i.offset) for i in batch.items)
+                rewind(consumer, first_offsets(where), self.ownership.assigned)
+                return False
+            if outcome is Outcome.COMMITTED:
+                self._log_outcomes(batch)
+                return True
+            self._absorb(batch, tracker)
+        raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} transactions")
 
     # --- rebalance callbacks ----------------------------------------------------------
-    def _bump(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            key = (tp.topic, tp.partition)
-            self._epochs[key] = self._epochs.get(key, 0) + 1
-
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._bump(partitions)
-        self._assigned.update((tp.topic, tp.partition) for tp in partitions)
-        self.metrics.set_assigned(len(self._assigned))
-        logger.info("partitions assigned worker=%d partitions=%s", self.index, _fmt(partitions))
+        self.ownership.assign(keys_of(partitions))
+        self.metrics.set_assigned(len(self.ownership.assigned))
+        logger.info("partitions assigned worker=%d partitions=%s", self.index, fmt(partitions))
         self._resume_delivered(consumer, partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        logger.info("partitions revoked worker=%d partitions=%s", self.index, _fmt(partitions))
+        logger.info("partitions revoked worker=%d partitions=%s", self.index, fmt(partitions))
         self._commit_revoked(consumer, partitions)
-        self._forget(partitions)
+        self._forget(keys_of(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        logger.warning("partitions lost worker=%d partitions=%s", self.index, _fmt(partitions))
-        self._forget(partitions)
+        logger.warning("partitions lost worker=%d partitions=%s", self.index, fmt(partitions))
+        self._forget(keys_of(partitions))
 
     def _commit_revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what was stored for the partitions leaving us, before the next owner starts."""
         if self.exactly_once:
             return
-        offsets = [
-            TopicPartition(tp.topic, tp.partition, self._stored[(tp.topic, tp.partition)])
-            for tp in partitions
-            if (tp.topic, tp.partition) in self._stored
-        ]
+        offsets = self.book.for_revoke(keys_of(partitions))
         if not offsets:
             return
         try:
-            consumer.commit(offsets=offsets, asynchronous=False)
+            consumer.commit(offsets=as_partitions(offsets), asynchronous=False)
         except KafkaException as exc:
             logger.warning("commit on revoke failed error=%s", exc)
 
-    def _forget(self, partitions: list[TopicPartition]) -> None:
-        self._bump(partitions)
-        for tp in partitions:
-            self._assigned.discard((tp.topic, tp.partition))
-            self._stored.pop((tp.topic, tp.partition), None)
-            self._unconfirmed.pop((tp.topic, tp.partition), None)
-            self.metrics.drop_lag(tp.topic, tp.partition)
-        self.metrics.set_assigned(len(self._assigned))
-
-    # --- lag --------------------------------------------------------------------------
-    def _maybe_update_lag(self, consumer: Consumer) -> None:
-        now = time.monotonic()
-        if now - self._last_lag < LAG_INTERVAL_S or not self._assigned:
-            return
-        self._last_lag = now
-        try:
-            positions = consumer.position([TopicPartition(t, p) for t, p in self._assigned])
-        except KafkaException as exc:
-            logger.debug("lag update skipped error=%s", exc)
-            return
-        for tp in positions:
-            try:
-                _low, high = consumer.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                continue
-            if tp.offset >= 0 and high >= 0:
-                self.metrics.set_lag(tp.topic, tp.partition, high - tp.offset)
-
-    # --- client configs ---------------------------------------------------------------
-    def _consumer_config(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {
-            "partition.assignment.strategy": "cooperative-sticky",
-            "on_commit": self._on_commit,
-        }
-        if self.group_instance_id:
-            extra["group.instance.id"] = self.group_instance_id
-        # Offsets are committed by the worker: per batch, on revoke and at close. No auto
-        # commit: librdkafka's revoke-time auto commit after a session timeout goes out with
-        # a reset member id, which fences a static member for good (librdkafka PR #5585).
-        extra["enable.auto.commit"] = False
-        if self.exactly_once:
-            extra["isolation.level"] = "read_committed"
-        return consumer_config(
-            self.settings, self.settings.consumer_group, role=f"worker-{self.index}", **extra
-        )
-
-    def _producer_config(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if self.exactly_once:
-            extra["transactional.id"] = self.transactional_id
-        return producer_config(self.settings, role=f"worker-{self.index}", **extra)
-
-
-def _key(msg: Message) -> Key:
-    return (msg.topic() or "", msg.partition() or 0)
-
-
-def message_id(msg: Message) -> MessageId:
-    return (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
-
-
-def split_owned(
-    fetched: Sequence[Fetched], assigned: set[Key], epochs: dict[Key, int]
-) -> tuple[list[Message], dict[Key, list[int]]]:
-    """Messages still owned (partition assigned, same assignment epoch as when they were
-    returned) and, per partition, the offsets of those that are not. Error events (no
-    partition of ours) are kept for the caller to log."""
-    keep: list[Message] = []
-    dropped: dict[Key, list[int]] = {}
-    for f in fetched:
-        if f.msg.error() is not None:
-            keep.append(f.msg)
-            continue
-        key = _key(f.msg)
-        if key in assigned and epochs.get(key, 0) == f.epoch:
-            keep.append(f.msg)
-        else:
-            dropped.setdefault(key, []).append(f.msg.offset() or 0)
-    return keep, dropped
-
-
-def next_offsets(items: Sequence[Intake]) -> dict[Key, int]:
-    """Per partition, the offset to commit after this batch: the highest seen + 1."""
-    nxt: dict[Key, int] = {}
-    for item in items:
-        key = (item.topic, item.partition)
-        nxt[key] = max(nxt.get(key, 0), item.offset + 1)
-    return nxt
-
-
-def _commit_transaction(producer: Producer) -> None:
-    """``commit_transaction`` with the retries the confluent EOS example does."""
-    for attempt in range(1, TXN_COMMIT_TRIES + 1):
-        try:
-            producer.commit_transaction(TXN_TIMEOUT_S)
-            return
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.retriable() and attempt < TXN_COMMIT_TRIES:
-                logger.warning("commit_transaction retry attempt=%d error=%s", attempt, err)
-                continue
-            raise
+    def _forget(self, keys: list[tuple[str, int]]) -> None:
+        self.ownership.release(keys)
+        self.book.forget(keys)
+        for topic, partition in keys:
+            self.metrics.drop_lag(topic, partition)
+        self.metrics.set_assigned(len(self.ownership.assigned))
 
 
 def _ids(item: Intake) -> dict[str, str | None]:
@@ -936,7 +674,3 @@ def _ids(item: Intake) -> dict[str, str | None]:
         "request_id": item.request_id,
         "trace_id": trace_id_of(header_traceparent(item.headers)),
     }
-
-
-def _fmt(partitions: list[TopicPartition]) -> str:
-    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "-"

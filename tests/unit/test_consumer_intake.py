@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
+from consumer.commits import next_offsets
 from consumer.intake import Intake, looks_like_image, parse_message
-from consumer.worker import next_offsets
 from core.runtime.telemetry import trace_headers
 from core.vision.images import ImageLimits
 from schemas import names

@@ -1,0 +1,83 @@
+"""At-least-once offsets: what to commit, when, and what a dead predecessor left to commit.
+
+The worker commits a batch's offsets once every record of the batch is acknowledged,
+asynchronously (one OffsetCommit per batch, never blocking the loop during an outage), so
+a kill re-delivers about the batch in hand. :class:`CommitBook` keeps the offsets stored
+(delivered) per partition and those committed but not yet confirmed by the broker; the
+unconfirmed ones travel in the crash note (:mod:`consumer.journal`), so that a worker
+restarted after a death can commit what its predecessor delivered
+(:func:`resume_moves`) instead of running the finished batch again.
+
+Plain code; :func:`committed_offsets` is the one read from the consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+from confluent_kafka import Consumer, TopicPartition
+
+from consumer.intake import Intake
+from consumer.ownership import Key
+
+logger = logging.getLogger(__name__)
+
+
+def next_offsets(items: Sequence[Intake]) -> dict[Key, int]:
+    """Per partition, the offset to commit after this batch: the highest seen + 1."""
+    nxt: dict[Key, int] = {}
+    for item in items:
+        key = (item.topic, item.partition)
+        nxt[key] = max(nxt.get(key, 0), item.offset + 1)
+    return nxt
+
+
+def as_partitions(offsets: Mapping[Key, int]) -> list[TopicPartition]:
+    return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+
+
+class CommitBook:
+    """Offsets per partition: stored (results delivered) and committed-but-unconfirmed."""
+
+    def __init__(self) -> None:
+        self.stored: dict[Key, int] = {}
+        self.unconfirmed: dict[Key, int] = {}  # committed asynchronously, not yet confirmed
+
+    def committed(self, offsets: Mapping[Key, int], *, confirmed: bool) -> None:
+        """A batch's next offsets were stored and committed (``confirmed``: synchronously)."""
+        self.stored.update(offsets)
+        if confirmed:
+            self.confirm(offsets.items())
+        else:
+            self.unconfirmed.update(offsets)  # noted with the next batch until confirmed
+
+    def confirm(self, offsets: Iterable[tuple[Key, int]]) -> None:
+        """The broker confirmed these commits: what they cover is no longer in doubt."""
+        for key, offset in offsets:
+            if key in self.unconfirmed and offset >= self.unconfirmed[key]:
+                del self.unconfirmed[key]
+
+    def for_revoke(self, keys: Iterable[Key]) -> dict[Key, int]:
+        """What to commit for partitions leaving us, before the next owner starts."""
+        return {key: self.stored[key] for key in keys if key in self.stored}
+
+    def forget(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self.stored.pop(key, None)
+            self.unconfirmed.pop(key, None)
+
+
+# --- resuming what a dead predecessor delivered --------------------------------------------
+def resume_moves(ahead: Mapping[Key, int], committed: Mapping[Key, int]) -> dict[Key, int]:
+    """The predecessor's delivered offsets to commit now: only where they move the group's
+    committed offset forward (never backwards), so a finished batch is not run again."""
+    return {
+        key: offset for key, offset in ahead.items() if key in committed and committed[key] < offset
+    }
+
+
+def committed_offsets(consumer: Consumer, keys: Iterable[Key], timeout_s: float) -> dict[Key, int]:
+    """The group's committed offsets of ``keys`` (partitions whose read failed are left out)."""
+    committed = consumer.committed([TopicPartition(t, p) for t, p in keys], timeout=timeout_s)
+    return {(tp.topic, tp.partition): tp.offset for tp in committed if tp.error is None}
