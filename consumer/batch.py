@@ -48,9 +48,14 @@ def stamp_epochs(msgs: Sequence[Message], epoch: Callable[[Key], int]) -> dict[K
 
 def one_at_a_time(msgs: Sequence[Message], run_one: Callable[[Message], bool]) -> int:
     """Run a batch the worker died on one message at a time; returns how many ran.
-    ``run_one`` returns False when its message was given back (not done)."""
+
+    ``run_one`` returns False when its message was given back (an aborted transaction,
+    its partition rewound): the batch stops there. Going on would commit later offsets
+    past the given-back message (and, when it is read again, move the offset backwards,
+    publishing the later ones twice)."""
     ran = 0
     for msg in msgs:
-        run_one(msg)
         ran += 1
+        if not run_one(msg):
+            break
     return ran

@@ -71,7 +71,15 @@ from consumer.outputs import (
     produce_all,
     wait_delivered,
 )
-from consumer.ownership import Fetched, Ownership, fmt, keys_of, reseek, split_owned
+from consumer.ownership import (
+    Fetched,
+    Ownership,
+    fmt,
+    keys_of,
+    message_key,
+    reseek,
+    split_owned,
+)
 from consumer.recovery import BatchRecovery, RetryPolicy, Stopping
 from consumer.routes import ReplyRoutes
 from consumer.transactions import DELIVERY_TIMEOUT_S, Outcome, Transactions, first_offsets, rewind
@@ -358,7 +366,12 @@ class Worker:
                 self.index,
                 len(batch.msgs),
             )
-            one_at_a_time(batch.msgs, lambda m: self._process_alone(m, batch, consumer, producer))
+            ran = one_at_a_time(
+                batch.msgs, lambda m: self._process_alone(m, batch, consumer, producer)
+            )
+            if ran < len(batch.msgs):  # given back: the messages not run are read again
+                self._rewind(batch.msgs[ran:], consumer)
+                return False
             return True
         self.journal.note(ids, self.book.unconfirmed)
         batch.items = self._parse(batch.msgs)
@@ -623,14 +636,17 @@ class Worker:
                 self._records(batch), offsets, tracker, consumer.consumer_group_metadata()
             )
             if outcome is Outcome.GIVEN_BACK:
-                where = (((i.topic, i.partition), i.offset) for i in batch.items)
-                rewind(consumer, first_offsets(where), self.ownership.assigned)
+                self._rewind(batch.msgs, consumer)
                 return False
             if outcome is Outcome.COMMITTED:
                 self._log_outcomes(batch)
                 return True
             self._absorb(batch, tracker)
         raise DeliveryError(f"records still refused after {DELIVERY_ROUNDS} transactions")
+
+    def _rewind(self, msgs: Sequence[Message], consumer: Consumer) -> None:
+        where = ((message_key(m), m.offset() or 0) for m in msgs if m.error() is None)
+        rewind(consumer, first_offsets(where), self.ownership.assigned)
 
     # --- rebalance callbacks ----------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
