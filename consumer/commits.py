@@ -13,12 +13,15 @@ Plain code; :func:`committed_offsets` is the one read from the consumer.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
 from consumer.intake import Intake
+from consumer.journal import DELIVERED_FRESH_S
 from consumer.ownership import Key
 
 logger = logging.getLogger(__name__)
@@ -69,12 +72,39 @@ class CommitBook:
 
 
 # --- resuming what a dead predecessor delivered --------------------------------------------
-def resume_moves(ahead: Mapping[Key, int], committed: Mapping[Key, int]) -> dict[Key, int]:
-    """The predecessor's delivered offsets to commit now: only where they move the group's
-    committed offset forward (never backwards), so a finished batch is not run again."""
+def resume_moves(
+    ahead: Mapping[Key, int],
+    committed: Mapping[Key, int],
+    *,
+    note_age_s: float | None,
+    trust_s: float = DELIVERED_FRESH_S,
+) -> dict[Key, int]:
+    """The predecessor's delivered offsets to commit now that their partitions are back.
+
+    Only where they move the group's committed offset forward (never backwards), so a
+    finished batch is not run again; never where the group has no committed offset
+    (negative: ``OFFSET_INVALID``, the topic re-created or the offsets deleted), since the
+    note's offsets may then name messages never processed; and only while the note is
+    younger than ``trust_s`` *now* (its partitions may come back hours after start-up,
+    after an operator reset the group's offsets). An unknown age is not trusted."""
+    if note_age_s is None or note_age_s > trust_s:
+        return {}
     return {
-        key: offset for key, offset in ahead.items() if key in committed and committed[key] < offset
+        key: offset
+        for key, offset in ahead.items()
+        if key in committed and 0 <= committed[key] < offset
     }
+
+
+def note_written_at(path: Path | None) -> float | None:
+    """When a dead predecessor wrote its note (unix time), read before the journal
+    recovers it, so the note's age can be checked when its offsets are used."""
+    if path is None:
+        return None
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["written"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def committed_offsets(consumer: Consumer, keys: Iterable[Key], timeout_s: float) -> dict[Key, int]:

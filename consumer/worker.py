@@ -55,6 +55,7 @@ from consumer.commits import (
     as_partitions,
     committed_offsets,
     next_offsets,
+    note_written_at,
     resume_moves,
 )
 from consumer.intake import Intake, parse_message
@@ -170,6 +171,7 @@ class Worker:
         self._consumer: Consumer | None = None
         self._txns: Transactions | None = None
         self._last_rebuild = -REBUILD_INTERVAL_S
+        self._note_written: float | None = None  # a dead predecessor's note (unix time)
 
     # --- identity and lifecycle -------------------------------------------------------
     def stop(self) -> None:
@@ -197,6 +199,7 @@ class Worker:
     def run(self) -> None:
         """Consume until stopped. Raises on a model, broker or delivery failure."""
         self._load_model()
+        self._note_written = note_written_at(self.journal.path)
         if self.journal.recover():
             self.metrics.quarantined.labels("crash")  # make the series visible
         producer = Producer(
@@ -600,7 +603,9 @@ class Worker:
         if not ahead or self.exactly_once:
             return
         try:
-            moves = resume_moves(ahead, committed_offsets(consumer, ahead, COMMITTED_TIMEOUT_S))
+            committed = committed_offsets(consumer, ahead, COMMITTED_TIMEOUT_S)
+            age = None if self._note_written is None else time.time() - self._note_written
+            moves = resume_moves(ahead, committed, note_age_s=age)
             if not moves:
                 return
             consumer.commit(offsets=as_partitions(moves), asynchronous=False)
