@@ -31,7 +31,6 @@ class Batch:
     results: list[dict[str, Any]] = field(default_factory=list)
     trace: BatchTrace = field(default_factory=BatchTrace)
     dlq_caps: dict[int, int] = field(default_factory=dict)  # item → DLQ copy size cap
-    reply_errors: dict[int, dict[str, Any]] = field(default_factory=dict)  # item → reply sent
 
     @property
     def ids(self) -> list[MessageId]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
@@ -77,6 +78,9 @@ class Intake:
     reply_partition: int | None = None
     queue_start_ms: int | None = None
     correlation: bytes | None = None  # the correlation_id header as sent, echoed in results
+    # the reply sent instead of the result when the replies topic refused the result
+    # (too large): an ERROR the caller sees rather than a timeout
+    reply_result: dict[str, Any] | None = None
 
     @property
     def result_key(self) -> bytes:

@@ -159,6 +159,8 @@ def result_records(
     if item.reply_topic:
         topics.append((item.reply_topic, item.reply_partition, "reply"))
     values = codec.encode_all(result, [topic for topic, _, _ in topics])  # one Avro encode
+    if item.reply_topic and item.reply_result is not None:
+        values[item.reply_topic] = codec.encode(item.reply_result, item.reply_topic)
     return [
         OutRecord(
             topic,
@@ -265,18 +267,39 @@ def absorb(
                 failure.error.str(),
             )
         elif rec.kind == "reply":
-            logger.warning(
-                "reply refused, none sent request_id=%s error=%s",
-                item.request_id,
-                failure.error.str(),
-            )
-            item.reply_topic = None
+            _refused_reply(item, failure)
         else:
             error = UndeliverableError(
                 f"the broker refused this image's result: {failure.error.str()}",
                 request_id=item.request_id,
             )
             results[i] = error_record(item.request_id, item.source, error)
+
+
+def _refused_reply(item: Intake, failure: Failure) -> None:
+    """A reply the replies topic refused for good (too large for its ``max.message.bytes``)
+    is replaced by a small ``ERROR`` reply, so the caller gets an answer instead of waiting
+    for its timeout; only if that is refused too is no reply sent."""
+    if item.reply_result is not None:
+        logger.warning(
+            "error reply refused too, none sent request_id=%s error=%s",
+            item.request_id,
+            failure.error.str(),
+        )
+        item.reply_topic = None
+        return
+    logger.warning(
+        "reply refused, sending an error reply request_id=%s size=%d error=%s",
+        item.request_id,
+        failure.record.size(),
+        failure.error.str(),
+    )
+    error = UndeliverableError(
+        f"the broker refused this image's reply ({failure.record.size()} bytes): "
+        f"{failure.error.str()}; its result is on the detections topic",
+        request_id=item.request_id,
+    )
+    item.reply_result = error_record(item.request_id, item.source, error)
 
 
 def _truncated_header_bytes() -> int:
