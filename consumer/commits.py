@@ -41,34 +41,102 @@ def as_partitions(offsets: Mapping[Key, int]) -> list[TopicPartition]:
 
 
 class CommitBook:
-    """Offsets per partition: stored (results delivered) and committed-but-unconfirmed."""
+    """Offsets per partition: stored (results delivered) and committed-but-unconfirmed,
+    and how much delivered work the unconfirmed commits leave in doubt.
 
-    def __init__(self) -> None:
+    **Holding back.** While the group waits out a dead member's session, librdkafka
+    answers none of the surviving members' commits (they fail with ILLEGAL_GENERATION
+    or REBALANCE_IN_PROGRESS once the rebalance completes); a worker that kept going
+    would do work that is done again if its partitions then move, or if it dies before
+    the rebalance ends. So once more than ``max_uncommitted`` delivered messages await a
+    confirmed commit, :meth:`holding` says to stop taking new work (the worker pauses its
+    partitions and keeps polling, so callbacks and the rebalance go on) until commits are
+    confirmed again or the partitions move; :meth:`recommit` re-sends what a failed
+    commit left unconfirmed, since no new batch will."""
+
+    def __init__(self, max_uncommitted: int = 0) -> None:
+        self.max_uncommitted = max_uncommitted  # 0: never hold back
         self.stored: dict[Key, int] = {}
         self.unconfirmed: dict[Key, int] = {}  # committed asynchronously, not yet confirmed
+        self.since: dict[Key, int] = {}  # first offset delivered since the last confirmation
+        self.in_flight = 0  # asynchronous commits sent and not yet answered
+        self.waiting_since: float | None = None  # when the oldest of them was sent
+        self.failing = False  # the last answer was a failure
 
-    def committed(self, offsets: Mapping[Key, int], *, confirmed: bool) -> None:
-        """A batch's next offsets were stored and committed (``confirmed``: synchronously)."""
+    def committed(
+        self, offsets: Mapping[Key, int], *, confirmed: bool, first: Mapping[Key, int] | None = None
+    ) -> None:
+        """A batch's next offsets were stored and committed (``confirmed``: synchronously);
+        ``first``: the batch's first offset per partition."""
         self.stored.update(offsets)
         if confirmed:
             self.confirm(offsets.items())
-        else:
-            self.unconfirmed.update(offsets)  # noted with the next batch until confirmed
+            return
+        self.unconfirmed.update(offsets)  # noted with the next batch until confirmed
+        for key, offset in (first or offsets).items():
+            self.since.setdefault(key, offset)
+
+    def sent(self, now: float) -> None:
+        """An asynchronous commit went out."""
+        if self.in_flight == 0:
+            self.waiting_since = now
+        self.in_flight += 1
+
+    def answered(self, ok: bool) -> None:
+        """librdkafka's commit callback: one asynchronous commit answered."""
+        self.in_flight = max(self.in_flight - 1, 0)
+        if self.in_flight == 0:
+            self.waiting_since = None
+        self.failing = not ok
 
     def confirm(self, offsets: Iterable[tuple[Key, int]]) -> None:
         """The broker confirmed these commits: what they cover is no longer in doubt."""
         for key, offset in offsets:
-            if key in self.unconfirmed and offset >= self.unconfirmed[key]:
+            if key not in self.unconfirmed:
+                continue
+            if offset >= self.unconfirmed[key]:
                 del self.unconfirmed[key]
+                self.since.pop(key, None)
+            elif key in self.since:
+                self.since[key] = max(self.since[key], offset)
+
+    def uncommitted(self) -> int:
+        """Delivered messages (offsets) whose commit is not confirmed."""
+        return sum(
+            max(offset - self.since.get(key, offset), 0) for key, offset in self.unconfirmed.items()
+        )
+
+    def holding(self) -> bool:
+        return 0 < self.max_uncommitted < self.uncommitted()
+
+    def stalled(self, now: float, after_s: float) -> bool:
+        """Commits are not being answered (or the last one failed): a synchronous commit
+        now could wait for a rebalance to complete."""
+        waiting = self.waiting_since is not None and now - self.waiting_since > after_s
+        return self.failing or waiting
+
+    def recommit(self) -> dict[Key, int]:
+        """While holding back with no commit in flight: what to commit again."""
+        if not self.holding() or self.in_flight:
+            return {}
+        return self.pending()
+
+    def pending(self) -> dict[Key, int]:
+        """Stored offsets whose commit is not confirmed."""
+        return {key: self.stored.get(key, offset) for key, offset in self.unconfirmed.items()}
 
     def for_revoke(self, keys: Iterable[Key]) -> dict[Key, int]:
-        """What to commit for partitions leaving us, before the next owner starts."""
-        return {key: self.stored[key] for key in keys if key in self.stored}
+        """What to commit for partitions leaving us, before the next owner starts: what was
+        delivered and is not confirmed committed yet."""
+        return {
+            key: self.stored[key] for key in keys if key in self.stored and key in self.unconfirmed
+        }
 
     def forget(self, keys: Iterable[Key]) -> None:
         for key in keys:
             self.stored.pop(key, None)
             self.unconfirmed.pop(key, None)
+            self.since.pop(key, None)
 
 
 # --- resuming what a dead predecessor delivered --------------------------------------------

@@ -41,6 +41,7 @@ class Ownership:
 
     assigned: set[Key] = field(default_factory=set)
     epochs: dict[Key, int] = field(default_factory=dict)
+    paused: set[Key] = field(default_factory=set)  # fetching paused by the worker
 
     def epoch(self, key: Key) -> int:
         return self.epochs.get(key, 0)
@@ -59,6 +60,7 @@ class Ownership:
         for key in keys:
             self._bump(key)
             self.assigned.discard(key)
+            self.paused.discard(key)  # a partition assigned again starts unpaused
 
     def holds(self, key: Key, epoch: int) -> bool:
         """Still assigned under the epoch a batch saw when it was fetched."""

@@ -103,6 +103,12 @@ IDLE_POLL_S = 0.5  # also how quickly an idle worker notices stop()
 DELIVERY_ROUNDS = 3  # first try, then records rebuilt after permanent refusals
 REGISTRY_TRIES = 10
 REBUILD_INTERVAL_S = 60.0
+# At-least-once: fetching pauses once more than this many batches of delivered messages
+# await a confirmed commit (consumer.commits.CommitBook.holding)
+UNCOMMITTED_BATCHES = 2
+COMMIT_STALLED_S = 2.0  # an unanswered commit this old: no synchronous commit on revoke
+FINAL_COMMIT_SHARE = 0.25  # of QRSIGHT_SHUTDOWN_TIMEOUT_S, waiting for the final commit
+CLOSE_SHARE = 0.4  # of QRSIGHT_SHUTDOWN_TIMEOUT_S, waiting for the consumer to leave the group
 COMMITTED_TIMEOUT_S = 10.0  # reading the group's committed offsets on assignment
 
 
@@ -154,7 +160,7 @@ class Worker:
         self._owns_pipeline = False
         self._stop = threading.Event()
         self.ownership = Ownership()
-        self.book = CommitBook()
+        self.book = CommitBook(max_uncommitted=UNCOMMITTED_BATCHES * settings.max_batch)
         self._limits = ImageLimits.from_settings(settings)
         self._request_codec = avro_codec(settings, "ImageRequest")
         self._result_codec = avro_codec(settings, "DetectionResult")
@@ -294,6 +300,8 @@ class Worker:
 
     def _loop(self, consumer: Consumer, producer: Producer) -> None:
         while not self._stop.is_set():
+            if not self.exactly_once:
+                self._hold_back(consumer)
             batch = self._fetch(consumer)
             if batch is not None:
                 try:
@@ -307,13 +315,29 @@ class Worker:
         remaining = producer.flush(self.settings.shutdown_timeout_s / 2)
         if remaining:
             logger.warning("unflushed records at close count=%d", remaining)
-        consumer.close()  # leaves the group (a static member does not: it is expected back)
+        self._close_consumer(consumer)
         self._consumer = None
         self._routes.producer = None
         if self._owns_pipeline and self._pipeline is not None:
             self._pipeline.close()
         self.metrics.set_assigned(0)
         logger.info("worker stopped worker=%d", self.index)
+
+    def _close_consumer(self, consumer: Consumer) -> None:
+        """``close()`` leaves the group (a static member does not: it is expected back).
+        It can wait for the group's rebalance to complete (while the group waits out a
+        dead member, librdkafka finishes neither the pending commits nor the leave), so
+        it runs in a thread of its own, waited for a bounded time: a graceful stop must
+        not depend on a rebalance completing (the group then drops this member when its
+        session times out)."""
+        closer = threading.Thread(target=consumer.close, name="consumer-close", daemon=True)
+        closer.start()
+        closer.join(self.settings.shutdown_timeout_s * CLOSE_SHARE)
+        if closer.is_alive():
+            logger.warning(
+                "consumer close waits for the group's rebalance, leaving without it worker=%d",
+                self.index,
+            )
 
     # --- fetching ---------------------------------------------------------------------
     def _fetch(self, consumer: Consumer) -> Batch | None:
@@ -580,20 +604,71 @@ class Worker:
             if batch.suspect:
                 consumer.commit(offsets=offsets, asynchronous=False)
             else:
-                consumer.commit(offsets=offsets, asynchronous=True)
+                self._commit_async(consumer, nxt)
         except KafkaException as exc:  # e.g. the partition was lost meanwhile
             logger.warning("storing or committing offsets failed error=%s", exc)
             return
-        self.book.committed(nxt, confirmed=batch.suspect)
+        where = (((i.topic, i.partition), i.offset) for i in batch.items)
+        self.book.committed(nxt, confirmed=batch.suspect, first=first_offsets(where))
+        self.metrics.uncommitted.set(self.book.uncommitted())
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        if err is not None and err.code() != KafkaError._NO_OFFSET:
+        failed = err is not None and err.code() != KafkaError._NO_OFFSET
+        self.book.answered(not failed)
+        if failed:
+            assert err is not None
             self.metrics.commit_failures.inc()
             logger.warning("commit failed (the next commit covers it) error=%s", err.str())
-            return
-        self.book.confirm(
-            ((tp.topic, tp.partition), tp.offset) for tp in partitions if tp.error is None
-        )
+        else:
+            self.book.confirm(
+                ((tp.topic, tp.partition), tp.offset) for tp in partitions if tp.error is None
+            )
+        self.metrics.uncommitted.set(self.book.uncommitted())
+
+    def _commit_async(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+        consumer.commit(offsets=as_partitions(offsets), asynchronous=True)
+        self.book.sent(time.monotonic())
+
+    def _hold_back(self, consumer: Consumer) -> None:
+        """Pause fetching while too much delivered work awaits a confirmed commit (the
+        group is waiting out a dead member, say), re-sending a failed commit meanwhile;
+        resume once commits are confirmed again or the partitions have moved."""
+        own = self.ownership
+        if self.book.holding():
+            newly = own.assigned - own.paused
+            if newly:
+                if not own.paused:
+                    self.metrics.commit_holds.inc()
+                    logger.warning(
+                        "offset commits unconfirmed, pausing fetch worker=%d uncommitted=%d "
+                        "bound=%d",
+                        self.index,
+                        self.book.uncommitted(),
+                        self.book.max_uncommitted,
+                    )
+                self._pause(consumer, newly)
+            again = self.book.recommit()
+            if again:
+                self._try(lambda: self._commit_async(consumer, again), "re-commit")
+        elif own.paused:
+            paused = own.paused & own.assigned
+            own.paused.clear()
+            self._try(lambda: consumer.resume(as_partitions(dict.fromkeys(paused, 0))), "resume")
+            logger.info("offset commits confirmed, fetching again worker=%d", self.index)
+        self.metrics.fetch_paused.set(1 if own.paused else 0)
+
+    def _pause(self, consumer: Consumer, keys: set[tuple[str, int]]) -> None:
+        if self._try(lambda: consumer.pause(as_partitions(dict.fromkeys(keys, 0))), "pause"):
+            self.ownership.paused |= keys
+
+    @staticmethod
+    def _try(call: Any, what: str) -> bool:
+        try:
+            call()
+        except KafkaException as exc:  # e.g. a partition lost meanwhile
+            logger.warning("%s failed error=%s", what, exc)
+            return False
+        return True
 
     def _resume_delivered(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions a dead predecessor (this identity) had delivered results for, with the
@@ -619,13 +694,25 @@ class Worker:
         )
 
     def _final_commit(self, consumer: Consumer) -> None:
-        if self.exactly_once or not self.book.stored:
+        """Commit what is delivered and not confirmed, and wait for the answer, but not
+        for long: while the group waits out a dead member, no commit is answered before
+        the rebalance completes, and a graceful stop must not depend on that (the batch
+        is then re-delivered: a duplicate, not a loss)."""
+        pending = self.book.pending()
+        if self.exactly_once or not pending:
             return
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                logger.warning("final commit failed error=%s", exc)
+        if not self._try(lambda: self._commit_async(consumer, pending), "final commit"):
+            return
+        self._pause(consumer, set(self.ownership.assigned))  # wait without new messages
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s * FINAL_COMMIT_SHARE
+        while self.book.unconfirmed and time.monotonic() < deadline:
+            consumer.consume(num_messages=1, timeout=0.1)  # serves the commit callback
+        if self.book.unconfirmed:
+            logger.warning(
+                "final commit unconfirmed, leaving anyway worker=%d uncommitted=%d",
+                self.index,
+                self.book.uncommitted(),
+            )
 
     # --- exactly-once -------------------------------------------------------------------
     def _deliver_transaction(self, batch: Batch, consumer: Consumer) -> bool:
@@ -676,6 +763,10 @@ class Worker:
         offsets = self.book.for_revoke(keys_of(partitions))
         if not offsets:
             return
+        if self._stop.is_set() or self.book.stalled(time.monotonic(), COMMIT_STALLED_S):
+            # a synchronous commit would wait for the rebalance to complete: send it and go
+            self._try(lambda: self._commit_async(consumer, offsets), "commit on revoke")
+            return
         try:
             consumer.commit(offsets=as_partitions(offsets), asynchronous=False)
         except KafkaException as exc:
@@ -684,6 +775,7 @@ class Worker:
     def _forget(self, keys: list[tuple[str, int]]) -> None:
         self.ownership.release(keys)
         self.book.forget(keys)
+        self.metrics.uncommitted.set(self.book.uncommitted())
         for topic, partition in keys:
             self.metrics.drop_lag(topic, partition)
         self.metrics.set_assigned(len(self.ownership.assigned))

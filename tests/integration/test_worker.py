@@ -711,6 +711,53 @@ def test_two_workers_share_partitions_and_stopping_one_loses_nothing(
                 stop_within(proc)
 
 
+GROUP_WAIT_SESSION_MS = 45_000  # librdkafka's default: how long the group waits for a dead member
+
+
+def test_while_the_group_waits_for_a_dead_member_a_worker_holds_back_and_stops_in_time(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Default session timeout, no group.instance.id: a worker is killed and a new one
+    joins, so the group waits out the dead member's session; meanwhile the survivor's
+    offset commits get no answer. It must not run ahead of them (everything it does in
+    the window is done again if its partitions move), must say so in a metric, and a
+    SIGTERM must not hang in a commit waiting for the rebalance."""
+    port = free_port_pair()
+    extra = {**settings.kafka_extra, "session.timeout.ms": str(GROUP_WAIT_SESSION_MS)}
+    settings = settings.model_copy(update={"metrics_port": port, "kafka_extra": extra})
+    log = tmp_path / "workers.log"
+    survivor, doomed = spawn_worker(settings, log, 0), spawn_worker(settings, log, 1)
+    assigned = "qrsight_worker_assigned_partitions"
+    wait_for(
+        lambda: all((metric(port + i, assigned) or 0) > 0 for i in (0, 1)), 60, "both assigned"
+    )
+    warm = good_stream(settings, 12, "warm")
+    publish(settings, warm)
+    results_by_id(settings, {rid for rid, _, _ in warm}, linger_s=0.5)
+    before = count_results(settings)
+    doomed.kill()
+    doomed.wait(10)
+    killed_at = time.monotonic()
+    newcomer = spawn_worker(settings, log, 1)  # a new member: the group rebalances and waits
+    try:
+        time.sleep(8.0)  # the newcomer loads its model and joins; the survivor rejoins
+        publish(settings, good_stream(settings, 150, "window"))
+        time.sleep(8.0)
+        ran = count_results(settings) - before
+        held = metric(port, "qrsight_worker_fetch_paused")
+        uncommitted = metric(port, "qrsight_worker_uncommitted_messages")
+        assert time.monotonic() - killed_at < GROUP_WAIT_SESSION_MS / 1000 - 8, "still waiting"
+        bound = 3 * settings.max_batch  # the hold bound (2 batches) + the batch in hand
+        assert ran <= bound, f"ran {ran} images ahead of unconfirmed commits (bound {bound})"
+        assert held == 1 and uncommitted is not None and uncommitted > 0, (held, uncommitted)
+        stop_within(survivor, settings.shutdown_timeout_s)
+    finally:
+        for proc in (survivor, newcomer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
