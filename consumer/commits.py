@@ -36,6 +36,14 @@ def next_offsets(items: Sequence[Intake]) -> dict[Key, int]:
     return nxt
 
 
+def first_offsets(positions: Iterable[tuple[Key, int]]) -> dict[Key, int]:
+    """Per partition, the lowest offset of a batch: where an aborted batch resumes."""
+    first: dict[Key, int] = {}
+    for key, offset in positions:
+        first[key] = min(first.get(key, offset), offset)
+    return first
+
+
 def as_partitions(offsets: Mapping[Key, int]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
 

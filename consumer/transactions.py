@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from consumer.commits import first_offsets
 from consumer.outputs import (
     DeliveryError,
     DeliveryTracker,
@@ -30,6 +31,8 @@ from consumer.outputs import (
     wait_delivered,
 )
 from consumer.ownership import Key
+
+__all__ = ["Outcome", "Transactions", "commit_transaction", "first_offsets", "gives_back", "rewind"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +50,6 @@ class Outcome(enum.Enum):
 def gives_back(err: KafkaError) -> bool:
     """A failure that is nobody's fault: abort, rewind and let the partitions' owner redo it."""
     return not err.fatal() and (err.txn_requires_abort() or err.retriable())
-
-
-def first_offsets(positions: Iterable[tuple[Key, int]]) -> dict[Key, int]:
-    """Per partition, the lowest offset of a batch: where an aborted batch resumes."""
-    first: dict[Key, int] = {}
-    for key, offset in positions:
-        first[key] = min(first.get(key, offset), offset)
-    return first
 
 
 class Transactions:
