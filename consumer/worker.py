@@ -85,6 +85,7 @@ __all__ = ["ConsumerFenced", "Fetched", "Worker", "load_pipeline", "next_offsets
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5  # also how quickly an idle worker notices stop()
+HELD_POLL_S = 0.05
 REBUILD_INTERVAL_S = 60.0
 # At-least-once: fetching pauses once more than this many batches of delivered messages
 # await a confirmed commit (consumer.commits.CommitBook.holding)
@@ -330,7 +331,9 @@ class Worker:
            ``max_wait_ms``.
         """
         max_batch = self.settings.max_batch
-        got = self._consume(consumer, 1, IDLE_POLL_S)
+        # held back (partitions paused): poll briefly, to resume as soon as commits answer
+        first_wait = HELD_POLL_S if self.ownership.paused else IDLE_POLL_S
+        got = self._consume(consumer, 1, first_wait)
         if got and max_batch > 1:
             more = self._consume(consumer, max_batch - 1, 0)
             got += more
