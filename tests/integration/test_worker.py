@@ -30,12 +30,19 @@ import cv2
 import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from pydantic import SecretStr
 
 from consumer.journal import CrashJournal
 from consumer.worker import Worker
 from core.runtime.errors import ModelError
-from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.kafka import admin_config, consumer_config, producer_config
 from core.runtime.results import image_request as request_record
 from core.runtime.settings import DEFAULT_MODEL, REPO_ROOT, Settings
 from core.vision.pipeline import ImageJob, Pipeline
@@ -508,6 +515,47 @@ def test_deadlines_reply_routing_and_header_passthrough(settings: Settings) -> N
         if r is not None and r["request_id"].startswith(settings.topic_images + "-")
     ]
     assert len(derived) == 1 and derived[0]["status"] == "OK", "id from topic-partition-offset"
+
+
+REPLIES_MAX_BYTES = 1024  # a replies topic with a smaller max.message.bytes than results need
+
+
+def shrink_topic(settings: Settings, topic: str, max_bytes: int) -> None:
+    admin = AdminClient(admin_config(settings))
+    entry = ConfigEntry(
+        "max.message.bytes", str(max_bytes), incremental_operation=AlterConfigOpType.SET
+    )
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+
+def test_a_reply_too_large_for_the_replies_topic_reaches_the_caller_as_an_error(
+    settings: Settings,
+) -> None:
+    """A result the replies topic refuses (too large for its max.message.bytes) must not
+    leave the caller waiting for its timeout (the API's 504): it gets an ERROR reply."""
+    shrink_topic(settings, settings.topic_replies, REPLIES_MAX_BYTES)
+    dark = cv2.imencode(".jpg", np.zeros((160, 160, 3), np.uint8))[1].tobytes()  # 25 boxes
+    cid = names.H_CORRELATION_ID
+    route = [
+        (names.H_REPLY_TOPIC, settings.topic_replies.encode()),
+        (names.H_REPLY_PARTITION, names.encode_partition(1)),
+    ]
+    publish(settings, [("big", dark, [(cid, b"big"), *route])])
+    with worker_thread(settings):
+        by_id = results_by_id(settings, {"big"})
+        replies = read_topic(
+            settings, settings.topic_replies, {"big"}, partitions=settings.replies_partitions
+        )
+    (event,) = by_id["big"]
+    assert event["status"] == "OK" and len(event["detections"]) > 10
+    assert len(replies) == 1, "no reply: the caller would wait for its timeout"
+    ((msg, reply),) = replies
+    assert msg.partition() == 1
+    assert reply is not None and reply["request_id"] == "big"
+    assert reply["status"] == "ERROR"
+    assert reply["error"] is not None and reply["error"]["code"] == "result_undeliverable"
 
 
 def test_metrics_and_health_endpoints(settings: Settings) -> None:
