@@ -61,17 +61,19 @@ class Committer:
         commit (the next commit, or the one on revoke or at close, covers a failed one)."""
         nxt = next_offsets(items)
         offsets = as_partitions(nxt)
-        try:
-            consumer.store_offsets(offsets=offsets)
-            if wait:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            else:
-                self._commit_async(consumer, nxt)
-        except KafkaException as exc:  # e.g. the partition was lost meanwhile
-            logger.warning("storing or committing offsets failed error=%s", exc)
-            return
+        if not attempt(lambda: consumer.store_offsets(offsets=offsets), "storing offsets"):
+            return  # e.g. the partition was lost meanwhile: its next owner redoes the batch
+        if wait:
+            confirmed = attempt(
+                lambda: consumer.commit(offsets=offsets, asynchronous=False), "commit"
+            )
+        else:
+            confirmed = False
+            attempt(lambda: self._commit_async(consumer, nxt), "commit")
+        # stored either way: a commit that failed here is covered by the next one, the
+        # one on revoke or the final one
         first = first_offsets(((i.topic, i.partition), i.offset) for i in items)
-        self.book.committed(nxt, confirmed=wait, first=first)
+        self.book.committed(nxt, confirmed=confirmed, first=first)
         self._gauge()
 
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
