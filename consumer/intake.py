@@ -17,12 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from core.runtime.errors import (
     BadMessageError,
     BadReplyRouteError,
+    BadRequestError,
     EmptyImageError,
     QrsightError,
     UnsupportedTypeError,
@@ -76,6 +78,9 @@ class Intake:
     reply_partition: int | None = None
     queue_start_ms: int | None = None
     correlation: bytes | None = None  # the correlation_id header as sent, echoed in results
+    # the reply sent instead of the result when the replies topic refused the result
+    # (too large): an ERROR the caller sees rather than a timeout
+    reply_result: dict[str, Any] | None = None
 
     @property
     def result_key(self) -> bytes:
@@ -204,17 +209,38 @@ def _fill(
     if not image:
         raise EmptyImageError("ImageRequest.image is empty")
     probe(image, limits)
-    options = request.get("options") or {}
+    conf, decode = read_options(request.get("options"))
     item.job = ImageJob(
         request_id=item.request_id,
         data=image,
         source=item.source,
         content_type=request.get("content_type") or None,
-        conf=options.get("confidence"),
-        decode=options.get("decode_payloads"),
+        conf=conf,
+        decode=decode,
         submitted_at_ms=item.queue_start_ms,
         trace_id=trace_id_of(hdrs.get(names.H_TRACEPARENT)),
     )
+
+
+def read_options(options: object) -> tuple[float | None, bool | None]:
+    """``ImageRequest.options`` checked as the API checks its query (``api.detect``):
+    a confidence in [0, 1] and a true/false decode flag; null keeps the worker's setting.
+    A bad value is the request's fault: an ``ERROR`` result, never a crash or a silent
+    clamp."""
+    if not options:
+        return None, None
+    if not isinstance(options, dict):
+        raise BadRequestError(f"options must be a record, got {type(options).__name__}")
+    conf, decode = options.get("confidence"), options.get("decode_payloads")
+    if conf is not None and (
+        isinstance(conf, bool)
+        or not isinstance(conf, int | float)
+        or not 0.0 <= float(conf) <= 1.0  # False for NaN too
+    ):
+        raise BadRequestError(f"options.confidence must be a number in [0, 1], got {conf!r}")
+    if decode is not None and not isinstance(decode, bool):
+        raise BadRequestError(f"options.decode_payloads must be true or false, got {decode!r}")
+    return (None if conf is None else float(conf)), decode
 
 
 def _decode_request(codec: Codec, value: bytes, topic: str) -> dict:

@@ -99,6 +99,23 @@ class WorkerMetrics:
             "offset commits that failed (the next commit covers them)",
             registry=reg,
         )
+        self.uncommitted = Gauge(
+            PREFIX + "uncommitted_messages",
+            "delivered messages whose offset commit the broker has not confirmed yet (done "
+            "again if the partitions move or the worker dies before it is)",
+            registry=reg,
+        )
+        self.fetch_paused = Gauge(
+            PREFIX + "fetch_paused",
+            "1 while the worker has paused fetching because too much delivered work awaits a "
+            "confirmed commit (e.g. while the group waits out a dead member's session)",
+            registry=reg,
+        )
+        self.commit_holds = Counter(
+            PREFIX + "commit_holds",
+            "times the worker paused fetching until its offset commits were confirmed",
+            registry=reg,
+        )
         self.dlq_truncated = Counter(
             PREFIX + "dlq_truncated",
             "DLQ copies cut to fit the topic's message size (header error.truncated)",

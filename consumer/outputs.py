@@ -14,6 +14,7 @@ authorised: the message names the topic to fix).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,8 @@ from typing import Any, Literal
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from consumer.intake import Intake
-from core.runtime.errors import KafkaUnavailableError
+from core.runtime.errors import KafkaUnavailableError, UndeliverableError
+from core.runtime.results import error_record
 from schemas import names
 from schemas.codec import Codec
 
@@ -157,6 +159,8 @@ def result_records(
     if item.reply_topic:
         topics.append((item.reply_topic, item.reply_partition, "reply"))
     values = codec.encode_all(result, [topic for topic, _, _ in topics])  # one Avro encode
+    if item.reply_topic and item.reply_result is not None:
+        values[item.reply_topic] = codec.encode(item.reply_result, item.reply_topic)
     return [
         OutRecord(
             topic,
@@ -211,6 +215,91 @@ def dlq_record(
     if cut:
         headers.append((names.H_ERROR_TRUNCATED, ("original " + ", ".join(cut)).encode()))
     return OutRecord(out.dlq_topic, key, value, headers, item=index, kind="dlq")
+
+
+def batch_records(
+    items: Sequence[Intake],
+    results: Sequence[dict[str, Any]],
+    codec: Codec,
+    out: OutputConfig,
+    *,
+    trace_headers: Callable[[Intake, dict[str, Any], str], Headers],
+    dlq_caps: dict[int, int] | None = None,
+) -> list[OutRecord]:
+    """Every record of a batch: each item's result (and reply), and a DLQ copy of each
+    item whose result is an ``ERROR`` (cut to ``dlq_caps[i]`` where one was refused)."""
+    records: list[OutRecord] = []
+    caps = dlq_caps or {}
+    for i, (item, result) in enumerate(zip(items, results, strict=True)):
+        headers = functools.partial(trace_headers, item, result)
+        records.extend(result_records(item, result, codec, out, i, trace_headers=headers))
+        if result.get("status") == names.STATUS_ERROR:
+            error = result.get("error") or {}
+            code, message = str(error.get("code", "")), str(error.get("message", ""))
+            records.append(dlq_record(item, code, message, out, i, max_bytes=caps.get(i)))
+    return records
+
+
+def absorb(
+    items: Sequence[Intake],
+    results: list[dict[str, Any]],
+    failures: Sequence[Failure],
+    dlq_caps: dict[int, int],
+    *,
+    on_truncated: Callable[[], None] = lambda: None,
+) -> None:
+    """Turn records the broker refused for good into what can be delivered: an ``ERROR``
+    result (and DLQ copy) for an image whose result is refused, a shorter DLQ copy, no
+    reply for a refused reply route. Raises for anything transient."""
+    raise_unrecoverable(failures)
+    for failure in failures:
+        rec, i = failure.record, failure.record.item
+        item = items[i]
+        if rec.kind == "dlq":
+            size = len(rec.value or b"")
+            dlq_caps[i] = DLQ_FALLBACK_BYTES if size > DLQ_FALLBACK_BYTES else 0
+            on_truncated()
+            logger.warning(
+                "DLQ copy refused, truncating request_id=%s size=%d cap=%d error=%s",
+                item.request_id,
+                rec.size(),
+                dlq_caps[i],
+                failure.error.str(),
+            )
+        elif rec.kind == "reply":
+            _refused_reply(item, failure)
+        else:
+            error = UndeliverableError(
+                f"the broker refused this image's result: {failure.error.str()}",
+                request_id=item.request_id,
+            )
+            results[i] = error_record(item.request_id, item.source, error)
+
+
+def _refused_reply(item: Intake, failure: Failure) -> None:
+    """A reply the replies topic refused for good (too large for its ``max.message.bytes``)
+    is replaced by a small ``ERROR`` reply, so the caller gets an answer instead of waiting
+    for its timeout; only if that is refused too is no reply sent."""
+    if item.reply_result is not None:
+        logger.warning(
+            "error reply refused too, none sent request_id=%s error=%s",
+            item.request_id,
+            failure.error.str(),
+        )
+        item.reply_topic = None
+        return
+    logger.warning(
+        "reply refused, sending an error reply request_id=%s size=%d error=%s",
+        item.request_id,
+        failure.record.size(),
+        failure.error.str(),
+    )
+    error = UndeliverableError(
+        f"the broker refused this image's reply ({failure.record.size()} bytes): "
+        f"{failure.error.str()}; its result is on the detections topic",
+        request_id=item.request_id,
+    )
+    item.reply_result = error_record(item.request_id, item.source, error)
 
 
 def _truncated_header_bytes() -> int:

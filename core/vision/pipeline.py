@@ -309,7 +309,7 @@ class Pipeline:
         them without a verifier) get the harder reads of ``hard_attempts`` (default
         ``core.vision.payload.HARD_ATTEMPTS``); finally the verifier's rule keeps read boxes and
         those judged at its threshold, with their calibrated confidence. Most confident
-        first.
+        first, at most ``max_detections``.
 
         ``image`` may be ``job``'s JPEG decoded at 1/``scale`` (boxes in its pixels):
         boxes it leaves unread are read again on full-resolution crops, the JPEG decoded
@@ -332,7 +332,12 @@ class Pipeline:
         if read:
             dets = drop_duplicate_reads(dets)
         order = np.argsort(-dets.confidence, kind="stable")  # the contract: most confident first
-        return dets if (order == np.arange(len(dets))).all() else dets[order]
+        if not (order == np.arange(len(dets))).all():
+            dets = dets[order]
+        # the whole-image read adds codes beside the detector's boxes (already capped at
+        # max_detections by NMS): the cap holds for what is reported, most confident kept
+        limit = self.settings.max_detections
+        return dets if len(dets) <= limit else dets[:limit]
 
     def _payloads(self, job: ImageJob | None, image: np.ndarray, dets: Detections) -> Detections:
         return _best_effort(

@@ -30,12 +30,19 @@ import cv2
 import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from pydantic import SecretStr
 
 from consumer.journal import CrashJournal
 from consumer.worker import Worker
 from core.runtime.errors import ModelError
-from core.runtime.kafka import consumer_config, producer_config
+from core.runtime.kafka import admin_config, consumer_config, producer_config
 from core.runtime.results import error_code, now_ms
 from core.runtime.results import image_request as request_record
 from core.runtime.settings import DEFAULT_MODEL, REPO_ROOT, Settings
@@ -511,6 +518,47 @@ def test_deadlines_reply_routing_and_header_passthrough(settings: Settings) -> N
     assert len(derived) == 1 and derived[0]["status"] == "OK", "id from topic-partition-offset"
 
 
+REPLIES_MAX_BYTES = 1024  # a replies topic with a smaller max.message.bytes than results need
+
+
+def shrink_topic(settings: Settings, topic: str, max_bytes: int) -> None:
+    admin = AdminClient(admin_config(settings))
+    entry = ConfigEntry(
+        "max.message.bytes", str(max_bytes), incremental_operation=AlterConfigOpType.SET
+    )
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+
+def test_a_reply_too_large_for_the_replies_topic_reaches_the_caller_as_an_error(
+    settings: Settings,
+) -> None:
+    """A result the replies topic refuses (too large for its max.message.bytes) must not
+    leave the caller waiting for its timeout (the API's 504): it gets an ERROR reply."""
+    shrink_topic(settings, settings.topic_replies, REPLIES_MAX_BYTES)
+    dark = cv2.imencode(".jpg", np.zeros((160, 160, 3), np.uint8))[1].tobytes()  # 25 boxes
+    cid = names.H_CORRELATION_ID
+    route = [
+        (names.H_REPLY_TOPIC, settings.topic_replies.encode()),
+        (names.H_REPLY_PARTITION, names.encode_partition(1)),
+    ]
+    publish(settings, [("big", dark, [(cid, b"big"), *route])])
+    with worker_thread(settings):
+        by_id = results_by_id(settings, {"big"})
+        replies = read_topic(
+            settings, settings.topic_replies, {"big"}, partitions=settings.replies_partitions
+        )
+    (event,) = by_id["big"]
+    assert event["status"] == "OK" and len(event["detections"]) > 10
+    assert len(replies) == 1, "no reply: the caller would wait for its timeout"
+    ((msg, reply),) = replies
+    assert msg.partition() == 1
+    assert reply is not None and reply["request_id"] == "big"
+    assert reply["status"] == "ERROR"
+    assert reply["error"] is not None and reply["error"]["code"] == "result_undeliverable"
+
+
 def test_metrics_and_health_endpoints(settings: Settings) -> None:
     port = free_port()
     settings = settings.model_copy(update={"metrics_port": port})
@@ -632,9 +680,13 @@ def test_a_restarted_worker_does_not_redo_what_its_dead_predecessor_delivered(
         (settings.topic_images, p): sorted(offsets[p])[min(3, len(offsets[p]) - 1)] for p in parts
     }
     ahead = sorted(offsets[parts[0]])[min(5, len(offsets[parts[0]]) - 1)]
+    # the group has committed offsets (a note never wins over a missing one, -1001): the
+    # first message of each partition, and partition parts[0] further
+    committed = {p: sorted(offsets[p])[0] for p in parts} | {parts[0]: ahead}
     committer = Consumer(consumer_config(settings, settings.consumer_group, role="test"))
     committer.commit(
-        offsets=[TopicPartition(settings.topic_images, parts[0], ahead)], asynchronous=False
+        offsets=[TopicPartition(settings.topic_images, p, o) for p, o in committed.items()],
+        asynchronous=False,
     )
     committer.close()
     start = {p: delivered[(settings.topic_images, p)] for p in parts}
@@ -710,6 +762,53 @@ def test_two_workers_share_partitions_and_stopping_one_loses_nothing(
         for proc in workers:
             if proc.poll() is None:
                 stop_within(proc)
+
+
+GROUP_WAIT_SESSION_MS = 45_000  # librdkafka's default: how long the group waits for a dead member
+
+
+def test_while_the_group_waits_for_a_dead_member_a_worker_holds_back_and_stops_in_time(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Default session timeout, no group.instance.id: a worker is killed and a new one
+    joins, so the group waits out the dead member's session; meanwhile the survivor's
+    offset commits get no answer. It must not run ahead of them (everything it does in
+    the window is done again if its partitions move), must say so in a metric, and a
+    SIGTERM must not hang in a commit waiting for the rebalance."""
+    port = free_port_pair()
+    extra = {**settings.kafka_extra, "session.timeout.ms": str(GROUP_WAIT_SESSION_MS)}
+    settings = settings.model_copy(update={"metrics_port": port, "kafka_extra": extra})
+    log = tmp_path / "workers.log"
+    survivor, doomed = spawn_worker(settings, log, 0), spawn_worker(settings, log, 1)
+    assigned = "qrsight_worker_assigned_partitions"
+    wait_for(
+        lambda: all((metric(port + i, assigned) or 0) > 0 for i in (0, 1)), 60, "both assigned"
+    )
+    warm = good_stream(settings, 12, "warm")
+    publish(settings, warm)
+    results_by_id(settings, {rid for rid, _, _ in warm}, linger_s=0.5)
+    before = count_results(settings)
+    doomed.kill()
+    doomed.wait(10)
+    killed_at = time.monotonic()
+    newcomer = spawn_worker(settings, log, 1)  # a new member: the group rebalances and waits
+    try:
+        time.sleep(8.0)  # the newcomer loads its model and joins; the survivor rejoins
+        publish(settings, good_stream(settings, 150, "window"))
+        time.sleep(8.0)
+        ran = count_results(settings) - before
+        held = metric(port, "qrsight_worker_fetch_paused")
+        uncommitted = metric(port, "qrsight_worker_uncommitted_messages")
+        assert time.monotonic() - killed_at < GROUP_WAIT_SESSION_MS / 1000 - 8, "still waiting"
+        bound = 3 * settings.max_batch  # the hold bound (2 batches) + the batch in hand
+        assert ran <= bound, f"ran {ran} images ahead of unconfirmed commits (bound {bound})"
+        assert held == 1 and uncommitted is not None and uncommitted > 0, (held, uncommitted)
+        stop_within(survivor, settings.shutdown_timeout_s)
+    finally:
+        for proc in (survivor, newcomer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def children(pid: int) -> list[int]:

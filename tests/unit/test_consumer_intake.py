@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
-from consumer.intake import Intake, looks_like_image, parse_message
-from consumer.worker import next_offsets
+from consumer.commits import next_offsets
+from consumer.intake import Intake, looks_like_image, parse_message, read_options
+from core.runtime.errors import BadRequestError
 from core.runtime.telemetry import trace_headers
 from core.vision.images import ImageLimits
 from schemas import names
@@ -247,3 +248,41 @@ def test_next_offsets_is_highest_plus_one_per_partition() -> None:
     other = parse(message(b"", offset=3))
     other.partition = 0
     assert next_offsets([*items, other]) == {(TOPIC, 2): 10, (TOPIC, 0): 4}
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "says"),
+    [
+        ({"confidence": 0.25, "decode_payloads": False}, None, None),
+        ({"confidence": None, "decode_payloads": None}, None, None),
+        ({"confidence": 0.0, "decode_payloads": True}, None, None),
+        ({"confidence": 1.0, "decode_payloads": None}, None, None),
+        ({"confidence": 1.5, "decode_payloads": None}, "bad_request", "in [0, 1]"),
+        ({"confidence": -0.1, "decode_payloads": None}, "bad_request", "in [0, 1]"),
+        ({"confidence": float("nan"), "decode_payloads": None}, "bad_request", "in [0, 1]"),
+        ({"confidence": float("inf"), "decode_payloads": None}, "bad_request", "in [0, 1]"),
+    ],
+)
+def test_bad_request_options_become_an_error_result_as_the_api_refuses_them(
+    options: dict[str, Any], code: str | None, says: str | None
+) -> None:
+    item = parse(message(request(jpeg(), options=options)))
+    if code is None:
+        assert item.error is None and item.job is not None
+        assert item.job.conf == options["confidence"]
+        assert item.job.decode == options["decode_payloads"]
+        return
+    assert item.job is None and item.error is not None
+    assert item.error.code == code
+    assert says in item.error.message and "options.confidence" in item.error.message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"decode_payloads": "yes"}, {"decode_payloads": 1}, {"confidence": "0.5"}, ["x"]],
+)
+def test_options_of_the_wrong_type_are_refused_with_a_clear_code(options: Any) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        read_options(options)
+    assert caught.value.code == "bad_request"
+    assert "options" in caught.value.message
