@@ -15,6 +15,7 @@ from pathlib import Path
 from api.auth import JwtVerifier
 from api.slots import base_partition
 from core.runtime.errors import ConfigError
+from core.runtime.logs import configure_from_settings
 from core.runtime.settings import env_name, load_settings
 from core.runtime.telemetry import setup_tracing
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         settings = load_settings()
+        configure_from_settings(settings)  # start-up warnings in the log's own format
         JwtVerifier.from_settings(settings)
         base_partition(settings)  # on Kubernetes: a distinct reply partition per pod, or stop
         setup_tracing("qrsight-api")  # checks the OTEL_* settings; each worker sets up its own
