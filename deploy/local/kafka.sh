@@ -23,6 +23,9 @@
 #   KAFKA_START_TIMEOUT    seconds to wait for a metadata answer (default 60)
 #   KAFKA_STOP_TIMEOUT     seconds to wait after SIGTERM before SIGKILL (default 20)
 # Tests start a second, independent broker with their own KAFKA_HOME_DIR and port.
+#
+# A local three-node cluster (cluster-up, cluster-down, cluster-status, pid NODE_ID,
+# bootstrap) lives in deploy/local/cluster.sh, which this script sources; see there.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -346,10 +349,18 @@ status() {
   return 3
 }
 
+# shellcheck source=deploy/local/cluster.sh
+source "$HERE/cluster.sh"
+
 case "${1:-}" in
   fetch) fetch ;;
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 {fetch|up|down|status}" >&2; exit 2 ;;
+  cluster-up) cluster_up ;;
+  cluster-down) cluster_down "${2:-}" ;;
+  cluster-status) cluster_status ;;
+  pid) cluster_node_pid "${2:-}" ;;
+  bootstrap) cluster_print_bootstrap ;;
+  *) echo "usage: $0 {fetch|up|down|status|cluster-up|cluster-down [ID]|cluster-status|pid ID|bootstrap}" >&2; exit 2 ;;
 esac
