@@ -33,7 +33,7 @@ from core.runtime.errors import ConfigError
 ENV_PREFIX = "QRSIGHT_"
 MAX_POLL_INTERVAL_MS = 300_000  # librdkafka's default max.poll.interval.ms
 KAFKA_PASSTHROUGH_PREFIX = "QRSIGHT_KAFKA__"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "qrsight-qr-v3.onnx"
 DEFAULT_VERIFIER = REPO_ROOT / "models" / "qrsight-qrverify-v2.onnx"
 

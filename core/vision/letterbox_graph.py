@@ -34,7 +34,7 @@ from core.vision.postprocess import PAD_VALUE, Letterbox, letterbox_params, resi
 
 logger = logging.getLogger(__name__)
 
-LETTERBOX_MODEL = Path(__file__).resolve().parent.parent / "models" / "qrsight-letterbox-v1.onnx"
+LETTERBOX_MODEL = Path(__file__).resolve().parents[2] / "models" / "qrsight-letterbox-v1.onnx"
 OPSET = 17
 INPUT_NAMES = ("pixels", "row0", "row1", "col0", "col1", "wy", "wx", "inside_y", "inside_x")
 OUTPUT_NAME = "images"
