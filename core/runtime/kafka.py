@@ -129,11 +129,14 @@ def producer_config(settings: Settings, role: str = "producer", **extra: Any) ->
             # across leader changes; it implies acks=all and bounded in-flight requests.
             "enable.idempotence": True,
             "acks": "all",
-            "message.timeout.ms": DELIVERY_TIMEOUT_MS,
             "linger.ms": 5,
             "compression.type": "none",  # images are already compressed
         }
     )
+    if "transactional.id" not in extra:
+        # A transactional producer's messages time out with their transaction: librdkafka
+        # then sets message.timeout.ms to transaction.timeout.ms and refuses a larger one.
+        conf["message.timeout.ms"] = DELIVERY_TIMEOUT_MS
     conf.update(extra)
     conf.update(settings.kafka_extra_values())
     return conf

@@ -90,6 +90,7 @@ class Scene:
     pods: list[Pod]
     logdir: Path
     state: Path
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -98,8 +99,12 @@ def scene(
     pods: list[Pod],  # noqa: F811
     logdir: Path,  # noqa: F811
     tmp_path: Path,
-) -> Scene:
-    return Scene(healthy, pods, logdir, tmp_path / "state")
+) -> Iterator[Scene]:
+    """Readers and API threads a scenario started are stopped even when it fails."""
+    made = Scene(healthy, pods, logdir, tmp_path / "state")
+    yield made
+    for cleanup in reversed(made.cleanups):
+        cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +184,12 @@ class ApiCallers:
             self._halt.wait(API_PAUSE_S)
 
     def stop(self) -> None:
+        if self._halt.is_set():
+            return
         self._halt.set()
         for thread in self._threads:
-            thread.join(60)
+            if thread.is_alive():
+                thread.join(60)
         self.app.extensions["qrsight"].replies.close()
 
     def by_status(self) -> Counter[int]:
@@ -248,11 +256,14 @@ def run_scenario(
     crew, logs = scene.pods, scene.logdir
     tracker = Tracker(settings)
     tracker.start()
+    scene.cleanups.append(tracker.stop)
     for i, workers in enumerate(per_pod):
         crew.append(Pod(settings, f"pod-{'abc'[i]}", workers, logs, **(pod_env or {})))
     for pod, workers in zip(crew, per_pod, strict=True):
         pod.wait_ready(workers, timeout_s=120)
-    api = ApiCallers(settings).start()
+    api = ApiCallers(settings)
+    scene.cleanups.append(api.stop)
+    api.start()
     started = time.monotonic()
     publisher = Publisher(settings, int(RATE * 3600), RATE, uuid.uuid4().hex[:8])
     publisher.start()
@@ -529,6 +540,7 @@ def test_a_rack_aware_worker_gets_every_image_and_fetches_from_its_own_rack(
     crew[0].wait_ready(1, timeout_s=120)
     tracker = Tracker(settings)
     tracker.start()
+    scene.cleanups.append(tracker.stop)
     publisher = Publisher(settings, 300, 50, "rack")
     publisher.start()
     publisher.join(120)

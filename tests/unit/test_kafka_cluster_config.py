@@ -95,3 +95,12 @@ def test_a_caller_with_its_own_delivery_timeout_keeps_it() -> None:
 
     assert conf["message.timeout.ms"] == settings.api_produce_timeout_ms
     assert conf["enable.idempotence"] is True
+
+
+def test_a_transactional_producer_times_out_with_its_transaction() -> None:
+    """librdkafka refuses message.timeout.ms > transaction.timeout.ms (60 s by default) and
+    sets it from transaction.timeout.ms when left unset."""
+    conf = producer_config(settings_from(), "worker-0", **{"transactional.id": "qrsight-0"})
+
+    assert "message.timeout.ms" not in conf
+    assert conf["enable.idempotence"] is True
