@@ -22,12 +22,14 @@
 #   KAFKA_CLUSTER_CONTROLLER_PORTS  three controller ports (default: client ports + 100)
 #   KAFKA_CLUSTER_HEAP_OPTS    JVM heap flags of each node (default -Xms256m -Xmx384m)
 #   KAFKA_CLUSTER_OVERRIDES    extra broker properties for every node (key=value ...)
+#   KAFKA_START_TIMEOUT        seconds to wait for all three brokers (default 120 here)
 # The ports are kept in KAFKA_CLUSTER_DIR/ports on the first start and reused after it,
 # so a node brought back after a kill comes back where the others expect it.
 
 CLUSTER_DIR="${KAFKA_CLUSTER_DIR:-$ROOT/.kafka/cluster}"
 CLUSTER_NODES=(1 2 3)
 CLUSTER_PORTS_FILE="$CLUSTER_DIR/ports"
+CLUSTER_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"  # three JVMs starting on a small host
 
 cluster_node_dir() { echo "$CLUSTER_DIR/node-$1"; }
 
@@ -144,7 +146,7 @@ cluster_start_node() {  # $1 = node id
 cluster_wait() {  # waits until every node is a live broker of the cluster, or one dies
   local id pids=()
   for id in "${CLUSTER_NODES[@]}"; do pids+=("$(cat "$(cluster_node_dir "$id")/kafka.pid" 2>/dev/null || echo 0)"); done
-  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$(cluster_bootstrap)" "$START_TIMEOUT" \
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$(cluster_bootstrap)" "$CLUSTER_START_TIMEOUT" \
     "${pids[@]}" <<'EOF'
 import sys, time
 from confluent_kafka.admin import AdminClient
