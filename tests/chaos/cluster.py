@@ -116,9 +116,17 @@ class LocalCluster:
         assert best[1] > 0, "no quorum leader recorded"
         return best[1]
 
-    def group_coordinator(self, group: str) -> int:
-        future = self.admin().describe_consumer_groups([group], request_timeout=10)[group]
-        return int(future.result(timeout=15).coordinator.id)
+    def group_coordinator(self, group: str, timeout_s: float = 60) -> int:
+        """The broker coordinating ``group`` (asked again while the cluster is busy)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            future = self.admin().describe_consumer_groups([group], request_timeout=10)[group]
+            try:
+                return int(future.result(timeout=15).coordinator.id)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def transaction_coordinator(self) -> int:
         """The leader of ``__transaction_state`` partition 0: the cluster has one partition
