@@ -119,8 +119,9 @@ class LocalCluster:
     def group_coordinator(self, group: str, timeout_s: float = 60) -> int:
         """The broker coordinating ``group`` (asked again while the cluster is busy)."""
         deadline = time.monotonic() + timeout_s
+        admin = self.admin()  # kept: a collected client never completes its futures
         while True:
-            future = self.admin().describe_consumer_groups([group], request_timeout=10)[group]
+            future = admin.describe_consumer_groups([group], request_timeout=10)[group]
             try:
                 return int(future.result(timeout=15).coordinator.id)
             except Exception:
