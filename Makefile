@@ -91,6 +91,17 @@ kafka-up:  ## fetch (once) and start a local single-node Apache Kafka (KRaft); K
 kafka-down:
 	deploy/local/kafka.sh down
 
+.PHONY: cluster-up cluster-down chaos-cluster
+cluster-up:  ## a local three-node Kafka cluster (KRaft, replication 3); again: restarts nodes that are down
+	deploy/local/kafka.sh cluster-up
+
+cluster-down:  ## stop the three-node cluster (its data stays in .kafka/cluster)
+	deploy/local/kafka.sh cluster-down
+
+chaos-cluster: .installed-dev  ## broker failover under load on a three-node cluster, every scenario at full size; prints the table
+	CHAOS_CLUSTER_SIZE=full CHAOS_REPORT=runs/chaos-cluster.md \
+	  $(PYTHON) -m pytest tests/chaos/test_cluster.py --timeout 7200 -p no:cacheprovider
+
 up: .installed  ## the whole local stack in the foreground: Kafka, topics, workers, API (Ctrl-C stops it)
 	QRSIGHT_KAFKA_BOOTSTRAP=$(LOCAL_BOOTSTRAP) $(PYTHON) -m producer_tools.stack
 

@@ -1,12 +1,14 @@
 """``qrsight-topics create|describe|acls``: the four topics of the contract, from settings,
 and the ACLs that give each role (API, workers, downstream readers) only what it needs.
 
-Partitions, replication, retention and ``max.message.bytes`` come from
+Partitions, retention and ``max.message.bytes`` come from
 :func:`core.runtime.kafka.topic_specs`, so the topics always agree with the clients' size
-limits. ``create`` is idempotent: a topic that already exists is left alone, with a
-warning when it has fewer partitions or a smaller ``max.message.bytes`` than the
-settings ask for (Kafka cannot shrink partitions, and growing them re-maps keys, so
-that is the operator's call).
+limits; replication and ``min.insync.replicas`` from
+:func:`core.runtime.kafka.replication_for` and the number of brokers (3 and 2 on a cluster
+of three or more, 1 and 1 on one broker, unless set). ``create`` is idempotent: a topic
+that already exists is left alone, with a warning when it has fewer partitions or a
+smaller ``max.message.bytes`` than the settings ask for (Kafka cannot shrink partitions,
+and growing them re-maps keys, so that is the operator's call).
 
 ``acls`` (run as a super user, e.g. with ``.kafka/clients/admin.env``) creates the ACLs of
 :func:`role_acls`; creating one that exists is a no-op, so it too can run any number of times.
@@ -35,7 +37,7 @@ from confluent_kafka.admin import (
 )
 
 from core.runtime.errors import ConfigError, KafkaUnavailableError, QrsightError
-from core.runtime.kafka import admin_config, topic_specs
+from core.runtime.kafka import admin_config, replication_for, topic_specs
 from core.runtime.logs import configure_from_settings
 from core.runtime.settings import Settings, env_name, load_settings
 
@@ -94,17 +96,26 @@ def create_topics(settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -
 def ensure_topics(settings: Settings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[TopicState]:
     admin = connect(settings, timeout_s)
     specs = topic_specs(settings)
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    metadata = admin.list_topics(timeout=timeout_s)
+    existing = set(metadata.topics)
+    factor, min_isr = replication_for(settings, len(metadata.brokers))
     new = [
         NewTopic(
             name,
             num_partitions=spec["partitions"],
-            replication_factor=settings.replication_factor,
-            config=spec["config"],
+            replication_factor=factor,
+            config={**spec["config"], "min.insync.replicas": str(min_isr)},
         )
         for name, spec in specs.items()
         if name not in existing
     ]
+    if new:
+        logger.info(
+            "creating topics brokers=%d replication=%d min_insync_replicas=%d",
+            len(metadata.brokers),
+            factor,
+            min_isr,
+        )
     created = _create(admin, new, timeout_s) if new else set()
     _wait_for_leaders(admin, specs, timeout_s)
     states = _describe(admin, settings, specs, timeout_s)
@@ -186,7 +197,10 @@ def _describe(
             continue
         parts = topics[name].partitions
         replication = min((len(p.replicas) for p in parts.values()), default=0)
-        shown = {k: configs[name].get(k, "?") for k in ("max.message.bytes", "retention.ms")}
+        shown = {
+            k: configs[name].get(k, "?")
+            for k in ("max.message.bytes", "retention.ms", "min.insync.replicas")
+        }
         problems = _problems(settings, name, spec, len(parts), configs[name])
         for problem in problems:
             logger.warning("topic differs from settings topic=%s problem=%r", name, problem)

@@ -50,6 +50,44 @@ def check_value_size(settings: Settings, value: bytes | None, *, what: str = "me
 
 LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
 
+# Proactive metadata refresh (librdkafka's default is 5 min, its cache 3 times that). A
+# lost leader already triggers an immediate refresh (`topic.metadata.refresh.fast.interval.ms`)
+# and Kafka 3.7+ brokers name the new leader in the error itself (KIP-951); the periodic
+# refresh is what finds partitions added to a topic and brokers added to the cluster, so
+# a running worker group picks them up within this interval instead of five minutes.
+METADATA_REFRESH_MS = 30_000
+# librdkafka's rule of thumb: the metadata cache lives three refresh intervals.
+METADATA_MAX_AGE_MS = 3 * METADATA_REFRESH_MS
+# How long a produced message may wait for its acknowledgement before it fails (librdkafka
+# `message.timeout.ms`, alias `delivery.timeout.ms`; Kafka's default). It must outlast a
+# broker outage the workers ride out (a leader election takes seconds; too few in-sync
+# replicas lasts until a broker returns), since a result that times out is a batch to
+# redo. The API overrides it with its own, much shorter, produce timeout
+# (`QRSIGHT_API_PRODUCE_TIMEOUT_MS`): a caller waits seconds, not minutes.
+DELIVERY_TIMEOUT_MS = 300_000
+
+# Replication of qrsight's topics when QRSIGHT_REPLICATION_FACTOR is unset: three copies
+# on a cluster of at least three brokers (survives one broker lost, and one more down for
+# maintenance only without writes), one on a single broker.
+CLUSTER_REPLICATION = 3
+
+
+def replication_for(settings: Settings, brokers: int) -> tuple[int, int]:
+    """(replication factor, ``min.insync.replicas``) of new topics on ``brokers`` brokers.
+
+    Unset settings follow the cluster: 3 and 2 on three or more brokers (an acknowledged
+    write is on two brokers, and one broker may fail without stopping writes), else 1
+    and 1. An explicit ``min.insync.replicas`` is kept; the default never asks for more
+    in-sync replicas than the replication factor less one, so one replica may be down.
+    """
+    factor = settings.replication_factor
+    if factor is None:
+        factor = CLUSTER_REPLICATION if brokers >= CLUSTER_REPLICATION else 1
+    min_isr = settings.min_insync_replicas
+    if min_isr is None:
+        min_isr = max(1, min(2, factor - 1))
+    return factor, min_isr
+
 
 def base_config(settings: Settings, role: str) -> dict[str, Any]:
     """Connection and security properties shared by every client."""
@@ -62,10 +100,16 @@ def base_config(settings: Settings, role: str) -> dict[str, Any]:
         "bootstrap.servers": settings.kafka_bootstrap,
         "client.id": f"{settings.kafka_client_id}-{role}",
         "security.protocol": settings.kafka_security_protocol,
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
+        "metadata.max.age.ms": METADATA_MAX_AGE_MS,
         # librdkafka's own log lines go through Python logging (core.runtime.logs' format), served
         # by the client's poll/consume calls, instead of straight to stderr
         "logger": LIBRDKAFKA_LOGGER,
     }
+    if settings.kafka_client_rack:
+        # KIP-392: a consumer fetches from a replica in its own rack when the brokers set
+        # broker.rack and replica.selector.class=...RackAwareReplicaSelector
+        conf["client.rack"] = settings.kafka_client_rack
     if settings.kafka_sasl_mechanism:
         conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
     if settings.kafka_sasl_username:
@@ -82,12 +126,19 @@ def producer_config(settings: Settings, role: str = "producer", **extra: Any) ->
     conf.update(
         {
             "message.max.bytes": message_limits(settings).max_message_bytes,
+            # Idempotence: a retry after a lost acknowledgement (a leader that died after
+            # writing) never writes the batch twice, and order per partition is kept
+            # across leader changes; it implies acks=all and bounded in-flight requests.
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "none",  # images are already compressed
         }
     )
+    if "transactional.id" not in extra:
+        # A transactional producer's messages time out with their transaction: librdkafka
+        # then sets message.timeout.ms to transaction.timeout.ms and refuses a larger one.
+        conf["message.timeout.ms"] = DELIVERY_TIMEOUT_MS
     conf.update(extra)
     conf.update(settings.kafka_extra_values())
     return conf

@@ -96,6 +96,12 @@ class Settings(BaseModel):
         "certificates (unset: the system's CAs); `make kafka-up KAFKA_SECURITY=sasl_ssl` "
         "writes it, with the SASL settings, to `.kafka/clients/<role>.env`",
     )
+    kafka_client_rack: str | None = Field(
+        None,
+        description="Kafka `client.rack`: the zone or rack this process runs in, so that a "
+        "cluster with `broker.rack` and `RackAwareReplicaSelector` serves its fetches from a "
+        "replica in the same zone (KIP-392)",
+    )
     kafka_extra: dict[str, str | SecretStr] = Field(
         default_factory=dict,
         description="any librdkafka property, as `QRSIGHT_KAFKA__<PROPERTY>` (see above); "
@@ -121,7 +127,19 @@ class Settings(BaseModel):
     replies_partitions: int = Field(
         16, ge=1, description="partitions of qr.replies (one per API process slot)"
     )
-    replication_factor: int = Field(1, ge=1, description="replication factor of new topics")
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description="replication factor of new topics (unset: 3 on a cluster of three or "
+        "more brokers, else 1)",
+    )
+    min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="`min.insync.replicas` of new topics: replicas that must have a write "
+        "before it is acknowledged (unset: 2 when the replication factor is 3 or more, "
+        "else 1)",
+    )
     replies_retention_ms: int = Field(
         300_000, ge=1000, description="retention of qr.replies (short: replies are ephemeral)"
     )

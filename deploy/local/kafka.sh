@@ -25,6 +25,9 @@
 #   KAFKA_SECURITY         plaintext (default) or sasl_ssl: TLS, SASL/SCRAM-SHA-512, ACLs and
 #                          each role's client settings in <KAFKA_HOME_DIR>/clients/ (security.sh)
 # Tests start a second, independent broker with their own KAFKA_HOME_DIR and port.
+#
+# A local three-node cluster (cluster-up, cluster-down, cluster-status, pid NODE_ID,
+# bootstrap) lives in deploy/local/cluster.sh, which this script sources; see there.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -357,10 +360,18 @@ status() {
   return 3
 }
 
+# shellcheck source=deploy/local/cluster.sh
+source "$HERE/cluster.sh"
+
 case "${1:-}" in
   fetch) fetch ;;
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 {fetch|up|down|status}" >&2; exit 2 ;;
+  cluster-up) cluster_up ;;
+  cluster-down) cluster_down "${2:-}" ;;
+  cluster-status) cluster_status ;;
+  pid) cluster_node_pid "${2:-}" ;;
+  bootstrap) cluster_print_bootstrap ;;
+  *) echo "usage: $0 {fetch|up|down|status|cluster-up|cluster-down [ID]|cluster-status|pid ID|bootstrap}" >&2; exit 2 ;;
 esac

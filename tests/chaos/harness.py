@@ -150,8 +150,10 @@ class Publisher(threading.Thread):
         self.settings, self.count, self.rate, self.prefix = settings, count, rate, prefix
         self.ids = [f"{prefix}-{i}" for i in range(count)]
         self.partition: dict[str, int] = {}
+        self.sent_at: dict[str, float] = {}  # when each one was handed to the producer
         self.sent = 0
         self.errors: list[str] = []
+        self._halt = threading.Event()
         self._images = [jpeg(i) for i in range(50)]
         self._make = make or self._jpeg
 
@@ -162,6 +164,8 @@ class Publisher(threading.Thread):
         producer = Producer(producer_config(self.settings, role="chaos-publisher"))
         started = time.monotonic()
         for i, rid in enumerate(self.ids):
+            if self._halt.is_set():
+                break
             delay = started + i / self.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -185,10 +189,17 @@ class Publisher(threading.Thread):
                     break
                 except BufferError:
                     producer.poll(0.1)
+            self.sent_at[rid] = time.monotonic()
             self.sent += 1
             producer.poll(0)
         while producer.flush(5) > 0:
             pass
+        self.ids = self.ids[: self.sent]  # stopped early: the stream is what was sent
+
+    def stop(self, timeout_s: float) -> None:
+        """End the stream now (for streams that last as long as a fault, not a count)."""
+        self._halt.set()
+        self.join(timeout_s)
 
     def progress(self) -> float:
         return self.sent / self.count
@@ -203,6 +214,7 @@ class Tracker(threading.Thread):
         self.settings = settings
         self.arrivals: dict[str, list[float]] = defaultdict(list)
         self.statuses: Counter[str] = Counter()
+        self.models: dict[str, list[str]] = defaultdict(list)  # "name version" per result
         self.last_result = time.monotonic()
         self._halt = threading.Event()
         self._lock = threading.Lock()
@@ -233,6 +245,10 @@ class Tracker(threading.Thread):
                     with self._lock:
                         self.arrivals[record["request_id"]].append(now)
                         self.statuses[record["status"]] += 1
+                        model = record.get("model") or {}
+                        self.models[record["request_id"]].append(
+                            f"{model.get('name')} {model.get('version')}"
+                        )
                         self.last_result = now
         finally:
             reader.close()

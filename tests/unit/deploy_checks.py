@@ -471,3 +471,92 @@ def worker_identity_problems(docs: Iterable[Doc], name: str = "qrsight-workers")
             "Kubernetes API; no token to steal)"
         )
     return problems
+
+
+# --- a Kafka cluster: compose layered over the base, Strimzi custom resources ---------------
+def merge_compose(base: Mapping[str, Any], override: Mapping[str, Any]) -> Doc:
+    """``docker compose -f base -f override`` for what an override file of ours holds:
+    mappings merge key by key (environment, depends_on, services), anything else in the
+    override replaces the base's."""
+    merged: Doc = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_compose(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+STRIMZI_CLUSTER_CONFIG = {
+    "default.replication.factor": 3,
+    "min.insync.replicas": 2,
+    "offsets.topic.replication.factor": 3,
+    "transaction.state.log.replication.factor": 3,
+    "transaction.state.log.min.isr": 2,
+    "unclean.leader.election.enable": False,
+}
+RACK_SELECTOR = "org.apache.kafka.common.replica.RackAwareReplicaSelector"
+
+
+def strimzi_problems(
+    docs: list[Doc], settings: Settings, topics: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """A Strimzi cluster fit for qrsight: three dual-role KRaft nodes, replicated internal
+    topics, rack-aware fetching, reachable where ``settings`` point, and a KafkaTopic per
+    entry of ``topics`` (name → partitions, replicas, config) and no other."""
+    problems: list[str] = []
+    kafka = find(docs, "Kafka")
+    name, namespace = kafka["metadata"]["name"], kafka["metadata"].get("namespace")
+    spec = kafka["spec"]["kafka"]
+    notes = kafka["metadata"].get("annotations", {})
+    if (
+        notes.get("strimzi.io/kraft") != "enabled"
+        or notes.get("strimzi.io/node-pools") != "enabled"
+    ):
+        problems.append("Kafka: KRaft and node pools must be enabled (annotations)")
+    for key, want in STRIMZI_CLUSTER_CONFIG.items():
+        if spec.get("config", {}).get(key) != want:
+            problems.append(f"Kafka: config {key} must be {want}")
+    if spec.get("config", {}).get("replica.selector.class") != RACK_SELECTOR or not spec.get(
+        "rack", {}
+    ).get("topologyKey"):
+        problems.append("Kafka: rack-aware fetching needs rack.topologyKey and the selector")
+    pools = [d for d in docs if d["kind"] == "KafkaNodePool"]
+    pool_nodes = sum(
+        p["spec"]["replicas"]
+        for p in pools
+        if p["metadata"].get("labels", {}).get("strimzi.io/cluster") == name
+        and {"broker", "controller"} <= set(p["spec"]["roles"])
+    )
+    if pool_nodes < 3:
+        problems.append(f"KafkaNodePool: {pool_nodes} broker+controller nodes, need 3")
+    servers = (settings.kafka_bootstrap or "").split(",")
+    ports = {int(listener["port"]) for listener in spec.get("listeners", [])}
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if host.split(".")[:2] != [f"{name}-kafka-bootstrap", namespace] or int(port) not in ports:
+            problems.append(f"Kafka: {server} is not {name}'s bootstrap service and listener")
+    limit = int(spec.get("config", {}).get("message.max.bytes", 1048588))
+    found = {}
+    for doc in docs:
+        if doc["kind"] != "KafkaTopic":
+            continue
+        where = f"KafkaTopic/{doc['metadata']['name']}"
+        labels = doc["metadata"].get("labels", {})
+        if (
+            labels.get("strimzi.io/cluster") != name
+            or doc["metadata"].get("namespace") != namespace
+        ):
+            problems.append(f"{where}: not in Kafka {name}'s namespace with its cluster label")
+        topic = doc["spec"].get("topicName", doc["metadata"]["name"])
+        found[topic] = {
+            "partitions": doc["spec"]["partitions"],
+            "replicas": doc["spec"]["replicas"],
+            "config": {k: str(v) for k, v in doc["spec"].get("config", {}).items()},
+        }
+        if int(found[topic]["config"].get("max.message.bytes", 0)) > limit:
+            problems.append(f"{where}: max.message.bytes over the brokers' message.max.bytes")
+    for topic in sorted(set(topics) | set(found)):
+        if found.get(topic) != topics.get(topic):
+            problems.append(f"topic {topic}: {found.get(topic)} != {topics.get(topic)}")
+    return problems

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from flask import Flask
 
-from core.runtime.kafka import consumer_config
+from core.runtime.kafka import consumer_config, replication_for, topic_specs
 from core.runtime.settings import DEFAULT_MODEL, DEFAULT_VERIFIER, Settings, load_settings
 from tests.unit import deploy_checks as dc
 
@@ -1216,3 +1216,151 @@ def test_the_sasl_ssl_compose_override_gives_each_service_its_user_and_secret_fi
         "consumer-gpu": "worker",
         "api": "api",
     }
+
+
+# --- a Kafka cluster: docker-compose.cluster.yml and the Strimzi overlay --------------------
+CLUSTER_COMPOSE_FILE = dc.ROOT / "docker-compose.cluster.yml"
+KAFKA_NODES = ["kafka", "kafka-2", "kafka-3"]
+
+
+@pytest.fixture(scope="module")
+def cluster_compose(compose: dict[str, Any]) -> dict[str, Any]:
+    """docker-compose.yml with docker-compose.cluster.yml layered over it."""
+    return dc.merge_compose(compose, dc.load_compose(CLUSTER_COMPOSE_FILE))
+
+
+def test_cluster_compose_passes_docker_compose_config() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is missing: .ci/run installs Debian's docker-compose")
+        pytest.skip("Debian's docker-compose is not installed (apt-get install docker-compose)")
+    files = ["-f", str(COMPOSE_FILE), "-f", str(CLUSTER_COMPOSE_FILE)]
+    for args in ([], ["--profile", "gpu"]):
+        done = subprocess.run(
+            [binary, *files, *args, "config"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        services = yaml.safe_load(done.stdout)["services"]
+        assert set(KAFKA_NODES) <= set(services)
+        voters = services["kafka"]["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+        assert voters.count("@") == 3, "node 1 takes the cluster's quorum from the override"
+
+
+def test_cluster_compose_is_three_nodes_of_one_replicated_cluster(
+    cluster_compose: dict[str, Any],
+) -> None:
+    services = cluster_compose["services"]
+    envs = [dc.compose_env(services[name]) for name in KAFKA_NODES]
+    assert [int(env["KAFKA_NODE_ID"]) for env in envs] == [1, 2, 3]
+    assert len({env["CLUSTER_ID"] for env in envs}) == 1
+    voters = {env["KAFKA_CONTROLLER_QUORUM_VOTERS"] for env in envs}
+    assert voters == {"1@kafka:29093,2@kafka-2:29093,3@kafka-3:29093"}
+    assert len({env["KAFKA_BROKER_RACK"] for env in envs}) == 3
+    host_ports = set()
+    for name, env in zip(KAFKA_NODES, envs, strict=True):
+        assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+        assert f"INTERNAL://{name}:29092" in env["KAFKA_ADVERTISED_LISTENERS"]
+        assert f"{name}:29092" in services[name]["healthcheck"]["test"]
+        (mapping,) = services[name]["ports"]
+        host_ports.add(mapping.split(":")[0])
+        assert f"EXTERNAL://localhost:{mapping.split(':')[0]}" in env["KAFKA_ADVERTISED_LISTENERS"]
+        for key, want in dc.STRIMZI_CLUSTER_CONFIG.items():
+            assert str(env[f"KAFKA_{key.upper().replace('.', '_')}"]).lower() == str(want).lower()
+        assert env["KAFKA_REPLICA_SELECTOR_CLASS"] == dc.RACK_SELECTOR
+    assert len(host_ports) == 3
+    for node in KAFKA_NODES:
+        assert services["topics"]["depends_on"][node]["condition"] == "service_healthy"
+
+
+def test_cluster_compose_points_every_qrsight_service_at_all_three_nodes(
+    cluster_compose: dict[str, Any],
+) -> None:
+    assert dc.compose_problems(cluster_compose) == []
+    for name in QRSIGHT_SERVICES:
+        env = dc.compose_env(cluster_compose["services"][name])
+        settings = load_settings({k: v for k, v in env.items() if k.startswith("QRSIGHT_")})
+        assert settings.kafka_bootstrap == "kafka:29092,kafka-2:29092,kafka-3:29092", name
+        assert replication_for(settings, 3) == (3, 2), name
+
+
+@pytest.fixture(scope="module")
+def strimzi_docs() -> list[dc.Doc]:
+    return dc.render_kustomization(dc.K8S / "overlays" / "strimzi")
+
+
+def strimzi_topics(docs: list[dc.Doc]) -> dict[str, dict[str, Any]]:
+    """What `qrsight-topics create` makes on a three-broker cluster with the overlay's
+    settings: the KafkaTopics must say the same."""
+    settings = load_settings(dc.find(docs, "ConfigMap", "qrsight-config")["data"])
+    replicas, min_isr = replication_for(settings, 3)
+    return {
+        name: {
+            "partitions": spec["partitions"],
+            "replicas": replicas,
+            "config": {**spec["config"], "min.insync.replicas": str(min_isr)},
+        }
+        for name, spec in topic_specs(settings).items()
+    }
+
+
+def test_strimzi_overlay_is_a_replicated_kraft_cluster_with_qrsights_topics(
+    strimzi_docs: list[dc.Doc],
+) -> None:
+    settings = load_settings(dc.find(strimzi_docs, "ConfigMap", "qrsight-config")["data"])
+    assert dc.strimzi_problems(strimzi_docs, settings, strimzi_topics(strimzi_docs)) == []
+    for topic in (d for d in strimzi_docs if d["kind"] == "KafkaTopic"):
+        assert (topic["spec"]["replicas"], topic["spec"]["config"]["min.insync.replicas"]) == (
+            3,
+            2,
+        )
+
+
+def test_strimzi_checks_catch_drift(strimzi_docs: list[dc.Doc]) -> None:
+    settings = load_settings(dc.find(strimzi_docs, "ConfigMap", "qrsight-config")["data"])
+    broken = json.loads(json.dumps(strimzi_docs))
+    dc.find(broken, "KafkaNodePool")["spec"]["replicas"] = 1
+    dc.find(broken, "Kafka")["spec"]["kafka"]["config"]["min.insync.replicas"] = 1
+    dc.find(broken, "KafkaTopic", "qr-images")["spec"]["replicas"] = 1
+    moved = settings.model_copy(update={"kafka_bootstrap": "other-kafka-bootstrap.kafka:9092"})
+    problems = dc.strimzi_problems(broken, moved, strimzi_topics(strimzi_docs))
+    assert [p.split(":")[0] for p in problems] == [
+        "Kafka",
+        "KafkaNodePool",
+        "Kafka",
+        "topic qr.images",
+    ], problems
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_strimzi_overlay_core_objects_match_the_kubernetes_schemas(
+    strimzi_docs: list[dc.Doc], version: str
+) -> None:
+    strimzi = {"Kafka", "KafkaNodePool", "KafkaTopic"}
+    assert {d["kind"] for d in strimzi_docs} >= strimzi
+    assert dc.k8s_problems(strimzi_docs) == []
+    for doc in strimzi_docs:
+        if doc["kind"] not in CUSTOM_KINDS | strimzi:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strimzi_overlay_rendering_agrees_with_kubectl_kustomize(
+    strimzi_docs: list[dc.Doc],
+) -> None:
+    done = subprocess.run(
+        [*kustomize_command(), str(dc.K8S / "overlays" / "strimzi")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    theirs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+    def by_key(docs: list[dc.Doc]) -> dict[tuple[str, str], dc.Doc]:
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    assert by_key(strimzi_docs) == by_key(theirs)
