@@ -157,7 +157,8 @@ def qrsight_stages(
     job = ImageJob(sample.name, sample.data)
     det = pipe.detector
     with clock.stage("decode"):
-        scale = jpeg_scale(probe(sample.data, pipe.limits), pipe._keep_side)
+        info = probe(sample.data, pipe.limits)
+        scale = jpeg_scale(info, pipe._keep_side)
         image = decode(sample.data, pipe.limits, scale=scale)
     with clock.stage("letterbox"):
         batch, metas = det.preprocess([image])
@@ -186,7 +187,7 @@ def qrsight_stages(
         dets = dets[np.argsort(-dets.confidence, kind="stable")]
         dets = dets[: pipe.settings.max_detections]
     with clock.stage("result record"):
-        height, width = pipe._full_size(image, scale, job)
+        height, width = pipe._full_size(image, scale, job, (info.height, info.width))
         record = result_record(
             job.request_id, None, rescale(dets, scale), width=width, height=height,
             model=det.info, timing={"queue_ms": 0.0, "decode_ms": 0.0, "infer_ms": 0.0,
