@@ -1,0 +1,42 @@
+"""``bench.stages``: its section of ``bench/RESULTS.md`` and its verdict on the zxing-cpp goal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.stages import BEGIN, END, found_share, goal_line, write_results
+
+
+def test_the_stages_section_replaces_its_last_run_and_keeps_the_rest(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## P1\n\ntable\n")
+    write_results(f"{BEGIN}\nfirst run\n{END}", results)
+    write_results(f"{BEGIN}\nsecond run\n{END}", results)
+    text = results.read_text()
+    assert "## P1\n\ntable" in text
+    assert "second run" in text
+    assert "first run" not in text
+    assert text.count(BEGIN) == 1
+
+
+def test_payloads_found_count_each_expected_text_once() -> None:
+    assert found_share(["a", "b"], ["b", None, "b", "c"]) == (1, 2)
+
+
+def result(qrsight_ms: float, zxing_ms: float) -> dict[str, Any]:
+    stages = {"decode": 3.0, "letterbox": 1.0, "inference": 4.0, "NMS": 0.5}
+    return {
+        "readers": {
+            "zxing-cpp": {"ms": {"total": zxing_ms}},
+            "qrsight Pipeline.run, 1 thread": {"ms": {"total": qrsight_ms}},
+            "qrsight stages, 1 thread": {"ms": stages},
+        }
+    }
+
+
+def test_the_zxing_goal_is_met_at_twice_its_time_and_missed_above_with_the_reason() -> None:
+    assert "(goal ≤ 2x: met)" in goal_line(result(7.0, 3.5))
+    missed = goal_line(result(11.0, 3.5))
+    assert "**3.14x**" in missed and "missed" in missed
+    assert "cost 8.50 ms (2.43x zxing-cpp's whole read" in missed
