@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -401,7 +402,46 @@ def goal_line(result: dict[str, Any]) -> str:
     return line + "."
 
 
-def render(report: dict[str, Any]) -> str:
+def plot(report: dict[str, Any], out: Path) -> Path:
+    """``stages.png`` in ``out``: per image set, qrsight's stages at one thread stacked,
+    beside zxing-cpp's and WeChat's whole reads, in CPU-ms per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = report["sets"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, (name, result) in zip(axes[0], sets.items(), strict=True):
+        readers = result["readers"]
+        stages = readers["qrsight stages, 1 thread"]["ms"]
+        bottom = 0.0
+        for k, stage in enumerate(STAGES):
+            value = stages.get(stage, 0.0)
+            ax.bar(0, value, bottom=bottom, color=cmap(k % 20), label=stage)
+            bottom += value
+        others = [("zxing-cpp", "zxing-cpp"), ("WeChat", "wechat")]
+        shown = [(label, key) for label, key in others if key in readers]
+        top = 2.5 * max(bottom, readers["zxing-cpp"]["ms"]["total"])
+        for x, (_, key) in enumerate(shown, start=1):
+            total = readers[key]["ms"]["total"]
+            ax.bar(x, min(total, top), color="tab:gray")
+            if total > top:  # cut, its value written on it
+                ax.text(x, top * 0.9, f"{total:.0f} ms", ha="center", color="white")
+        ax.set_ylim(0, top)
+        ax.set_xticks(range(1 + len(shown)), ["qrsight\n(1 thread)", *(s[0] for s in shown)])
+        ax.set(ylabel="CPU-ms per image", title=name.split(" (")[0])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    path = out / "stages.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(report: dict[str, Any], image: str | None = None) -> str:
     v = report["versions"]
     lines = [
         BEGIN,
@@ -414,6 +454,8 @@ def render(report: dict[str, Any]) -> str:
         f"{v['zxing-cpp']}.",
         "",
     ]
+    if image is not None:
+        lines += [f"![CPU per image by stage, beside the whole-image readers]({image})", ""]
     for name, result in report["sets"].items():
         lines += [
             f"### {name}: {result['images']} images",
@@ -459,10 +501,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=args.model,
         limit=args.limit,
     )
+    image = None
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "stages.json").write_text(json.dumps(report, indent=1))
-    section = render(report)
+        png = plot(report, args.out)
+        image = os.path.relpath(png.resolve(), RESULTS_MD.parent)
+    section = render(report, image)
     if args.write:
         write_results(section)
     print(section)

@@ -354,6 +354,8 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
         made.append(cpu_plot(model, out, plt))
+    if "stages" in report:
+        made.append(stage_bench.plot(report["stages"], out))
     return made
 
 
@@ -462,7 +464,7 @@ def render(report: dict[str, Any], out: Path, pngs: Sequence[Path]) -> str:
         "",
     ]
     if "stages" in report:
-        lines += ["", stage_bench.render(report["stages"])]
+        lines += ["", stage_bench.render(report["stages"], f"{rel}/stages.png")]
     del pngs
     return "\n".join(lines)
 
