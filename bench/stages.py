@@ -84,9 +84,15 @@ class Sample:
 
 
 def dev_photos(folder: Path) -> list[Sample]:
-    """The development photos and the payloads their manifest expects."""
+    """The development photos and the payloads their manifest expects; a folder without
+    a ``manifest.jsonl``: its images, no payload expected (their rate is then not known)."""
+    manifest = folder / "manifest.jsonl"
+    if not manifest.is_file():
+        from bench.serving import load_images
+
+        return [Sample(image.name, image.data, ()) for image in load_images(folder)]
     out = []
-    for line in (folder / "manifest.jsonl").read_text().splitlines():
+    for line in manifest.read_text().splitlines():
         row = json.loads(line)
         data = (folder / row["path"]).read_bytes()
         out.append(Sample(row["path"], data, tuple(row["texts"])))

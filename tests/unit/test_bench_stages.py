@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.stages import BEGIN, END, found_share, goal_line, write_results
+import cv2
+import numpy as np
+
+from bench.stages import BEGIN, END, dev_photos, found_share, goal_line, write_results
 
 
 def test_the_stages_section_replaces_its_last_run_and_keeps_the_rest(tmp_path: Path) -> None:
@@ -40,3 +43,13 @@ def test_the_zxing_goal_is_met_at_twice_its_time_and_missed_above_with_the_reaso
     missed = goal_line(result(11.0, 3.5))
     assert "**3.14x**" in missed and "missed" in missed
     assert "cost 8.50 ms (2.43x zxing-cpp's whole read" in missed
+
+
+def test_a_folder_without_a_manifest_gives_its_images_with_no_payload_expected(
+    tmp_path: Path,
+) -> None:
+    ok, buf = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    assert ok
+    (tmp_path / "a.png").write_bytes(buf.tobytes())
+    (photo,) = dev_photos(tmp_path)
+    assert photo.name == "a.png" and photo.texts == () and photo.data == buf.tobytes()
