@@ -1,5 +1,6 @@
-"""The JPEG scan count of the probe: the same count as ``bytes.count``, and a scan bomb is
-still refused."""
+"""The JPEG checks before decoding, made cheaper: the scan count is the same count as
+``bytes.count`` (a scan bomb is still refused), the end-of-image check the same answer as
+``bytes.find``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import pytest
 from core.runtime.errors import CorruptImageError
 from core.runtime.settings import load_settings
 from core.vision.images import ImageLimits, probe
+from core.vision.images.decoding import has_eoi
 from core.vision.images.probing import count_sos
 from tests.poison_corpus import _many_scans
 
 SOS = b"\xff\xda"
+EOI = b"\xff\xd9"
 
 
 @pytest.mark.parametrize(
@@ -48,3 +51,20 @@ def test_a_jpeg_with_too_many_scans_is_still_refused() -> None:
     with pytest.raises(CorruptImageError, match="scans"):
         probe(_many_scans(10_000), limits)
     probe(_many_scans(5), limits)  # a few scans pass
+
+
+@pytest.mark.parametrize(
+    ("data", "offset"),
+    [
+        (b"\x00" * 10 + EOI, 0),
+        (b"\x00" * 10 + EOI, 10),
+        (b"\x00" * 10 + EOI, 11),  # the marker starts before the scan data
+        (b"\x00" * 5 + EOI + b"\x00" * 5, 2),  # trailing bytes after the marker
+        (b"\x00" * 5 + EOI + b"\x00" * 5, 6),
+        (b"\x00" * 10, 0),
+        (EOI, 0),
+        (b"", 0),
+    ],
+)
+def test_the_end_of_image_check_is_the_search_for_the_marker(data: bytes, offset: int) -> None:
+    assert has_eoi(data, offset) == (data.find(EOI, offset) >= 0)
