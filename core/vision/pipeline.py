@@ -167,7 +167,10 @@ class Pipeline:
     def parts(self, jobs: Sequence[ImageJob]) -> list[list[int]]:
         """The jobs' indices in consecutive parts whose decoded bytes
         (:func:`decoded_bytes`) stay within ``QRSIGHT_BATCH_MEMORY_MB``; an image over the
-        budget on its own is a part on its own."""
+        budget on its own is a part on its own; a lone job is one part without reading its
+        header here (the decode reads it)."""
+        if len(jobs) <= 1:
+            return [list(range(len(jobs)))] if jobs else []
         parts: list[list[int]] = []
         held = 0
         for i, job in enumerate(jobs):

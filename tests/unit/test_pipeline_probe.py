@@ -1,5 +1,6 @@
 """A large JPEG decoded at a reduced scale: its header is read once per stage that needs
-it, and the record still reports the size it was sent at."""
+it (the memory budget of a batch of several, the decode), and the record still reports
+the size it was sent at."""
 
 from __future__ import annotations
 
@@ -39,4 +40,9 @@ def test_reduced_jpeg_reports_its_odd_size_from_the_decode_probe(
     assert result["status"] == "OK"
     assert result["image"] == {"width": 2563, "height": 2561}
     assert PAYLOAD in [d["text"] for d in result["detections"]]
-    assert len(calls) == 2  # the batch's memory budget, then the decode
+    assert len(calls) == 1  # the decode's (a lone image needs no memory-budget probe)
+    calls.clear()
+    with Pipeline(settings) as pipeline:
+        results = pipeline.run([ImageJob("a", data), ImageJob("b", data)])
+    assert [r["image"] for r in results] == [{"width": 2563, "height": 2561}] * 2
+    assert len(calls) == 4  # per image: the batch's memory budget, then the decode
