@@ -12,6 +12,9 @@ One broker and one machine for everything, so every ratio compares figures of th
   CPU-seconds per image of the broker, the API, the workers and the clients (``/proc``).
 - **Sweep** of batch size, wait, decode and ORT threads (P1's measurement per setting).
 - **Scaling**: qrsight at the highest concurrency with 1 .. cores worker processes.
+- **Stages** (``bench/stages.py``): where an image's CPU goes, stage by stage, on the
+  development photos and on 1920x1080 and 4032x3024 camera frames, next to zxing-cpp's
+  and OpenCV's WeChat reader's whole-image reads of the same images (no broker).
 
 ``--size quick`` (a few minutes: fewer images and levels, 3 s per level) checks that it all
 works; ``--size full`` (the default; about 35 minutes on 2 cores) is the run for figures.
@@ -35,6 +38,7 @@ from typing import Any
 
 from bench import pipeline as p1
 from bench import serving
+from bench import stages as stage_bench
 from core.runtime.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,10 +55,12 @@ class Size:
     p1_rounds: int
     sweep: int  # how many of bench/pipeline.py's SWEEP configurations
     models: tuple[str, ...]
+    stage_rounds: int = 3  # bench/stages.py: rounds per image and reader
+    stage_frames: int = 6  # bench/stages.py: generated camera frames per size
 
 
 SIZES = {
-    "quick": Size((1, 4, 16), 3.0, 30, 24, 1, 2, ("default", "ref")),
+    "quick": Size((1, 4, 16), 3.0, 30, 24, 1, 2, ("default", "ref"), 1, 2),
     "full": Size((1, 4, 8, 16, 32), 20.0, None, 200, 3, len(p1.SWEEP), ("default", "ref")),
 }
 GOALS = {"vs_seed": 1.8, "vs_ceiling": 0.95, "p99_vs_seed": 0.5, "overhead_ms": 5.0}
@@ -92,13 +98,22 @@ def run_all(size: Size, images_dir: Path, out: Path) -> dict[str, Any]:
     images = serving.load_images(images_dir, size.max_images)
     cores = os.cpu_count() or 1
     scaling = list(range(1, cores + 1))
-    steps = Steps(2 + size.sweep + 2 * len(size.models))
+    steps = Steps(3 + size.sweep + 2 * len(size.models))
     report: dict[str, Any] = {
         "machine": serving.machine(),
         "size": size.__dict__,
         "images": {"dir": serving.shown(images_dir), "count": len(images)},
     }
     plan = serving.Plan(images, size.levels, size.duration_s, scaling, out)
+    steps.next("stages: where an image's CPU goes, against zxing-cpp (no broker)")
+    report["stages"] = stage_bench.run(
+        images_dir,
+        rounds=size.stage_rounds,
+        frames=size.stage_frames,
+        seed=32,
+        model=None,
+        limit=size.max_images,
+    )
     steps.next("models")
     chosen = serving.models(size.models, serving.MODEL_CACHE)
     with serving.broker() as kafka:
@@ -339,6 +354,8 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
         made.append(cpu_plot(model, out, plt))
+    if "stages" in report:
+        made.append(stage_bench.plot(report["stages"], out))
     return made
 
 
@@ -446,6 +463,8 @@ def render(report: dict[str, Any], out: Path, pngs: Sequence[Path]) -> str:
         *p1_rows(report["p1"]),
         "",
     ]
+    if "stages" in report:
+        lines += ["", stage_bench.render(report["stages"], f"{rel}/stages.png")]
     del pngs
     return "\n".join(lines)
 

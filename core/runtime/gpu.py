@@ -15,7 +15,8 @@ on machines without a GPU.
   otherwise (``QRSIGHT_ONNX_PROVIDERS``).
 - :func:`default_workers`, :func:`worker_device`, :func:`ort_intra_threads`,
   :func:`post_threads`: the defaults of ``QRSIGHT_WORKERS``, ``QRSIGHT_CUDA_DEVICE``,
-  ``QRSIGHT_ORT_INTRA_THREADS`` and ``QRSIGHT_POST_THREADS`` when they are unset.
+  ``QRSIGHT_ORT_INTRA_THREADS`` and ``QRSIGHT_POST_THREADS`` when they are unset;
+  :func:`ort_solo_threads`: ``QRSIGHT_ORT_SOLO_THREADS``, on the CPU only.
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ def ort_intra_threads(settings: Settings, on_gpu: bool) -> int:
     if settings.ort_intra_threads is not None:
         return settings.ort_intra_threads
     return 1 if on_gpu else 0
+
+
+def ort_solo_threads(settings: Settings, on_gpu: bool) -> int:
+    """``QRSIGHT_ORT_SOLO_THREADS`` on the CPU; 0 (no second session) on a GPU, whose
+    model runs on the device and whose batches keep one padded shape."""
+    return 0 if on_gpu else settings.ort_solo_threads
 
 
 def post_threads(settings: Settings, workers: int, *, on_gpu: bool, cpus: int | None = None) -> int:

@@ -178,6 +178,13 @@ class Settings(BaseModel):
         "unset: 0 on the CPU, 1 when the detector runs on CUDA/TensorRT)",
     )
     ort_inter_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
+    ort_solo_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads for a batch of one image, in a second "
+        "session (CPU only; 0 = off): at low load a lone image may use the cores the other "
+        "workers leave idle",
+    )
     pad_batch: bool | None = Field(
         None,
         description="pad every inference batch to `QRSIGHT_MAX_BATCH` images, so the model "

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from core.runtime.errors import ConfigError, ModelError
-from core.runtime.gpu import GPU_PROVIDERS, gpu_runtime, ort_intra_threads
+from core.runtime.gpu import GPU_PROVIDERS, gpu_runtime, ort_intra_threads, ort_solo_threads
 from core.runtime.settings import Settings
 from core.vision.batch_nms import postprocess_batch_vectorized
 from core.vision.detections import Detections, ModelInfo
@@ -122,6 +122,10 @@ class Detector:
     ``device_preprocess``: letterbox on the inference device (:mod:`core.vision.letterbox_graph`;
     by default on CUDA and TensorRT) instead of on the host; :meth:`run_images` picks the
     path. ``device_id``: the CUDA device of the GPU providers.
+
+    ``solo_threads`` (CPU only; 0 = off): a second session with that many intra-op
+    threads runs every batch of exactly one image, so a lone image at low load may use
+    the cores other workers leave idle, while fuller batches keep ``intra_threads``.
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class Detector:
         pad: bool | None = None,
         device_id: int = 0,
         device_preprocess: bool | None = None,
+        solo_threads: int = 0,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -164,6 +169,11 @@ class Detector:
                 self.fixed_batch,
             )
         self.on_gpu = self.providers[0] in GPU_PROVIDERS
+        self.solo_session = (
+            self._open(chosen, solo_threads, inter_threads)
+            if solo_threads > 0 and solo_threads != intra_threads and not self.on_gpu
+            else None
+        )
         if pad is None:  # CUDA searches kernels, TensorRT builds an engine, per input shape
             pad = self.on_gpu
         self.run_batch = self.fixed_batch or (pad_to if pad else None)
@@ -226,6 +236,7 @@ class Detector:
             pad=settings.pad_batch,
             device_id=settings.cuda_device or 0,
             device_preprocess=settings.device_preprocess,
+            solo_threads=ort_solo_threads(settings, on_gpu),
         )
 
     # --- loading -------------------------------------------------------------------------
@@ -353,7 +364,9 @@ class Detector:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         try:
-            out = self.session.run(None, {self.input_name: batch})[0]
+            solo = self.solo_session if len(batch) == 1 else None  # a lone image: more threads
+            session = solo if solo is not None else self.session
+            out = session.run(None, {self.input_name: batch})[0]
         except Exception as exc:  # onnxruntime's errors are not exported as types
             raise ModelError(f"ONNX Runtime failed on a batch of {len(batch)}: {exc}") from exc
         logger.debug("inference batch=%d ms=%.1f", len(batch), (time.perf_counter() - start) * 1000)

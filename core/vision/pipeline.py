@@ -77,6 +77,7 @@ class _Intake:
     error: QrsightError | None = None
     started: float = 0.0  # perf_counter() at the decode's start
     scale: int = 1  # decoded at 1/scale (a large JPEG, see QRSIGHT_REDUCED_DECODE)
+    size: tuple[int, int] | None = None  # (height, width) as sent, from the decode's probe
 
 
 def _ms(start: float) -> float:
@@ -166,7 +167,10 @@ class Pipeline:
     def parts(self, jobs: Sequence[ImageJob]) -> list[list[int]]:
         """The jobs' indices in consecutive parts whose decoded bytes
         (:func:`decoded_bytes`) stay within ``QRSIGHT_BATCH_MEMORY_MB``; an image over the
-        budget on its own is a part on its own."""
+        budget on its own is a part on its own; a lone job is one part without reading its
+        header here (the decode reads it)."""
+        if len(jobs) <= 1:
+            return [list(range(len(jobs)))] if jobs else []
         parts: list[list[int]] = []
         held = 0
         for i, job in enumerate(jobs):
@@ -225,7 +229,8 @@ class Pipeline:
     def _decode(self, job: ImageJob) -> _Intake:
         start = time.perf_counter()
         try:
-            scale = jpeg_scale(probe(job.data, self.limits), self._keep_side)
+            info = probe(job.data, self.limits)
+            scale = jpeg_scale(info, self._keep_side)
             image = decode(job.data, self.limits, scale=scale)
         except QrsightError as exc:
             return _Intake(None, _ms(start), exc, started=start)
@@ -235,7 +240,8 @@ class Pipeline:
             )
             error = CorruptImageError(f"cannot decode the image: {exc}")
             return _Intake(None, _ms(start), error, started=start)
-        return _Intake(image, _ms(start), started=start, scale=scale)
+        size = (info.height, info.width)
+        return _Intake(image, _ms(start), started=start, scale=scale, size=size)
 
     def _run_chunk(
         self,
@@ -269,7 +275,7 @@ class Pipeline:
                 stages.add(job, "infer", t_infer, t_post, images=len(chunk))
                 stages.add(job, "postprocess", t_post, t_done, images=len(chunk))
                 stages.add(job, "payloads", t_pay, time.perf_counter(), read=read)
-            height, width = self._full_size(image, scale, job)
+            height, width = self._full_size(image, scale, job, intakes[i].size)
             dets = rescale(dets, scale)
             timing = {
                 "queue_ms": queue_ms[i],
@@ -386,11 +392,21 @@ class Pipeline:
             lambda: rescale(read_payloads(full.get(), rescale(dets, full.scale)), 1 / full.scale),
         )
 
-    def _full_size(self, image: np.ndarray, scale: int, job: ImageJob) -> tuple[int, int]:
+    def _full_size(
+        self,
+        image: np.ndarray,
+        scale: int,
+        job: ImageJob,
+        probed: tuple[int, int] | None = None,
+    ) -> tuple[int, int]:
         """(height, width) of the image as sent: the reduced size times ``scale``, read
-        from the header when reduced (ceil division loses the exact size)."""
+        from the header when reduced (ceil division loses the exact size): ``probed``,
+        the size the decode's probe read, else the header probed again (a probe scans a
+        large JPEG's bytes: about 2 ms for a 4032x3024 frame)."""
         if scale == 1:
             return image.shape[0], image.shape[1]
+        if probed is not None:
+            return probed
         info = probe(job.data, self.limits)
         return info.height, info.width
 

