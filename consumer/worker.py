@@ -90,7 +90,7 @@ REBUILD_INTERVAL_S = 60.0
 # At-least-once: fetching pauses once more than this many batches of delivered messages
 # await a confirmed commit (consumer.commits.CommitBook.holding)
 UNCOMMITTED_BATCHES = 2
-FINAL_COMMIT_SHARE = 0.25  # of QRSIGHT_SHUTDOWN_TIMEOUT_S, waiting for the final commit
+FINAL_COMMIT_SHARE = 0.25  # of QRSIGHT_SHUTDOWN_TIMEOUT_S: the final commit or the open transaction
 CLOSE_SHARE = 0.4  # of QRSIGHT_SHUTDOWN_TIMEOUT_S, waiting for the consumer to leave the group
 
 
@@ -200,7 +200,10 @@ class Worker:
         try:
             if self.exactly_once:
                 self._txns = Transactions(
-                    producer, on_given_back=self.metrics.transactions_aborted.inc
+                    producer,
+                    on_given_back=self.metrics.transactions_aborted.inc,
+                    stop=self._stop,
+                    stop_wait_s=self.settings.shutdown_timeout_s * FINAL_COMMIT_SHARE,
                 )
                 self._txns.init()
             self._log_start()
