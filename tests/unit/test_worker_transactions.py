@@ -65,7 +65,7 @@ def test_a_transactional_call_that_never_returns_is_given_up_after_its_limit() -
             )
     finally:
         release.set()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0
 
 
 def test_a_stop_request_ends_the_wait_for_a_stuck_transactional_call() -> None:
@@ -83,7 +83,7 @@ def test_a_stop_request_ends_the_wait_for_a_stuck_transactional_call() -> None:
             )
     finally:
         release.set()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0
 
 
 def test_a_retriable_failure_is_retried_and_the_call_then_succeeds() -> None:
