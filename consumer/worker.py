@@ -87,11 +87,20 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5  # also how quickly an idle worker notices stop()
 HELD_POLL_S = 0.05
 REBUILD_INTERVAL_S = 60.0
-# At-least-once: fetching pauses once more than this many batches of delivered messages
-# await a confirmed commit (consumer.commits.CommitBook.holding)
+# At-least-once: unless QRSIGHT_MAX_UNCOMMITTED says otherwise, fetching pauses once more
+# than this many batches of delivered messages await a confirmed commit
+# (consumer.commits.CommitBook.holding)
 UNCOMMITTED_BATCHES = 2
-FINAL_COMMIT_SHARE = 0.25  # of QRSIGHT_SHUTDOWN_TIMEOUT_S, waiting for the final commit
+FINAL_COMMIT_SHARE = 0.25  # of QRSIGHT_SHUTDOWN_TIMEOUT_S: the final commit or the open transaction
 CLOSE_SHARE = 0.4  # of QRSIGHT_SHUTDOWN_TIMEOUT_S, waiting for the consumer to leave the group
+
+
+def uncommitted_limit(settings: Settings) -> int:
+    """Delivered messages awaiting a confirmed commit past which the worker pauses fetching:
+    ``QRSIGHT_MAX_UNCOMMITTED``, else two batches (0: never)."""
+    if settings.max_uncommitted is not None:
+        return settings.max_uncommitted
+    return UNCOMMITTED_BATCHES * settings.max_batch
 
 
 def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
@@ -133,7 +142,7 @@ class Worker:
         path = journal_path(settings.state_dir, settings.consumer_group, self.identity, index)
         self.journal = CrashJournal(path, settings.crash_limit)
         self.ownership = Ownership()
-        self.book = CommitBook(max_uncommitted=UNCOMMITTED_BATCHES * settings.max_batch)
+        self.book = CommitBook(max_uncommitted=uncommitted_limit(settings))
         self.commits = Committer(self.book, self.ownership, self.metrics, index)
         self._routes = ReplyRoutes(settings.topic_replies)
         self.processing = Processing(
@@ -200,7 +209,10 @@ class Worker:
         try:
             if self.exactly_once:
                 self._txns = Transactions(
-                    producer, on_given_back=self.metrics.transactions_aborted.inc
+                    producer,
+                    on_given_back=self.metrics.transactions_aborted.inc,
+                    stop=self._stop,
+                    stop_wait_s=self.settings.shutdown_timeout_s * FINAL_COMMIT_SHARE,
                 )
                 self._txns.init()
             self._log_start()

@@ -230,6 +230,14 @@ class Settings(BaseModel):
         "`QRSIGHT_MAX_BATCH`, how long a worker waits for more before running the batch "
         "(a lone image runs at once; 0 = take only what is queued)",
     )
+    max_uncommitted: int | None = Field(
+        None,
+        ge=0,
+        description="at-least-once: delivered messages a worker lets await a confirmed offset "
+        "commit before it pauses fetching (while the group waits out a dead member, so the "
+        "work redone after a rebalance stays bounded; 0 = never pause; unset: twice "
+        "`QRSIGHT_MAX_BATCH`)",
+    )
     decode_threads: int = Field(2, ge=1, description="threads decoding images per worker")
     batch_memory_mb: int | None = Field(
         None,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from confluent_kafka import OFFSET_INVALID
 
 from consumer.commits import CommitBook, resume_moves
 from consumer.journal import DELIVERED_FRESH_S
+from consumer.worker import uncommitted_limit
+from core.runtime.settings import load_settings
 
 TOPIC = "qr.images"
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
@@ -110,3 +113,22 @@ def test_a_partial_confirmation_shrinks_the_work_in_doubt() -> None:
     book.confirm([(P0, 8)])  # the first batch's commit answered
     assert book.uncommitted() == 8
     assert book.pending() == {P0: 16}
+
+
+@pytest.mark.parametrize(
+    ("environ", "limit"),
+    [
+        ({}, 16),  # two batches of QRSIGHT_MAX_BATCH (8)
+        ({"QRSIGHT_MAX_BATCH": "32"}, 64),
+        ({"QRSIGHT_MAX_UNCOMMITTED": "100"}, 100),
+        ({"QRSIGHT_MAX_UNCOMMITTED": "0"}, 0),  # never hold back
+    ],
+)
+def test_the_pause_threshold_is_qrsight_max_uncommitted_else_two_batches(
+    environ: dict[str, str], limit: int
+) -> None:
+    settings = load_settings(environ)
+    assert uncommitted_limit(settings) == limit
+    book = CommitBook(max_uncommitted=uncommitted_limit(settings))
+    book.committed({P0: limit + 1}, confirmed=False, first={P0: 0})
+    assert book.holding() is (limit > 0)
