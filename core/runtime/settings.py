@@ -188,6 +188,12 @@ class Settings(BaseModel):
         description="when reading payloads, also read the whole image and add the QR codes "
         "the detector missed (confidence 1.0)",
     )
+    structure_check: bool = Field(
+        True,
+        description="a QR box whose payload was not read keeps a confidence of 0.5 or more "
+        "only if its crop shows a QR code's finder patterns (three corners, or two of one "
+        "code); otherwise its confidence is capped below 0.5 and the verifier drops it",
+    )
 
     # --- workers ----------------------------------------------------------------------
     consumer_group: str = Field("qrsight-workers", description="consumer group of the workers")

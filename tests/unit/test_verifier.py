@@ -221,3 +221,29 @@ def test_an_uncalibrated_verifier_keeps_the_detector_confidence(tmp_path: Path) 
     assert np.allclose(judged, v.scores(image, dets.xyxy))  # the raw score
     out = v.apply(dets, judged)
     assert len(out) == 1 and out.confidence[0] == pytest.approx(0.3)
+
+
+def test_a_confident_unread_box_without_finder_patterns_is_dropped(
+    dark_model: Path, tmp_path: Path
+) -> None:
+    """A verifier sure of a black square (calibrated on the detector's 0.9+ alone) keeps
+    its box at that confidence only without the structure check: the square has no
+    finder pattern, so with the check (the default) its confidence is capped below the
+    threshold and the box goes."""
+    trusting = with_metadata(
+        DEFAULT_VERIFIER, tmp_path / "verifier.onnx", detector_sha256=None, calibration="[1, 0, 0]"
+    )
+    image = np.full((320, 320, 3), 255, np.uint8)
+    image[64:128, 64:128] = 0
+    job = [ImageJob("r", png(image))]
+    kept = {}
+    for check in (True, False):
+        settings = load_settings(
+            {}, model_path=dark_model, verifier_path=trusting, structure_check=check
+        )
+        with Pipeline(settings) as pipeline:
+            (result,) = pipeline.run(job)
+        assert result["status"] == "OK"
+        kept[check] = [d["confidence"] for d in result["detections"]]
+    assert kept[False] and min(kept[False]) >= 0.5
+    assert kept[True] == []
