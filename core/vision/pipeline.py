@@ -310,7 +310,7 @@ class Pipeline:
         unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
         them without a verifier) get the harder reads of ``hard_attempts`` (default
         ``core.vision.payload.HARD_ATTEMPTS``); an unread box judged at the verifier's
-        threshold whose crop shows no QR finder patterns has its judgement capped below it
+        threshold whose crop shows no QR finder patterns has its judgement capped
         (:meth:`_structure`); finally the verifier's rule keeps read boxes and those judged
         at its threshold, with their calibrated confidence. Most confident
         first, at most ``max_detections``.
@@ -378,11 +378,11 @@ class Pipeline:
     def _structure(
         self, job: ImageJob | None, full: _FullImage, dets: Detections, judged: np.ndarray
     ) -> np.ndarray:
-        """The verifier's judgements with unread QR boxes it would keep capped below its
-        threshold when their full-resolution crop shows no QR finder patterns
-        (``core.vision.structure``, ``QRSIGHT_STRUCTURE_CHECK``); unchanged if that fails."""
+        """The verifier's judgements with unread QR boxes it would keep capped at
+        ``QRSIGHT_STRUCTURE_CAP`` when their full-resolution crop shows no QR finder
+        patterns (``core.vision.structure``); unchanged if that fails."""
         assert self.verifier is not None
-        if not self.settings.structure_check:
+        if self.settings.structure_cap >= 1.0:
             return judged
         try:
             gray = full.gray()
@@ -392,6 +392,7 @@ class Pipeline:
                 judged,
                 self._qr_id,
                 threshold=self.verifier.threshold,
+                cap=self.settings.structure_cap,
             )
         except Exception:
             logger.warning(

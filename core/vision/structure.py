@@ -42,12 +42,12 @@ MAX_FINDER_MODULES = 190.0  # version 40: 170
 MIN_SUPPORT = 2  # hits a finder needs (a real one is crossed by about 3 modules of rows)
 MODULE_RATIO = 1.8  # module sizes of the finders of one code agree within this factor
 # an unread box the verifier keeps must reach this level of :func:`box_structure`, or its
-# confidence is capped at CAP, below the verifier's keep threshold (chosen on synthetic
-# streams, models/README.md *Structure before confidence*)
+# confidence is capped (QRSIGHT_STRUCTURE_CAP; models/README.md *Structure before
+# confidence*)
 MIN_LEVEL = 2
+DEFAULT_CAP = 0.5
 # local-mean binarizations: (block = crop side / this, offset)
 BLOCKS = ((4, 2), (8, 2))
-CAP = 0.3
 
 
 @dataclass(frozen=True)
@@ -349,14 +349,15 @@ def cap_unstructured(
     qr_id: int | None,
     *,
     threshold: float,
+    cap: float = DEFAULT_CAP,
     min_level: int = MIN_LEVEL,
 ) -> np.ndarray:
     """``judged`` (the verifier's ``P(code)`` per detection, NaN for other classes) with
     each unread QR box at ``threshold`` or above whose crop in ``gray`` (the boxes' image)
-    reaches no ``min_level`` of :func:`box_structure` capped at :data:`CAP`: a confident
-    box with no finder pattern is another symbol or a texture, not a code nobody could
-    read. Only those boxes are scanned (read boxes and boxes the verifier drops cost
-    nothing)."""
+    reaches no ``min_level`` of :func:`box_structure` capped at ``cap``: a confident box
+    with no finder pattern may be another symbol or a texture rather than a code nobody
+    could read, so it is not reported as a sure one (a cap below ``threshold`` drops it).
+    Only those boxes are scanned (read boxes and boxes the verifier drops cost nothing)."""
     if qr_id is None or len(dets) == 0:
         return judged
     assert dets.text is not None
@@ -365,5 +366,5 @@ def cap_unstructured(
         if c != qr_id or t is not None or not p >= threshold:
             continue
         if box_structure(gray, dets.xyxy[i]) < min_level:
-            out[i] = min(float(p), CAP)
+            out[i] = min(float(p), cap)
     return out

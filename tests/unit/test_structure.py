@@ -11,7 +11,7 @@ import segno
 import zxingcpp
 
 from core.vision.detections import Detections
-from core.vision.structure import CAP, box_structure, cap_unstructured, structure_score
+from core.vision.structure import box_structure, cap_unstructured, structure_score
 
 TEXT = "qrsight structure check " * 3
 
@@ -107,10 +107,10 @@ def test_only_unread_confident_boxes_without_structure_are_capped() -> None:
         corners=[None] * 4,
     )
     judged = np.array([0.95, 0.97, 1.0, np.nan], np.float32)
-    out = cap_unstructured(img, dets, judged, 0, threshold=0.5)
+    out = cap_unstructured(img, dets, judged, 0, threshold=0.5, cap=0.3)
     assert out[0] == pytest.approx(0.95)  # a QR code nobody read keeps its confidence
-    assert out[1] == pytest.approx(CAP)  # an Aztec symbol does not
+    assert out[1] == pytest.approx(0.3)  # an Aztec symbol does not
     assert out[2] == 1.0  # a read box is never scanned
     assert np.isnan(out[3])  # another class is not judged
-    low = cap_unstructured(img, dets, np.array([0.95, 0.2, 1.0, np.nan]), 0, threshold=0.5)
+    low = cap_unstructured(img, dets, np.array([0.95, 0.2, 1.0, np.nan]), 0, threshold=0.5, cap=0.3)
     assert low[1] == pytest.approx(0.2)  # below the threshold already: left as it is

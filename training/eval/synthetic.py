@@ -166,7 +166,7 @@ def timing(args: argparse.Namespace, settings: Settings) -> int:
     plain.hard_attempts = ()
     configs["baseline: no verifier, standard reads"] = plain
     configs["without the structure check"] = Pipeline(
-        settings.model_copy(update={"structure_check": False}), detector=default.detector
+        settings.model_copy(update={"structure_cap": 1.0}), detector=default.detector
     )
     if args.before_verifier:
         before = Pipeline(
@@ -227,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         "verifier, no harder reads; and --before-verifier without harder reads), interleaved",
     )
     p.add_argument(
-        "--structure",
-        choices=("on", "off"),
+        "--structure-cap",
+        type=float,
         default=None,
-        help="the structure check of unread boxes (default: the settings' default)",
+        help="QRSIGHT_STRUCTURE_CAP (1 = no structure check; default: the settings' default)",
     )
     p.add_argument("--before-verifier", default=None, help="with --timing: an earlier verifier")
     p.add_argument(
@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["model_path"] = args.model
     if args.verifier:
         overrides["verifier_path"] = args.verifier
-    if args.structure:
-        overrides["structure_check"] = args.structure == "on"
+    if args.structure_cap is not None:
+        overrides["structure_cap"] = args.structure_cap
     settings = load_settings({}, **overrides)
     if args.timing:
         return timing(args, settings)
