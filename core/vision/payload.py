@@ -201,7 +201,8 @@ def _append_codes(dets: Detections, codes: list[_Code], class_id: int) -> Detect
 
 def drop_duplicate_reads(detections: Detections) -> Detections:
     """One detection per physical code: of the boxes that read the same code (same text,
-    corner centres closer than half the code's side), keep the most confident.
+    corner centres closer than half the code's side), keep the most confident; and drop
+    unread boxes that half-cover a read code (:func:`_straddles_a_read_code`).
 
     Two boxes that overlap a little less than the NMS threshold can both read one code;
     a decoded payload with its corners identifies the code, so the extra box is a duplicate.
@@ -218,9 +219,41 @@ def drop_duplicate_reads(detections: Detections) -> Detections:
             )
         ):
             kept.append(int(i))
+    kept = [i for i in kept if not _straddles_a_read_code(detections, i)]
     if len(kept) == len(detections):
         return detections
     return detections[np.sort(np.asarray(kept, np.int64))]
+
+
+STRADDLE_IOU = 0.2  # an unread box overlapping a read code this much...
+CONTAINED = 0.9  # ...without one holding the other (this share of the smaller one inside)
+
+
+def _straddles_a_read_code(detections: Detections, i: int) -> bool:
+    """Whether unread box ``i`` half-covers a code read through another box: it overlaps
+    the read code's corners (IoU >= :data:`STRADDLE_IOU`) while neither holds the other.
+    Such a box is a second, misplaced detection of that code (on a shipping label, a box
+    over the QR code and the symbol beside it), not a code of its own: another code
+    beside a read one does not overlap it, and a code nested in a read one (or holding
+    it) lies inside."""
+    assert detections.text is not None and detections.corners is not None
+    if detections.text[i] is not None:
+        return False
+    x1, y1, x2, y2 = (float(v) for v in detections.xyxy[i])
+    own = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+    for text, corners in zip(detections.text, detections.corners, strict=True):
+        if text is None or corners is None:
+            continue
+        (a1, b1), (a2, b2) = corners.min(axis=0), corners.max(axis=0)
+        code = max(float(a2 - a1), 0.0) * max(float(b2 - b1), 0.0)
+        w, h = min(x2, float(a2)) - max(x1, float(a1)), min(y2, float(b2)) - max(y1, float(b1))
+        inter = max(w, 0.0) * max(h, 0.0)
+        if inter <= 0 or min(own, code) <= 0:
+            continue
+        iou = inter / (own + code - inter)
+        if iou >= STRADDLE_IOU and inter < CONTAINED * min(own, code):
+            return True
+    return False
 
 
 def _same_code(

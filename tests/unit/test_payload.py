@@ -185,6 +185,29 @@ def test_drop_duplicate_reads(reads: list[tuple[str | None, float]], kept: list[
     assert out.text == [reads[i][0] for i in kept]
 
 
+def test_an_unread_box_half_over_a_read_code_goes_but_a_nested_one_stays() -> None:
+    """A misplaced second box on a read code (half on it, half beside it) is no code of
+    its own; a box inside the read code (a code nested in it) or holding it stays."""
+    boxes = np.float32(
+        [
+            [0, 0, 40, 40],  # the read code
+            [20, 0, 60, 40],  # half over it: dropped
+            [10, 10, 22, 22],  # inside it: stays
+            [-30, -30, 70, 70],  # holding it: stays
+            [100, 0, 140, 40],  # beside it: stays
+        ]
+    )
+    dets = Detections(
+        xyxy=boxes,
+        confidence=np.linspace(0.9, 0.5, 5).astype(np.float32),
+        class_id=np.zeros(5, np.int64),
+        text=["A", None, None, None, None],
+        corners=[SQUARE, None, None, None, None],
+    )
+    out = drop_duplicate_reads(dets)
+    assert out.xyxy.tolist() == boxes[[0, 2, 3, 4]].tolist()
+
+
 # --- codes the detector missed ---------------------------------------------------------
 @pytest.mark.parametrize("boxes", [[], [0]], ids=["no-box", "one-of-two-boxed"])
 def test_whole_image_codes_the_detector_missed_are_added_once(boxes: list[int]) -> None:
