@@ -74,7 +74,8 @@ FILLED = tuple(f"fill-{k}" for k in ("Aztec", "PDF417", "DataMatrix", "MaxiCode"
 SURFACES = tuple(f"surface-{k}" for k in SURFACE_KINDS)
 LABEL_WITH_QR = "label-qr"
 LABEL_WITHOUT_QR = "label-no-qr"
-ALL_POSITIVE = (*POSITIVE, LABEL_WITH_QR)
+NESTED = "nested"  # a small QR code printed inside a larger one (two codes)
+ALL_POSITIVE = (*POSITIVE, LABEL_WITH_QR, NESTED)
 NEGATIVE = TEXTURES + SYMBOLS + FILLED + SURFACES + (LABEL_WITHOUT_QR,)
 FAMILIES = ALL_POSITIVE + NEGATIVE
 SUPERSAMPLE = 2
@@ -107,6 +108,8 @@ def scene(seed: int, index: int, family: str, long_side: tuple[int, int] | None 
         return _filled_scene(rng, family, long_side or (320, 1200))
     if family in SURFACES:
         return _surface_scene(rng, family, long_side or (640, 1600))
+    if family == NESTED:
+        return _nested_scene(rng, long_side or (480, 1280))
     if family in (LABEL_WITH_QR, LABEL_WITHOUT_QR):
         return _label_scene(rng, family == LABEL_WITH_QR, long_side or (640, 1600))
     return _code_scene(rng, family, long_side or (480, 1280))
@@ -306,6 +309,43 @@ def _label_scene(rng: np.random.Generator, with_qr: bool, size: tuple[int, int])
         hard = np.array([[*lo, *hi]], np.float32)
         return Scene(img, np.zeros((0, 4), np.float32), [], family, hard)
     return Scene(img, box[None], texts, family, np.zeros((0, 4), np.float32))
+
+
+def _nested_scene(rng: np.random.Generator, size: tuple[int, int]) -> Scene:
+    """A small QR code printed inside a larger one, at half its module size, over its
+    centre (the outer code at error correction H, so it still reads): two codes, two
+    boxes, two payloads; photographed at a mild angle."""
+    h, w = _photo_size(rng, *size)
+    canvas, _ = synth._background(rng, h, w)
+    texts = [_payload(rng)[:60], _payload(rng)[:20]]
+    outer = segno.make_qr(texts[0], error="H", boost_error=False)
+    version = max(int(outer.version), int(rng.integers(6, 11)))
+    outer = segno.make_qr(texts[0], error="H", version=version, boost_error=False)
+    inner = segno.make_qr(texts[1], error="M", boost_error=False)
+    big = np.kron(np.array([list(r) for r in outer.matrix], np.uint8), np.ones((2, 2), np.uint8))
+    small = np.pad(np.array([list(r) for r in inner.matrix], np.uint8), 1)  # 1 light module
+    n, m = big.shape[0], small.shape[0]
+    at = (n - m) // 2
+    big[at : at + m, at : at + m] = small
+    quiet = 4 * 2
+    grid = np.pad(big, quiet)
+    ppm = 3
+    cells = cv2.resize(grid, (grid.shape[1] * ppm,) * 2, interpolation=cv2.INTER_NEAREST)
+    tex = np.where(cells[..., None] > 0, 20.0, 235.0).astype(np.float32) * np.ones(3, np.float32)
+    th = tex.shape[0]
+    side = rng.uniform(0.35, 0.8) * min(h, w)
+    quad = _quad(rng, (w / 2, h / 2), side, side, rotate=0.3, persp=0.05)
+    outer_px = np.float32([[quiet, quiet], [quiet + n, quiet], [quiet + n, quiet + n]]) * ppm
+    inner_lo, inner_hi = (quiet + at + 1) * ppm, (quiet + at + m - 1) * ppm
+    mat = cv2.getPerspectiveTransform(np.float32([[0, 0], [th, 0], [th, th], [0, th]]), quad)
+    boxes = []
+    for lo, hi in ((outer_px[0, 0], outer_px[1, 0]), (inner_lo, inner_hi)):
+        pts = np.float32([[lo, lo], [hi, lo], [hi, hi], [lo, hi]])[None]
+        warped = cv2.perspectiveTransform(pts, mat)[0]
+        boxes.append([*warped.min(0), *warped.max(0)])
+    _composite(canvas, tex, quad)
+    img = _degrade(rng, canvas, NESTED, module=side / grid.shape[0])
+    return Scene(img, np.array(boxes, np.float32), texts, NESTED, np.zeros((0, 4), np.float32))
 
 
 # --------------------------------------------------------------------------- positives

@@ -123,7 +123,13 @@ def score(
         row.hit += int(len(dets) > 0)
         row.extra += len(dets)
         return
-    found = bool(on_code.any())
+    # every code of the image boxed (IoU >= 0.5) or read (the nested family has two)
+    boxed = np.zeros(len(case.boxes), bool)
+    if len(case.boxes) and dets:
+        shown_xyxy = np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], np.float32)
+        boxed = box_iou(case.boxes, shown_xyxy).max(1) >= 0.5
+    boxed |= np.array([t in texts for t in case.texts], bool)
+    found = bool(len(boxed)) and bool(boxed.all())
     row.hit += int(found)
     row.read += int(all(t in texts for t in case.texts))
     row.extra += int((~on_code).sum())
