@@ -381,9 +381,14 @@ class Pipeline:
         """The verifier's judgements with unread QR boxes it would keep capped at
         ``QRSIGHT_STRUCTURE_CAP`` when their full-resolution crop shows no QR finder
         patterns (``core.vision.structure``); unchanged if that fails."""
-        assert self.verifier is not None
+        assert self.verifier is not None and dets.text is not None
         if self.settings.structure_cap >= 1.0:
             return judged
+        unread = np.array([t is None for t in dets.text], bool)
+        if not (
+            unread & (dets.class_id == self._qr_id) & (judged >= self.verifier.threshold)
+        ).any():
+            return judged  # nothing to scan: no grey copy of the image either
         try:
             gray = full.gray()
             return cap_unstructured(
