@@ -75,7 +75,8 @@ SURFACES = tuple(f"surface-{k}" for k in SURFACE_KINDS)
 LABEL_WITH_QR = "label-qr"
 LABEL_WITHOUT_QR = "label-no-qr"
 NESTED = "nested"  # a small QR code printed inside a larger one (two codes)
-ALL_POSITIVE = (*POSITIVE, LABEL_WITH_QR, NESTED)
+ARTISTIC = "artistic"  # modules printed as dots over a picture
+ALL_POSITIVE = (*POSITIVE, LABEL_WITH_QR, NESTED, ARTISTIC)
 NEGATIVE = TEXTURES + SYMBOLS + FILLED + SURFACES + (LABEL_WITHOUT_QR,)
 FAMILIES = ALL_POSITIVE + NEGATIVE
 SUPERSAMPLE = 2
@@ -110,6 +111,8 @@ def scene(seed: int, index: int, family: str, long_side: tuple[int, int] | None 
         return _surface_scene(rng, family, long_side or (640, 1600))
     if family == NESTED:
         return _nested_scene(rng, long_side or (480, 1280))
+    if family == ARTISTIC:
+        return _artistic_scene(rng, long_side or (480, 1280))
     if family in (LABEL_WITH_QR, LABEL_WITHOUT_QR):
         return _label_scene(rng, family == LABEL_WITH_QR, long_side or (640, 1600))
     return _code_scene(rng, family, long_side or (480, 1280))
@@ -346,6 +349,52 @@ def _nested_scene(rng: np.random.Generator, size: tuple[int, int]) -> Scene:
     _composite(canvas, tex, quad)
     img = _degrade(rng, canvas, NESTED, module=side / grid.shape[0])
     return Scene(img, np.array(boxes, np.float32), texts, NESTED, np.zeros((0, 4), np.float32))
+
+
+def _artistic_scene(rng: np.random.Generator, size: tuple[int, int]) -> Scene:
+    """An artistic QR code (error correction H): a picture fills the code, each module is
+    only a dot or a small square of 25-45 % of its width at its centre (where a reader
+    samples it), the finder patterns stay solid; photographed at a mild angle."""
+    h, w = _photo_size(rng, *size)
+    canvas, _ = synth._background(rng, h, w)
+    text = _payload(rng)[:60]
+    code = segno.make_qr(text, error="H", boost_error=False)
+    dark = np.array([list(r) for r in code.matrix], np.uint8)
+    n, ppm, quiet = dark.shape[0], 12, 4
+    side_px = (n + 2 * quiet) * ppm
+    picture, _ = synth._background(rng, side_px, side_px)
+    tex = picture.astype(np.float32)
+    frac = rng.uniform(0.25, 0.45)
+    round_dots = rng.random() < 0.5
+    dot = np.zeros((ppm, ppm), np.float32)
+    r = frac * ppm / 2
+    if round_dots:
+        cv2.circle(dot, (ppm // 2, ppm // 2), max(1, round(r)), 1.0, -1, cv2.LINE_AA)
+    else:
+        a, b = round(ppm / 2 - r), round(ppm / 2 + r)
+        dot[a:b, a:b] = 1.0
+    finder = np.zeros((n, n), bool)
+    for y, x in ((0, 0), (0, n - 8), (n - 8, 0)):
+        finder[y : y + 8, x : x + 8] = True
+    mask = np.kron(np.ones((n, n), np.float32), dot)
+    mask = np.where(np.kron(finder, np.ones((ppm, ppm), bool)), 1.0, mask)
+    value = np.kron(np.where(dark > 0, 20.0, 240.0), np.ones((ppm, ppm), np.float32))
+    q = quiet * ppm
+    inner = tex[q : q + n * ppm, q : q + n * ppm]
+    tex[q : q + n * ppm, q : q + n * ppm] = inner * (1 - mask[..., None]) + (
+        value[..., None] * mask[..., None]
+    )
+    tex[:q] = tex[-q:] = 240.0
+    tex[:, :q] = tex[:, -q:] = 240.0
+    side = rng.uniform(0.35, 0.85) * min(h, w)
+    quad = _quad(rng, (w / 2, h / 2), side, side, rotate=0.3, persp=0.05)
+    sym = np.zeros((side_px, side_px), np.uint8)
+    sym[q : q + n * ppm, q : q + n * ppm] = 255
+    box = _composite(canvas, np.clip(tex, 0, 255), quad, sym)
+    img = _degrade(rng, canvas, ARTISTIC, module=side / (n + 2 * quiet))
+    if box is None:
+        return Scene(img, np.zeros((0, 4), np.float32), [], ARTISTIC, np.zeros((0, 4)))
+    return Scene(img, box[None], [text], ARTISTIC, np.zeros((0, 4), np.float32))
 
 
 # --------------------------------------------------------------------------- positives
