@@ -14,7 +14,13 @@ crop verifier can be trained on the hard ones (``training/verify.py``, other see
   frame (``training.textures``: carpet, gravel, sand, foliage, fabric, asphalt, 1/f
   noise), tilted, in and out of focus — no code;
 - **other symbologies** (:data:`SYMBOLS`): one PDF417, Aztec, Data Matrix, MaxiCode or
-  1-D barcode (written by zxing-cpp) on a label, filling 25-90 % of the frame — no QR code.
+  1-D barcode (written by zxing-cpp) on a label, filling 25-90 % of the frame — no QR code;
+- round two (issue 31): **filled** (:data:`FILLED`) — Aztec, PDF417, Data Matrix or
+  MaxiCode filling 60-100 % of the frame, half computer-generated, half photographed;
+  **surfaces** (:data:`SURFACES`, ``training.surfaces``) — worn, scratched, printed-over
+  and patterned surfaces filling the frame; **shipping labels** — a 4 x 6 in label with
+  MaxiCode, Code 128, PDF417 and Data Matrix, photographed at an angle, with a QR code
+  (``label-qr``: exactly that code must get a box) or without one (``label-no-qr``).
 
 ``scene(seed, index, family)`` is deterministic. Images are RGB ``uint8`` at a phone-photo
 aspect (4:3, 3:4 or 1:1), 480-1600 px on the long side, so the detector shrinks most of
@@ -34,6 +40,8 @@ import segno
 import zxingcpp
 
 from training import synth
+from training.surfaces import KINDS as SURFACE_KINDS
+from training.surfaces import surface
 from training.textures import KINDS, closeup, texture
 
 POSITIVE = (
@@ -60,8 +68,17 @@ SYMBOL_FORMATS = {
     "1D": ("Code128", "EAN13", "Code39", "ITF", "UPCA", "Code93"),
 }
 SYMBOLS = tuple(f"symbol-{k}" for k in SYMBOL_FORMATS)
-NEGATIVE = TEXTURES + SYMBOLS
-FAMILIES = POSITIVE + NEGATIVE
+# round two (issue 31); kept apart from the tuples above, which make the verifier v2's
+# training recipe (training/verify.py)
+FILLED = tuple(f"fill-{k}" for k in ("Aztec", "PDF417", "DataMatrix", "MaxiCode"))
+SURFACES = tuple(f"surface-{k}" for k in SURFACE_KINDS)
+LABEL_WITH_QR = "label-qr"
+LABEL_WITHOUT_QR = "label-no-qr"
+NESTED = "nested"  # a small QR code printed inside a larger one (two codes)
+ARTISTIC = "artistic"  # modules printed as dots over a picture
+ALL_POSITIVE = (*POSITIVE, LABEL_WITH_QR, NESTED, ARTISTIC)
+NEGATIVE = TEXTURES + SYMBOLS + FILLED + SURFACES + (LABEL_WITHOUT_QR,)
+FAMILIES = ALL_POSITIVE + NEGATIVE
 SUPERSAMPLE = 2
 
 
@@ -88,6 +105,16 @@ def scene(seed: int, index: int, family: str, long_side: tuple[int, int] | None 
         return _texture_scene(rng, family, long_side or (640, 1600))
     if family in SYMBOLS:
         return _symbol_scene(rng, family, long_side or (480, 1600))
+    if family in FILLED:
+        return _filled_scene(rng, family, long_side or (320, 1200))
+    if family in SURFACES:
+        return _surface_scene(rng, family, long_side or (640, 1600))
+    if family == NESTED:
+        return _nested_scene(rng, long_side or (480, 1280))
+    if family == ARTISTIC:
+        return _artistic_scene(rng, long_side or (480, 1280))
+    if family in (LABEL_WITH_QR, LABEL_WITHOUT_QR):
+        return _label_scene(rng, family == LABEL_WITH_QR, long_side or (640, 1600))
     return _code_scene(rng, family, long_side or (480, 1280))
 
 
@@ -186,6 +213,188 @@ def _symbol_scene(rng: np.random.Generator, family: str, size: tuple[int, int]) 
     hi = np.clip(quad.max(0), 0, [w, h])
     label_box = np.array([[*lo, *hi]], np.float32)
     return Scene(img, np.zeros((0, 4), np.float32), [], family, label_box)
+
+
+def _surface_scene(rng: np.random.Generator, family: str, size: tuple[int, int]) -> Scene:
+    h, w = _photo_size(rng, *size)
+    img = closeup(rng, surface(rng, family.removeprefix("surface-"), h, w))
+    img = _camera(rng, img, rng.uniform(0, 6), int(rng.integers(60, 96)))
+    frame = np.array([[0, 0, w, h]], np.float32)
+    return Scene(img, np.zeros((0, 4), np.float32), [], family, frame)
+
+
+def _filled_scene(rng: np.random.Generator, family: str, size: tuple[int, int]) -> Scene:
+    """Another 2-D symbol filling the frame: half of them computer-generated (the image is
+    the symbol, 100-500 px on its longer side, resampled, a quiet zone of 0-4 modules, as a label
+    file or a screenshot is sent), half photographed filling 60-100 % of the frame (a
+    slight angle, focus, light, noise, JPEG)."""
+    sym = _symbol_image(rng, family.removeprefix("fill-"))
+    h, w = _photo_size(rng, *size)
+    sh, sw = sym.shape
+    fill = rng.uniform(0.6, 1.0)
+    scale = fill * min(h / sh, w / sw)
+    if rng.random() < 0.5:  # the image is the symbol: a render of 100-500 px
+        k = rng.uniform(100, 500) / max(sh, sw)
+        interp = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA)[int(rng.integers(0, 3))]
+        big = cv2.resize(sym, (round(sw * k), round(sh * k)), interpolation=interp)
+        quiet = round(int(rng.integers(0, 5)) * k)
+        img = cv2.copyMakeBorder(big, quiet, quiet, quiet, quiet, cv2.BORDER_CONSTANT, value=255)
+        box = np.array([[quiet, quiet, quiet + big.shape[1], quiet + big.shape[0]]], np.float32)
+        rgb = np.repeat(img[..., None], 3, axis=2)
+        return Scene(rgb, np.zeros((0, 4), np.float32), [], family, box)
+    canvas = np.full((h, w, 3), rng.uniform(200, 255), np.uint8)
+    rgb = np.repeat(sym[..., None], 3, axis=2).astype(np.float32)
+    quad = _quad(rng, (w / 2, h / 2), sw * scale, sh * scale, rotate=0.1, persp=0.05)
+    _composite(canvas, rgb, quad)
+    img = _degrade(rng, canvas, "symbol", module=scale)
+    lo, hi = np.clip(quad.min(0), 0, [w, h]), np.clip(quad.max(0), 0, [w, h])
+    return Scene(img, np.zeros((0, 4), np.float32), [], family, np.array([[*lo, *hi]], np.float32))
+
+
+def _shipping_label(
+    rng: np.random.Generator, with_qr: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A 4 x 6 in shipping label at about 200 dpi (grey ``uint8``) and the mask of its QR
+    code's symbol area (empty without one): MaxiCode, a QR code or a Data Matrix in the top
+    squares, Code 128 and PDF417 across, a Data Matrix low on the left, text lines."""
+    lh, lw = 1200, 800
+    label = np.full((lh, lw), 250, np.uint8)
+    mask = np.zeros((lh, lw), np.uint8)
+
+    def put(sym: np.ndarray, x: int, y: int, bw: int, bh: int, *, is_qr: bool = False) -> None:
+        sh, sw = sym.shape
+        k = max(1, min(bw // sw, bh // sh))
+        big = cv2.resize(sym, (sw * k, sh * k), interpolation=cv2.INTER_NEAREST)
+        if sh < sw / 4:  # 1-D: tall bars
+            big = cv2.resize(big, (big.shape[1], bh), interpolation=cv2.INTER_NEAREST)
+        big = big[: lh - y, : lw - x]
+        label[y : y + big.shape[0], x : x + big.shape[1]] = big
+        if is_qr:
+            mask[y : y + big.shape[0], x : x + big.shape[1]] = 255
+
+    slots = [(40, 40, 330, 330), (430, 40, 330, 330)]
+    order = rng.permutation(2)
+    put(_symbol_image(rng, "MaxiCode"), *slots[order[0]])
+    x, y, bw, bh = slots[order[1]]
+    texts = [_payload(rng)] if with_qr else []
+    if with_qr:
+        code = _qr(rng, texts[0], dense=False)
+        put(np.where(code > 0, 0, 255).astype(np.uint8), x, y, bw, bh, is_qr=True)
+    else:
+        put(_symbol_image(rng, "DataMatrix"), x, y, bw, bh)
+    put(_symbol_image(rng, "Code128"), 60, 420, 680, 150)
+    put(_symbol_image(rng, "PDF417"), 40, 640, 720, 220)
+    put(_symbol_image(rng, "DataMatrix"), 40, 920, 220, 220)
+    for k in range(int(rng.integers(4, 10))):
+        text = "".join(rng.choice(list(string.ascii_uppercase + string.digits + " -"), 20))
+        cv2.putText(
+            label, text, (300, 950 + 35 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.9, 0, 2, cv2.LINE_AA
+        )
+    cv2.rectangle(label, (10, 10), (lw - 10, lh - 10), 0, 3)
+    return label, mask, texts
+
+
+def _label_scene(rng: np.random.Generator, with_qr: bool, size: tuple[int, int]) -> Scene:
+    """A shipping label photographed at an angle on a parcel, filling 50-95 % of the
+    frame: with a QR code (its box the one expected) or without one (no box expected)."""
+    h, w = _photo_size(rng, *size)
+    canvas, _ = synth._background(rng, h, w)
+    label, mask, texts = _shipping_label(rng, with_qr)
+    lh, lw = label.shape
+    scale = rng.uniform(0.5, 0.95) * min(h / lh, w / lw)
+    quad = _quad(rng, (w / 2, h / 2), lw * scale, lh * scale, rotate=0.3, persp=0.12)
+    rgb = np.repeat(label[..., None], 3, axis=2).astype(np.float32)
+    box = _composite(canvas, rgb, quad, mask if with_qr else None)
+    img = _degrade(rng, canvas, "label", module=scale * 4)
+    family = LABEL_WITH_QR if with_qr else LABEL_WITHOUT_QR
+    if not with_qr or box is None:
+        lo, hi = np.clip(quad.min(0), 0, [w, h]), np.clip(quad.max(0), 0, [w, h])
+        hard = np.array([[*lo, *hi]], np.float32)
+        return Scene(img, np.zeros((0, 4), np.float32), [], family, hard)
+    return Scene(img, box[None], texts, family, np.zeros((0, 4), np.float32))
+
+
+def _nested_scene(rng: np.random.Generator, size: tuple[int, int]) -> Scene:
+    """A small QR code printed inside a larger one, at half its module size, over its
+    centre (the outer code at error correction H, so it still reads): two codes, two
+    boxes, two payloads; photographed at a mild angle."""
+    h, w = _photo_size(rng, *size)
+    canvas, _ = synth._background(rng, h, w)
+    texts = [_payload(rng)[:60], _payload(rng)[:20]]
+    outer = segno.make_qr(texts[0], error="H", boost_error=False)
+    version = max(int(outer.version), int(rng.integers(6, 11)))
+    outer = segno.make_qr(texts[0], error="H", version=version, boost_error=False)
+    inner = segno.make_qr(texts[1], error="M", boost_error=False)
+    big = np.kron(np.array([list(r) for r in outer.matrix], np.uint8), np.ones((2, 2), np.uint8))
+    small = np.pad(np.array([list(r) for r in inner.matrix], np.uint8), 1)  # 1 light module
+    n, m = big.shape[0], small.shape[0]
+    at = (n - m) // 2
+    big[at : at + m, at : at + m] = small
+    quiet = 4 * 2
+    grid = np.pad(big, quiet)
+    ppm = 3
+    cells = cv2.resize(grid, (grid.shape[1] * ppm,) * 2, interpolation=cv2.INTER_NEAREST)
+    tex = np.where(cells[..., None] > 0, 20.0, 235.0).astype(np.float32) * np.ones(3, np.float32)
+    th = tex.shape[0]
+    side = rng.uniform(0.35, 0.8) * min(h, w)
+    quad = _quad(rng, (w / 2, h / 2), side, side, rotate=0.3, persp=0.05)
+    outer_px = np.float32([[quiet, quiet], [quiet + n, quiet], [quiet + n, quiet + n]]) * ppm
+    inner_lo, inner_hi = (quiet + at + 1) * ppm, (quiet + at + m - 1) * ppm
+    mat = cv2.getPerspectiveTransform(np.float32([[0, 0], [th, 0], [th, th], [0, th]]), quad)
+    boxes = []
+    for lo, hi in ((outer_px[0, 0], outer_px[1, 0]), (inner_lo, inner_hi)):
+        pts = np.float32([[lo, lo], [hi, lo], [hi, hi], [lo, hi]])[None]
+        warped = cv2.perspectiveTransform(pts, mat)[0]
+        boxes.append([*warped.min(0), *warped.max(0)])
+    _composite(canvas, tex, quad)
+    img = _degrade(rng, canvas, NESTED, module=side / grid.shape[0])
+    return Scene(img, np.array(boxes, np.float32), texts, NESTED, np.zeros((0, 4), np.float32))
+
+
+def _artistic_scene(rng: np.random.Generator, size: tuple[int, int]) -> Scene:
+    """An artistic QR code (error correction H): a picture fills the code, each module is
+    only a dot or a small square of 25-45 % of its width at its centre (where a reader
+    samples it), the finder patterns stay solid; photographed at a mild angle."""
+    h, w = _photo_size(rng, *size)
+    canvas, _ = synth._background(rng, h, w)
+    text = _payload(rng)[:60]
+    code = segno.make_qr(text, error="H", boost_error=False)
+    dark = np.array([list(r) for r in code.matrix], np.uint8)
+    n, ppm, quiet = dark.shape[0], 12, 4
+    side_px = (n + 2 * quiet) * ppm
+    picture, _ = synth._background(rng, side_px, side_px)
+    tex = picture.astype(np.float32)
+    frac = rng.uniform(0.25, 0.45)
+    round_dots = rng.random() < 0.5
+    dot = np.zeros((ppm, ppm), np.float32)
+    r = frac * ppm / 2
+    if round_dots:
+        cv2.circle(dot, (ppm // 2, ppm // 2), max(1, round(r)), 1.0, -1, cv2.LINE_AA)
+    else:
+        a, b = round(ppm / 2 - r), round(ppm / 2 + r)
+        dot[a:b, a:b] = 1.0
+    finder = np.zeros((n, n), bool)
+    for y, x in ((0, 0), (0, n - 8), (n - 8, 0)):
+        finder[y : y + 8, x : x + 8] = True
+    mask = np.kron(np.ones((n, n), np.float32), dot)
+    mask = np.where(np.kron(finder, np.ones((ppm, ppm), bool)), 1.0, mask)
+    value = np.kron(np.where(dark > 0, 20.0, 240.0), np.ones((ppm, ppm), np.float32))
+    q = quiet * ppm
+    inner = tex[q : q + n * ppm, q : q + n * ppm]
+    tex[q : q + n * ppm, q : q + n * ppm] = inner * (1 - mask[..., None]) + (
+        value[..., None] * mask[..., None]
+    )
+    tex[:q] = tex[-q:] = 240.0
+    tex[:, :q] = tex[:, -q:] = 240.0
+    side = rng.uniform(0.35, 0.85) * min(h, w)
+    quad = _quad(rng, (w / 2, h / 2), side, side, rotate=0.3, persp=0.05)
+    sym = np.zeros((side_px, side_px), np.uint8)
+    sym[q : q + n * ppm, q : q + n * ppm] = 255
+    box = _composite(canvas, np.clip(tex, 0, 255), quad, sym)
+    img = _degrade(rng, canvas, ARTISTIC, module=side / (n + 2 * quiet))
+    if box is None:
+        return Scene(img, np.zeros((0, 4), np.float32), [], ARTISTIC, np.zeros((0, 4)))
+    return Scene(img, box[None], [text], ARTISTIC, np.zeros((0, 4), np.float32))
 
 
 # --------------------------------------------------------------------------- positives

@@ -213,6 +213,15 @@ class Settings(BaseModel):
         description="when reading payloads, also read the whole image and add the QR codes "
         "the detector missed (confidence 1.0)",
     )
+    structure_cap: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the most confidence a QR box whose payload was not read gets when its "
+        "crop shows no QR finder patterns (three at the corners, or two of one code): 0.5 "
+        "keeps such a box at the verifier's threshold, a lower value drops it, 1 turns the "
+        "check off",
+    )
 
     # --- workers ----------------------------------------------------------------------
     consumer_group: str = Field("qrsight-workers", description="consumer group of the workers")

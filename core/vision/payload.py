@@ -201,7 +201,8 @@ def _append_codes(dets: Detections, codes: list[_Code], class_id: int) -> Detect
 
 def drop_duplicate_reads(detections: Detections) -> Detections:
     """One detection per physical code: of the boxes that read the same code (same text,
-    corner centres closer than half the code's side), keep the most confident.
+    corner centres closer than half the code's side), keep the most confident; and drop
+    unread boxes that half-cover a read code (:func:`_straddles_a_read_code`).
 
     Two boxes that overlap a little less than the NMS threshold can both read one code;
     a decoded payload with its corners identifies the code, so the extra box is a duplicate.
@@ -218,9 +219,41 @@ def drop_duplicate_reads(detections: Detections) -> Detections:
             )
         ):
             kept.append(int(i))
+    kept = [i for i in kept if not _straddles_a_read_code(detections, i)]
     if len(kept) == len(detections):
         return detections
     return detections[np.sort(np.asarray(kept, np.int64))]
+
+
+STRADDLE_IOU = 0.2  # an unread box overlapping a read code this much...
+CONTAINED = 0.9  # ...without one holding the other (this share of the smaller one inside)
+
+
+def _straddles_a_read_code(detections: Detections, i: int) -> bool:
+    """Whether unread box ``i`` half-covers a code read through another box: it overlaps
+    the read code's corners (IoU >= :data:`STRADDLE_IOU`) while neither holds the other.
+    Such a box is a second, misplaced detection of that code (on a shipping label, a box
+    over the QR code and the symbol beside it), not a code of its own: another code
+    beside a read one does not overlap it, and a code nested in a read one (or holding
+    it) lies inside."""
+    assert detections.text is not None and detections.corners is not None
+    if detections.text[i] is not None:
+        return False
+    x1, y1, x2, y2 = (float(v) for v in detections.xyxy[i])
+    own = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+    for text, corners in zip(detections.text, detections.corners, strict=True):
+        if text is None or corners is None:
+            continue
+        (a1, b1), (a2, b2) = corners.min(axis=0), corners.max(axis=0)
+        code = max(float(a2 - a1), 0.0) * max(float(b2 - b1), 0.0)
+        w, h = min(x2, float(a2)) - max(x1, float(a1)), min(y2, float(b2)) - max(y1, float(b1))
+        inter = max(w, 0.0) * max(h, 0.0)
+        if inter <= 0 or min(own, code) <= 0:
+            continue
+        iou = inter / (own + code - inter)
+        if iou >= STRADDLE_IOU and inter < CONTAINED * min(own, code):
+            return True
+    return False
 
 
 def _same_code(
@@ -289,8 +322,32 @@ def _read_box(gray: np.ndarray, box: np.ndarray) -> _Code | None:
             sx = scaled.shape[1] / crop.shape[1]
             sy = scaled.shape[0] / crop.shape[0]
             codes = [_Code(c.text, _unscale(c.corners, sx, sy, left, top)) for c in found]
-            return _nearest_inside(codes, box)
+            best = _nearest_inside(codes, box)
+            if best is not None and _box_iou(best.corners, box) < NESTED_IOU:
+                outer = _read_around(scaled, found)
+                if outer is not None:
+                    code = _Code(outer.text, _unscale(outer.corners, sx, sy, left, top))
+                    if _box_iou(code.corners, box) > _box_iou(best.corners, box):
+                        return code
+            return best
     return None
+
+
+NESTED_IOU = 0.25  # a code read in a box it fills less than this may be nested in another
+
+
+def _read_around(gray: np.ndarray, found: list[_Code]) -> _Code | None:
+    """The crop read again with the codes already found painted over in its light grey: a
+    small code printed inside a larger one hides the larger one from zxing-cpp, which
+    reads it once the small one is blanked (its error correction restores the modules
+    under it)."""
+    blank = gray.copy()
+    light = int(np.percentile(gray, 95))
+    for c in found:
+        cv2.fillConvexPoly(blank, np.round(c.corners).astype(np.int32), light)
+    texts = {c.text for c in found}
+    others = [c for c in _read(blank) if c.text not in texts]
+    return max(others, key=lambda c: float(np.ptp(c.corners[:, 0])), default=None)
 
 
 def read_box_with(gray: np.ndarray, box: np.ndarray, attempt: Attempt) -> _Code | None:
@@ -358,12 +415,39 @@ def _inside(point: np.ndarray, box: np.ndarray) -> bool:
 
 
 def _nearest_inside(codes: list[_Code], box: np.ndarray) -> _Code | None:
-    """The code whose centre lies in the box, nearest the box's centre."""
+    """The code whose centre lies in the box and whose extent matches it best (IoU of its
+    corners' bounding box with the box; the nearest centre breaks ties): a box over a
+    code with a smaller code printed in its middle is the larger code's."""
     centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
     inside = [c for c in codes if _inside(c.center, box)]
     if not inside:
         return None
-    return min(inside, key=lambda c: float(np.linalg.norm(c.center - centre)))
+    return max(
+        inside,
+        key=lambda c: (
+            round(_box_iou(c.corners, box), 1),
+            -float(np.linalg.norm(c.center - centre)),
+        ),
+    )
+
+
+def _box_iou(corners: np.ndarray, box: np.ndarray) -> float:
+    (a1, b1), (a2, b2) = corners.min(axis=0), corners.max(axis=0)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w = min(x2, float(a2)) - max(x1, float(a1))
+    h = min(y2, float(b2)) - max(y1, float(b1))
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (x2 - x1) * (y2 - y1) + float((a2 - a1) * (b2 - b1)) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _same_place(code: _Code, corners: np.ndarray) -> bool:
+    """Whether ``corners`` are those of ``code``: centres within a quarter of its diagonal
+    and sizes within 1.5 x (a code nested in another shares its centre, not its size)."""
+    size = float(np.linalg.norm(code.corners[0] - code.corners[2]))
+    other = float(np.linalg.norm(corners[0] - corners[2]))
+    near = float(np.linalg.norm(code.center - corners.mean(axis=0))) < 0.25 * size
+    return near and max(size, other) < 1.5 * max(min(size, other), 1e-6)
 
 
 def _fill_from_whole(
@@ -374,21 +458,23 @@ def _fill_from_whole(
     corners: list[np.ndarray | None],
 ) -> list[_Code]:
     """Give each unread box the whole-image code centred in it (each code to one box);
-    return the codes that lie in no box at all."""
-    known = [c.mean(axis=0) for c in corners if c is not None]
+    return the codes that no box holds: those in no box, and those inside boxes that all
+    read another code (a small code printed inside a larger one)."""
+    known = [c for c in corners if c is not None]
     missed = []
     for code in whole:
-        size = float(np.linalg.norm(code.corners[0] - code.corners[2]))
-        if any(np.linalg.norm(code.center - k) < 0.25 * size for k in known):
+        if any(_same_place(code, k) for k in known):
             continue  # already read through its own box
         if not any(_inside(code.center, box) for box in boxes):
             missed.append(code)
             continue
         owners = [i for i in unread if texts[i] is None and _inside(code.center, boxes[i])]
         if not owners:
+            missed.append(code)
+            known.append(code.corners)
             continue
         box_centres = {i: (boxes[i, :2] + boxes[i, 2:]) / 2 for i in owners}
         best = min(owners, key=lambda i: float(np.linalg.norm(box_centres[i] - code.center)))
         texts[best], corners[best] = code.text, code.corners
-        known.append(code.center)
+        known.append(code.corners)
     return missed

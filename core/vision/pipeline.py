@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import cv2
 import numpy as np
 
 from core.runtime.errors import CorruptImageError, QrsightError
@@ -37,6 +38,7 @@ from core.vision.detector import Detector
 from core.vision.gpu_decode import Decoded, make_gpu_decoder
 from core.vision.images import ImageLimits, decode, jpeg_scale, probe
 from core.vision.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
+from core.vision.structure import cap_unstructured
 from core.vision.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
@@ -313,8 +315,10 @@ class Pipeline:
         outside every box, ``QRSIGHT_READ_WHOLE_IMAGE``). Then the verifier judges each
         unread QR box; the plausible ones (judged at least :data:`HARD_READ_MIN`, all of
         them without a verifier) get the harder reads of ``hard_attempts`` (default
-        ``core.vision.payload.HARD_ATTEMPTS``); finally the verifier's rule keeps read boxes and
-        those judged at its threshold, with their calibrated confidence. Most confident
+        ``core.vision.payload.HARD_ATTEMPTS``); an unread box judged at the verifier's
+        threshold whose crop shows no QR finder patterns has its judgement capped
+        (:meth:`_structure`); finally the verifier's rule keeps read boxes and those judged
+        at its threshold, with their calibrated confidence. Most confident
         first, at most ``max_detections``.
 
         ``image`` may be ``job``'s JPEG decoded at 1/``scale`` (boxes in its pixels):
@@ -334,6 +338,7 @@ class Pipeline:
         if read:
             dets = self._read_harder(job, full, dets, judged)
         if self.verifier is not None:
+            judged = self._structure(job, full, dets, judged)
             dets = self.verifier.apply(dets, judged)
         if read:
             dets = drop_duplicate_reads(dets)
@@ -375,6 +380,39 @@ class Pipeline:
                 1 / full.scale,
             ),
         )
+
+    def _structure(
+        self, job: ImageJob | None, full: _FullImage, dets: Detections, judged: np.ndarray
+    ) -> np.ndarray:
+        """The verifier's judgements with unread QR boxes it would keep capped at
+        ``QRSIGHT_STRUCTURE_CAP`` when their full-resolution crop shows no QR finder
+        patterns (``core.vision.structure``); unchanged if that fails."""
+        assert self.verifier is not None and dets.text is not None
+        if self.settings.structure_cap >= 1.0:
+            return judged
+        unread = np.array([t is None for t in dets.text], bool)
+        if not (
+            unread & (dets.class_id == self._qr_id) & (judged >= self.verifier.threshold)
+        ).any():
+            return judged  # nothing to scan: no grey copy of the image either
+        try:
+            gray = full.gray()
+            return cap_unstructured(
+                gray,
+                rescale(dets, full.scale),
+                judged,
+                self._qr_id,
+                threshold=self.verifier.threshold,
+                cap=self.settings.structure_cap,
+            )
+        except Exception:
+            logger.warning(
+                "structure check failed request_id=%s",
+                _request_id(job),
+                exc_info=True,
+                extra=_ids(job),
+            )
+            return judged
 
     # --- large JPEGs decoded at 1/scale ------------------------------------------------
     def _payloads_full(
@@ -475,12 +513,20 @@ class _FullImage:
             raise ValueError("a reduced image needs its job to decode it in full")
         self._job, self.scale, self._limits = job, scale, limits
         self._full: np.ndarray | None = image if scale == 1 else None
+        self._gray: np.ndarray | None = None
 
     def get(self) -> np.ndarray:
         if self._full is None:
             assert self._job is not None
             self._full = decode(self._job.data, self._limits)
         return self._full
+
+    def gray(self) -> np.ndarray:
+        """:meth:`get` in grey levels (converted once)."""
+        if self._gray is None:
+            full = self.get()
+            self._gray = full if full.ndim == 2 else cv2.cvtColor(full, cv2.COLOR_BGR2GRAY)
+        return self._gray
 
 
 def _ids(job: ImageJob | None) -> dict[str, str | None]:

@@ -185,6 +185,29 @@ def test_drop_duplicate_reads(reads: list[tuple[str | None, float]], kept: list[
     assert out.text == [reads[i][0] for i in kept]
 
 
+def test_an_unread_box_half_over_a_read_code_goes_but_a_nested_one_stays() -> None:
+    """A misplaced second box on a read code (half on it, half beside it) is no code of
+    its own; a box inside the read code (a code nested in it) or holding it stays."""
+    boxes = np.float32(
+        [
+            [0, 0, 40, 40],  # the read code
+            [20, 0, 60, 40],  # half over it: dropped
+            [10, 10, 22, 22],  # inside it: stays
+            [-30, -30, 70, 70],  # holding it: stays
+            [100, 0, 140, 40],  # beside it: stays
+        ]
+    )
+    dets = Detections(
+        xyxy=boxes,
+        confidence=np.linspace(0.9, 0.5, 5).astype(np.float32),
+        class_id=np.zeros(5, np.int64),
+        text=["A", None, None, None, None],
+        corners=[SQUARE, None, None, None, None],
+    )
+    out = drop_duplicate_reads(dets)
+    assert out.xyxy.tolist() == boxes[[0, 2, 3, 4]].tolist()
+
+
 # --- codes the detector missed ---------------------------------------------------------
 @pytest.mark.parametrize("boxes", [[], [0]], ids=["no-box", "one-of-two-boxed"])
 def test_whole_image_codes_the_detector_missed_are_added_once(boxes: list[int]) -> None:
@@ -243,3 +266,39 @@ def test_the_shipped_harder_reads_are_measured_candidates_that_read_it() -> None
     image, code = blurred_code()
     standard = read_payloads(image, detections([padded(code)]))
     assert read_harder(image, standard, [0], HARD_ATTEMPTS).text == [code.text]
+
+
+def test_a_code_nested_in_another_is_read_and_added_beside_it() -> None:
+    """A small code printed over the middle of a larger one (error correction H): the
+    larger code's box reads the larger code (the small one blanked out), and the small
+    one, inside that box, is added as a code of its own."""
+    import cv2
+    import segno
+
+    outer = segno.make_qr("outer code payload 0123456789", error="H", version=8)
+    inner = segno.make_qr("inner", error="M")
+    big = np.kron(np.array([list(r) for r in outer.matrix], np.uint8), np.ones((2, 2), np.uint8))
+    small = np.pad(np.array([list(r) for r in inner.matrix], np.uint8), 1)
+    at = (big.shape[0] - small.shape[0]) // 2
+    big[at : at + small.shape[0], at : at + small.shape[0]] = small
+    grid = np.pad(big, 8)
+    gray = np.where(np.kron(grid, np.ones((3, 3), np.uint8)) > 0, 20, 235).astype(np.uint8)
+    image = cv2.cvtColor(
+        cv2.copyMakeBorder(gray, 40, 40, 40, 40, cv2.BORDER_CONSTANT, value=235), cv2.COLOR_GRAY2BGR
+    )
+    side = big.shape[0] * 3
+    box = np.float32([40 + 24, 40 + 24, 40 + 24 + side, 40 + 24 + side])
+    dets = Detections(
+        xyxy=box[None],
+        confidence=np.float32([0.9]),
+        class_id=np.zeros(1, np.int64),
+        text=[None],
+        corners=[None],
+    )
+    got = read_payloads(image, dets, add_missed_as=0)
+    assert got.text is not None
+    assert got.text[0] == "outer code payload 0123456789"
+    assert sorted(t for t in got.text if t is not None) == [
+        "inner",
+        "outer code payload 0123456789",
+    ]

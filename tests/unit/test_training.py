@@ -316,9 +316,9 @@ def test_family_scenes_show_their_situation() -> None:
     negatives: no QR code, a hard region (the frame of a texture, a symbol's label)."""
     import zxingcpp
 
-    from training.families import FAMILIES, NEGATIVE, POSITIVE, SYMBOLS, scene
+    from training.families import ALL_POSITIVE, FAMILIES, NEGATIVE, SYMBOLS, scene
 
-    assert set(FAMILIES) == set(POSITIVE) | set(NEGATIVE)
+    assert set(FAMILIES) == set(ALL_POSITIVE) | set(NEGATIVE)
     with pytest.raises(ValueError, match="unknown family"):
         scene(1, 0, "no-such-family")
     small = (256, 384)
@@ -331,9 +331,10 @@ def test_family_scenes_show_their_situation() -> None:
         if family in NEGATIVE:
             assert len(s.boxes) == 0 and len(s.hard) == 1 and not qr, family
             continue
-        assert len(s.boxes) == 1 and len(s.texts) == 1, family
-        x1, y1, x2, y2 = s.boxes[0]
-        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, family  # inside the frame
+        codes = 2 if family == "nested" else 1  # a small code inside a larger one
+        assert len(s.boxes) == codes and len(s.texts) == codes, family
+        for x1, y1, x2, y2 in s.boxes:
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, family  # inside the frame
         if family == "plain":
             assert [r.text for r in qr] == s.texts
     formats = set()
@@ -342,6 +343,31 @@ def test_family_scenes_show_their_situation() -> None:
             img = scene(9, i, family).image
             formats |= {r.format.name for r in zxingcpp.read_barcodes(img)}
     assert formats & {"PDF417", "Aztec", "DataMatrix", "MaxiCode"}, formats  # real symbols
+
+
+def test_round_two_families_hold_what_they_name() -> None:
+    """Filled symbols are readable symbols of their format; a shipping label carries
+    PDF417 (and, in ``label-qr``, the QR code whose payload is the scene's); surfaces are
+    no code."""
+    import zxingcpp
+
+    from training.families import FILLED, LABEL_WITH_QR, LABEL_WITHOUT_QR, SURFACES, scene
+
+    for family in FILLED:
+        fmt = family.removeprefix("fill-")
+        found = set()
+        for i in range(8):
+            found |= {r.format.name for r in zxingcpp.read_barcodes(scene(11, i, family).image)}
+        assert fmt in found, (family, found)
+    with_qr = scene(11, 0, LABEL_WITH_QR)
+    codes = zxingcpp.read_barcodes(with_qr.image)
+    names = {r.format.name for r in codes}
+    assert "PDF417" in names and "QRCode" in names, names
+    assert [r.text for r in codes if r.format.name == "QRCode"] == with_qr.texts
+    without = zxingcpp.read_barcodes(scene(11, 0, LABEL_WITHOUT_QR).image)
+    assert "QRCode" not in {r.format.name for r in without}
+    for family in SURFACES:
+        assert not zxingcpp.read_barcodes(scene(11, 0, family, (256, 384)).image), family
 
 
 def test_the_calibration_fit_recovers_known_coefficients() -> None:

@@ -221,3 +221,30 @@ def test_an_uncalibrated_verifier_keeps_the_detector_confidence(tmp_path: Path) 
     assert np.allclose(judged, v.scores(image, dets.xyxy))  # the raw score
     out = v.apply(dets, judged)
     assert len(out) == 1 and out.confidence[0] == pytest.approx(0.3)
+
+
+def test_a_confident_unread_box_without_finder_patterns_is_not_reported_as_sure(
+    dark_model: Path, tmp_path: Path
+) -> None:
+    """A verifier sure of a black square (calibrated on the detector's 0.9+ alone): the
+    square has no finder pattern, so with the structure check (the default) its boxes
+    are reported at the cap, 0.5; a cap below the threshold drops them; a cap of 1 (no
+    check) leaves the verifier's confidence."""
+    trusting = with_metadata(
+        DEFAULT_VERIFIER, tmp_path / "verifier.onnx", detector_sha256=None, calibration="[1, 0, 0]"
+    )
+    image = np.full((320, 320, 3), 255, np.uint8)
+    image[64:128, 64:128] = 0
+    job = [ImageJob("r", png(image))]
+    kept = {}
+    for cap in (None, 0.3, 1.0):
+        extra = {} if cap is None else {"structure_cap": cap}
+        settings = load_settings({}, model_path=dark_model, verifier_path=trusting, **extra)
+        with Pipeline(settings) as pipeline:
+            (result,) = pipeline.run(job)
+        assert result["status"] == "OK"
+        kept[cap] = [d["confidence"] for d in result["detections"]]
+    assert kept[1.0] and min(kept[1.0]) > 0.9
+    assert kept[None] and max(kept[None]) == pytest.approx(0.5)
+    assert len(kept[None]) == len(kept[1.0])
+    assert kept[0.3] == []

@@ -340,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--imgsz", type=int, default=None, help="override the model's imgsz")
     p.add_argument("--speed", action="store_true", help="also time 320/640 vs YOLOv8n-sized")
+    p.add_argument(
+        "--structure-cap",
+        type=float,
+        default=None,
+        help="QRSIGHT_STRUCTURE_CAP (1 = no structure check; default: the settings' default)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     cv2.setNumThreads(args.threads)
@@ -351,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     conf = det.default_thresholds[0]
     # the pipeline's rule: "off" = none; left out (with a warning) for another detector
-    base = {"model_path": args.model, "ort_intra_threads": args.threads, "decode_threads": 1}
+    base = {
+        "model_path": args.model,
+        "ort_intra_threads": args.threads,
+        "decode_threads": 1,
+    }
+    if args.structure_cap is not None:
+        base["structure_cap"] = args.structure_cap
     settings = load_settings({}, verifier_path=args.verifier, read_whole_image=False, **base)
     ver = load_verifier(settings, args.model)
     crops_only = Pipeline(settings, detector=det, verifier=ver)

@@ -40,7 +40,7 @@ from core.vision.images import decode
 from core.vision.pipeline import ImageJob, Pipeline
 from core.vision.postprocess import box_iou
 from training.eval.detector import LIMITS
-from training.families import FAMILIES, NEGATIVE, POSITIVE, scene
+from training.families import ALL_POSITIVE, FAMILIES, NEGATIVE, scene
 
 EVAL_SEED = 6_000_001
 BINS = np.round(np.arange(0.0, 1.01, 0.1), 1)
@@ -62,6 +62,7 @@ class FamilyRow:
     hit: int = 0  # negatives: images with a box; positives: codes found
     read: int = 0
     extra: int = 0
+    exact: int = 0  # positives: the code found and no other box
     post_ms: list[float] = field(default_factory=list)
     total_ms: list[float] = field(default_factory=list)
     infer_ms: list[float] = field(default_factory=list)
@@ -92,8 +93,12 @@ def cases(family: str, n: int, seed: int, cache: Path | None) -> list[Case]:
     return out
 
 
-def score(case: Case, result: dict[str, Any], row: FamilyRow, boxes: list) -> None:
-    """Add one image's result to its family row and its boxes to the reliability data."""
+def score(
+    case: Case, result: dict[str, Any], row: FamilyRow, boxes: list, min_conf: float = 0.0
+) -> None:
+    """Add one image's result to its family row and its boxes to the reliability data
+    (the row counts only boxes at ``min_conf`` or above: what the pipeline reports when
+    the verifier's threshold was set to 0 to see every judged box)."""
     dets = result["detections"]
     xyxy = np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], np.float32)
     texts = [d.get("text") for d in dets]
@@ -108,14 +113,27 @@ def score(case: Case, result: dict[str, Any], row: FamilyRow, boxes: list) -> No
     on_code |= np.array([t is not None and t in case.texts for t in texts], bool)
     for d, ok in zip(dets, on_code, strict=True):
         boxes.append((float(d["confidence"]), bool(ok), d.get("text") is not None))
+    shown = np.array([d["confidence"] >= min_conf for d in dets], bool)
+    dets, texts, on_code = (
+        [d for d, s in zip(dets, shown, strict=True) if s],
+        [t for t, s in zip(texts, shown, strict=True) if s],
+        on_code[shown],
+    )
     if case.family in NEGATIVE:
         row.hit += int(len(dets) > 0)
         row.extra += len(dets)
         return
-    found = bool(on_code.any())
+    # every code of the image boxed (IoU >= 0.5) or read (the nested family has two)
+    boxed = np.zeros(len(case.boxes), bool)
+    if len(case.boxes) and dets:
+        shown_xyxy = np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], np.float32)
+        boxed = box_iou(case.boxes, shown_xyxy).max(1) >= 0.5
+    boxed |= np.array([t in texts for t in case.texts], bool)
+    found = bool(len(boxed)) and bool(boxed.all())
     row.hit += int(found)
     row.read += int(all(t in texts for t in case.texts))
     row.extra += int((~on_code).sum())
+    row.exact += int(found and not (~on_code).any())
 
 
 def reliability(boxes: list[tuple[float, bool, bool]], unread_only: bool) -> list[str]:
@@ -130,14 +148,16 @@ def reliability(boxes: list[tuple[float, bool, bool]], unread_only: bool) -> lis
 
 def table(rows: list[FamilyRow]) -> list[str]:
     lines = [
-        "| family | images | FP images / recall | read | extra boxes | post ms | total ms |",
-        "|---|---|---|---|---|---|---|",
+        "| family | images | FP images / recall | read | exact | extra boxes | post ms "
+        "| total ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rate = r.hit / max(r.n, 1)
         read = "-" if r.family in NEGATIVE else f"{r.read / max(r.n, 1):.2f}"
+        exact = "-" if r.family in NEGATIVE else f"{r.exact / max(r.n, 1):.2f}"
         lines.append(
-            f"| {r.family} | {r.n} | {rate:.2f} | {read} | {r.extra} "
+            f"| {r.family} | {r.n} | {rate:.2f} | {read} | {exact} | {r.extra} "
             f"| {np.mean(r.post_ms):.1f} | {np.mean(r.total_ms):.1f} |"
         )
     return lines
@@ -151,6 +171,9 @@ def timing(args: argparse.Namespace, settings: Settings) -> int:
     plain = Pipeline(settings.model_copy(update={"verifier_path": None}), detector=default.detector)
     plain.hard_attempts = ()
     configs["baseline: no verifier, standard reads"] = plain
+    configs["without the structure check"] = Pipeline(
+        settings.model_copy(update={"structure_cap": 1.0}), detector=default.detector
+    )
     if args.before_verifier:
         before = Pipeline(
             settings.model_copy(update={"verifier_path": Path(args.before_verifier)}),
@@ -209,12 +232,19 @@ def main(argv: list[str] | None = None) -> int:
         help="only time Pipeline.check per image: the default against a baseline (no "
         "verifier, no harder reads; and --before-verifier without harder reads), interleaved",
     )
+    p.add_argument(
+        "--structure-cap",
+        type=float,
+        default=None,
+        help="QRSIGHT_STRUCTURE_CAP (1 = no structure check; default: the settings' default)",
+    )
     p.add_argument("--before-verifier", default=None, help="with --timing: an earlier verifier")
     p.add_argument(
         "--all-judged",
         action="store_true",
-        help="report every box the verifier judged (its threshold set to 0): the reliability "
-        "of its probability over the whole range (the FP figures are then not the pipeline's)",
+        help="report every box the verifier judged (its threshold set to 0) in the "
+        "reliability tables, for the whole range; the family rows count the boxes at the "
+        "threshold, as the pipeline reports them",
     )
     args = p.parse_args(argv)
     cv2.setNumThreads(1)
@@ -223,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["model_path"] = args.model
     if args.verifier:
         overrides["verifier_path"] = args.verifier
+    if args.structure_cap is not None:
+        overrides["structure_cap"] = args.structure_cap
     settings = load_settings({}, **overrides)
     if args.timing:
         return timing(args, settings)
@@ -230,19 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     boxes: list[tuple[float, bool, bool]] = []
     start = time.time()
     with Pipeline(settings) as pipeline:
+        min_conf = 0.0
         if args.all_judged and pipeline.verifier is not None:
-            pipeline.verifier.threshold = 0.0
+            min_conf, pipeline.verifier.threshold = pipeline.verifier.threshold, 0.0
         for family in args.families:
             row = FamilyRow(family)
             for case in cases(family, args.n, args.seed, args.cache):
                 (result,) = pipeline.run([ImageJob(f"{family}-{case.index}", case.jpeg)])
                 if result["status"] != "OK":
                     raise SystemExit(f"{family} {case.index}: {result['error']}")
-                score(case, result, row, boxes)
+                score(case, result, row, boxes, min_conf)
             rows.append(row)
             print(table([row])[-1], f"({time.time() - start:.0f} s)", flush=True)
     neg = [r for r in rows if r.family in NEGATIVE]
-    pos = [r for r in rows if r.family in POSITIVE]
+    pos = [r for r in rows if r.family in ALL_POSITIVE]
     lines = [f"{args.label}: {settings.model_path.name}, verifier {settings.verifier_path}", ""]
     lines += table(neg + pos)
     if neg:
