@@ -210,6 +210,8 @@ cluster_up() {
     security_prepare "${data[@]}"
     KAFKA_WAIT_CLIENT_CONFIG="$(security_wait_config)"
     export KAFKA_WAIT_CLIENT_CONFIG
+  elif [[ -s "$CLUSTER_DIR/security/admin.password" ]]; then
+    die "the cluster in $CLUSTER_DIR was made with KAFKA_SECURITY=sasl_ssl: run it the same way (make cluster-up KAFKA_SECURITY=sasl_ssl), or stop it and remove $CLUSTER_DIR"
   fi
   for id in "${CLUSTER_NODES[@]}"; do
     if pid="$(cluster_pid "$id")"; then
