@@ -6,7 +6,9 @@ QRSIGHT_KAFKA_PORT ?= 9092
 LOCAL_BOOTSTRAP = $${QRSIGHT_KAFKA_BOOTSTRAP:-127.0.0.1:$(QRSIGHT_KAFKA_PORT)}
 export QRSIGHT_KAFKA_PORT
 # `make kafka-up KAFKA_SECURITY=sasl_ssl`: TLS, SASL/SCRAM and ACLs, each role's client
-# settings in .kafka/clients/<role>.env (README, "Running on a secured Kafka").
+# settings in .kafka/clients/<role>.env (README, "Running on a secured Kafka");
+# `make cluster-up KAFKA_SECURITY=sasl_ssl` the same for the three-node cluster, its
+# client settings in .kafka/cluster/clients/<role>.env.
 KAFKA_SECURITY ?= plaintext
 export KAFKA_SECURITY
 
@@ -92,7 +94,7 @@ kafka-down:
 	deploy/local/kafka.sh down
 
 .PHONY: cluster-up cluster-down chaos-cluster
-cluster-up:  ## a local three-node Kafka cluster (KRaft, replication 3); again: restarts nodes that are down
+cluster-up:  ## a local three-node Kafka cluster (KRaft, replication 3); KAFKA_SECURITY=sasl_ssl secures it; again: restarts nodes that are down
 	deploy/local/kafka.sh cluster-up
 
 cluster-down:  ## stop the three-node cluster (its data stays in .kafka/cluster)

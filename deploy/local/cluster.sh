@@ -23,8 +23,19 @@
 #   KAFKA_CLUSTER_HEAP_OPTS    JVM heap flags of each node (default -Xms256m -Xmx384m)
 #   KAFKA_CLUSTER_OVERRIDES    extra broker properties for every node (key=value ...)
 #   KAFKA_START_TIMEOUT        seconds to wait for all three brokers (default 120 here)
+#   KAFKA_SECURITY             plaintext (default) or sasl_ssl: every node as the single
+#                              broker (security.sh): TLS + SASL/SCRAM-SHA-512 on the client
+#                              and inter-broker listener, SASL PLAIN over TLS between the
+#                              controllers, StandardAuthorizer, super user admin
 # The ports are kept in KAFKA_CLUSTER_DIR/ports on the first start and reused after it,
 # so a node brought back after a kill comes back where the others expect it.
+#
+# Secured, the cluster keeps its own CA, certificate (one, for 127.0.0.1, used by every
+# node) and passwords in KAFKA_CLUSTER_DIR/security and its client settings in
+# KAFKA_CLUSTER_DIR/clients/<role>.env (bootstrap = the three nodes), so it never touches
+# the single broker's .kafka/security or .kafka/clients. Every node is formatted with the
+# same admin SCRAM credential; the roles' users, the topics (replication 3, min ISR 2) and
+# the ACLs are made once, at the first start that finds no clients/admin.env.
 
 CLUSTER_DIR="${KAFKA_CLUSTER_DIR:-$ROOT/.kafka/cluster}"
 CLUSTER_NODES=(1 2 3)
@@ -32,6 +43,12 @@ CLUSTER_PORTS_FILE="$CLUSTER_DIR/ports"
 CLUSTER_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"  # three JVMs starting on a small host
 
 cluster_node_dir() { echo "$CLUSTER_DIR/node-$1"; }
+
+cluster_security_paths() {  # security.sh's folders and client bootstrap, for the cluster
+  SECURITY_DIR="$CLUSTER_DIR/security"
+  CLIENTS_DIR="$CLUSTER_DIR/clients"
+  SECURITY_BOOTSTRAP="$(cluster_bootstrap)"
+}
 
 cluster_pick_ports() {  # writes "id port controller_port" lines once
   [[ -f "$CLUSTER_PORTS_FILE" ]] && return
@@ -92,6 +109,9 @@ cluster_render() {  # $1 = node id
       -e "s|@MESSAGE_MAX_BYTES@|$max_bytes|g" \
       -e "s|@SOCKET_REQUEST_MAX_BYTES@|$((max_bytes > 104857600 ? max_bytes + 1048576 : 104857600))|g" \
       "$HERE/cluster.properties.template" >"$dir/server.properties"
+  if security_enabled; then
+    PORT="$(cluster_port "$id")" security_render "$dir/server.properties" "$(cluster_controller_port "$id")"
+  fi
 }
 
 cluster_java_opts() {  # $1 = node id
@@ -115,13 +135,14 @@ print(u)' >"$file"
 }
 
 cluster_format() {  # $1 = node id; only a node never formatted (a killed node keeps its data)
-  local id="$1" dir opts
+  local id="$1" dir opts scram
   dir="$(cluster_node_dir "$id")"
   [[ -f "$dir/data/meta.properties" ]] && return
   mapfile -t opts < <(cluster_java_opts "$id")
+  mapfile -t scram < <(security_format_args)
   say "formatting node $id ($dir/data)"
   "$(java_bin)" "${opts[@]}" kafka.tools.StorageTool format -t "$(cluster_id)" \
-    -c "$dir/server.properties" --ignore-formatted >>"$dir/logs/format.log" 2>&1 \
+    -c "$dir/server.properties" --ignore-formatted "${scram[@]}" >>"$dir/logs/format.log" 2>&1 \
     || { tail -n 20 "$dir/logs/format.log" >&2; die "formatting node $id failed (log: $dir/logs/format.log)"; }
 }
 
@@ -148,9 +169,10 @@ cluster_wait() {  # waits until every node is a live broker of the cluster, or o
   for id in "${CLUSTER_NODES[@]}"; do pids+=("$(cat "$(cluster_node_dir "$id")/kafka.pid" 2>/dev/null || echo 0)"); done
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$(cluster_bootstrap)" "$CLUSTER_START_TIMEOUT" \
     "${pids[@]}" <<'EOF'
-import sys, time
+import json, os, sys, time
 from confluent_kafka.admin import AdminClient
 bootstrap, timeout, pids = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+security = json.loads(os.environ.get("KAFKA_WAIT_CLIENT_CONFIG") or "{}")  # security.sh
 deadline = time.monotonic() + timeout
 
 def alive(pid: str) -> bool:
@@ -161,7 +183,7 @@ def alive(pid: str) -> bool:
         return False
 
 def brokers(port: str) -> int:  # live brokers node at 127.0.0.1:port knows of
-    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0, **security})
     try:
         return len(admin.list_topics(timeout=2).brokers)
     except Exception:
@@ -180,8 +202,17 @@ EOF
 }
 
 cluster_up() {
-  local id pid start=$SECONDS started=() why
+  local id pid start=$SECONDS started=() why data=()
   cluster_pick_ports
+  if security_enabled; then
+    cluster_security_paths
+    for id in "${CLUSTER_NODES[@]}"; do data+=("$(cluster_node_dir "$id")/data"); done
+    security_prepare "${data[@]}"
+    KAFKA_WAIT_CLIENT_CONFIG="$(security_wait_config)"
+    export KAFKA_WAIT_CLIENT_CONFIG
+  elif [[ -s "$CLUSTER_DIR/security/admin.password" ]]; then
+    die "the cluster in $CLUSTER_DIR was made with KAFKA_SECURITY=sasl_ssl: run it the same way (make cluster-up KAFKA_SECURITY=sasl_ssl), or stop it and remove $CLUSTER_DIR"
+  fi
   for id in "${CLUSTER_NODES[@]}"; do
     if pid="$(cluster_pid "$id")"; then
       say "node $id already running (pid $pid) on 127.0.0.1:$(cluster_port "$id")"
@@ -203,6 +234,14 @@ cluster_up() {
   say "cluster ready in $((SECONDS - start)) s (nodes ${CLUSTER_NODES[*]}; started: ${started[*]:-none})"
   say "logs: $CLUSTER_DIR/node-*/logs/server.log"
   say "bootstrap=$(cluster_bootstrap)"
+  if security_enabled; then
+    if [[ -s "$CLIENTS_DIR/admin.env" ]]; then
+      say "client settings: $CLIENTS_DIR/{api,worker,reader,admin}.env"
+    else
+      security_after_start  # users, topics (replication 3, min ISR 2), ACLs, client files
+    fi
+    return
+  fi
   say "use it: export QRSIGHT_KAFKA_BOOTSTRAP=$(cluster_bootstrap)"
 }
 

@@ -16,7 +16,10 @@
 # source to $KAFKA_HOME_DIR/clients/<role>.env (admin.env too, for qrsight-topics).
 #
 # Functions only; kafka.sh calls them when security_enabled. They use kafka.sh's HOME_DIR,
-# PORT, HERE, ROOT, PYTHON, DATA_DIR, say and die.
+# PORT, HERE, ROOT, PYTHON, DATA_DIR, say and die. The three-node cluster (cluster.sh) uses
+# the same functions with SECURITY_DIR and CLIENTS_DIR under KAFKA_CLUSTER_DIR, PORT set to
+# each node's client port while its config is rendered, and SECURITY_BOOTSTRAP (the client
+# files' bootstrap list, default 127.0.0.1:$PORT) naming all three nodes.
 
 SECURITY_DIR="$HOME_DIR/security"
 CLIENTS_DIR="$HOME_DIR/clients"
@@ -40,14 +43,16 @@ security_password() {  # $1 = user: its password, made once
   cat "$file"
 }
 
-security_prepare() {  # before the config is rendered: directories, passwords, certificates
+security_prepare() {  # [DATA_DIR...] (default kafka.sh's): directories, passwords, certificates
   command -v openssl >/dev/null 2>&1 || die "KAFKA_SECURITY=sasl_ssl needs openssl on PATH"
   mkdir -p "$SECURITY_DIR" "$CLIENTS_DIR"
   chmod 700 "$SECURITY_DIR" "$CLIENTS_DIR"
-  if [[ -f "$DATA_DIR/meta.properties" && ! -s "$SECURITY_DIR/admin.password" ]]; then
-    die "$DATA_DIR was formatted without security (no admin SCRAM credential); stop the broker and remove $DATA_DIR, or use another KAFKA_HOME_DIR"
-  fi
-  local user
+  local user data
+  for data in "${@:-$DATA_DIR}"; do
+    if [[ -f "$data/meta.properties" && ! -s "$SECURITY_DIR/admin.password" ]]; then
+      die "$data was formatted without security (no admin SCRAM credential); stop the broker and remove $data, or use another KAFKA_HOME_DIR / KAFKA_CLUSTER_DIR"
+    fi
+  done
   for user in admin keystore "${SECURITY_ROLES[@]}"; do security_password "$user" >/dev/null; done
   security_ca
   security_broker_cert
@@ -114,7 +119,7 @@ security_format_args() {  # extra arguments of kafka-storage format: the admin's
 
 security_client_settings() {  # $1 = user: its QRSIGHT_* client settings, NAME VALUE per line pair
   printf '%s\n' \
-    QRSIGHT_KAFKA_BOOTSTRAP "127.0.0.1:$PORT" \
+    QRSIGHT_KAFKA_BOOTSTRAP "${SECURITY_BOOTSTRAP:-127.0.0.1:$PORT}" \
     QRSIGHT_KAFKA_SECURITY_PROTOCOL SASL_SSL \
     QRSIGHT_KAFKA_SASL_MECHANISM SCRAM-SHA-512 \
     QRSIGHT_KAFKA_SASL_USERNAME "$1" \

@@ -40,11 +40,14 @@ def free_ports(count: int) -> list[int]:
 class LocalCluster:
     """Three combined broker + controller nodes in ``home``, on free ports."""
 
-    def __init__(self, home: Path, start_timeout_s: float = 240) -> None:
+    def __init__(
+        self, home: Path, start_timeout_s: float = 240, security: str = "plaintext"
+    ) -> None:
         self.home = home
         ports = free_ports(6)
         self.env = {
             **os.environ,
+            "KAFKA_SECURITY": security,  # sasl_ssl: TLS, SCRAM and ACLs (clients/<role>.env)
             "KAFKA_CLUSTER_DIR": str(home),
             "KAFKA_CLUSTER_PORTS": ",".join(map(str, ports[:3])),
             "KAFKA_CLUSTER_CONTROLLER_PORTS": ",".join(map(str, ports[3:])),

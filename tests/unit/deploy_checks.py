@@ -338,21 +338,34 @@ def render_kustomization(folder: Path) -> list[Doc]:
 
 
 def apply_patch(docs: list[Doc], patch: Doc) -> list[Doc]:
+    """A patch merges into the resource it names; ``$patch: delete`` removes that resource."""
     key = (patch["kind"], patch["metadata"]["name"])
     matched = [d for d in docs if (d["kind"], d["metadata"]["name"]) == key]
     assert matched, f"patch targets {key}, which no resource defines"
-    return [strategic_merge(d, patch) if d in matched else d for d in docs]
+    if patch.get("$patch") == "delete":
+        return [d for d in docs if d not in matched]
+    return [strategic_merge(d, patch, named=built_in(d)) if d in matched else d for d in docs]
 
 
-def strategic_merge(base: Any, patch: Any) -> Any:
-    """Maps merge; lists of named items merge by name (patch items first); others replace."""
+def built_in(doc: Doc) -> bool:
+    """A Kubernetes kind (core, or an API group under k8s.io), whose schema kustomize knows:
+    its lists of named items merge by name. A custom resource's lists (a Strimzi Kafka's
+    listeners, say) are replaced whole, as kustomize has no schema for them."""
+    group = str(doc.get("apiVersion", "")).rpartition("/")[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def strategic_merge(base: Any, patch: Any, *, named: bool = True) -> Any:
+    """Maps merge; lists of named items merge by name (patch items first) when ``named``;
+    others replace."""
     if isinstance(base, dict) and isinstance(patch, dict):
         merged = dict(base)
         for key, value in patch.items():
-            merged[key] = strategic_merge(base[key], value) if key in base else value
+            merged[key] = strategic_merge(base[key], value, named=named) if key in base else value
         return merged
     if (
-        isinstance(base, list)
+        named
+        and isinstance(base, list)
         and isinstance(patch, list)
         and named_list(base)
         and named_list(patch)
@@ -559,4 +572,71 @@ def strimzi_problems(
     for topic in sorted(set(topics) | set(found)):
         if found.get(topic) != topics.get(topic):
             problems.append(f"topic {topic}: {found.get(topic)} != {topics.get(topic)}")
+    return problems
+
+
+Acl = tuple[str, str, str, str]  # Strimzi's resource type, name, patternType, operation
+
+
+def strimzi_security_problems(docs: list[Doc], acls: Mapping[str, set[Acl]]) -> list[str]:
+    """A secured Strimzi cluster for qrsight: every listener TLS + SCRAM-SHA-512, the simple
+    authorizer, the User Operator watching the namespace of the KafkaUsers and of qrsight's
+    pods, a SCRAM KafkaUser per entry of ``acls`` (user → its ACLs) holding exactly those
+    ACLs and no other user, and each pod that logs in reading its user's password from
+    the secret the User Operator makes for that user (same name, key ``password``)."""
+    problems: list[str] = []
+    kafka = find(docs, "Kafka")
+    name, spec = kafka["metadata"]["name"], kafka["spec"]
+    for listener in spec["kafka"].get("listeners", []):
+        auth = (listener.get("authentication") or {}).get("type")
+        if listener.get("tls") is not True or auth != "scram-sha-512":
+            problems.append(f"Kafka: listener {listener['name']} is not TLS + scram-sha-512")
+    if (spec["kafka"].get("authorization") or {}).get("type") != "simple":
+        problems.append("Kafka: authorization must be type simple")
+    watched = ((spec.get("entityOperator") or {}).get("userOperator") or {}).get("watchedNamespace")
+    found: dict[str, set[Acl]] = {}
+    for kafka_user in (d for d in docs if d["kind"] == "KafkaUser"):
+        where = f"KafkaUser/{kafka_user['metadata']['name']}"
+        if kafka_user["metadata"].get("labels", {}).get("strimzi.io/cluster") != name:
+            problems.append(f"{where}: not labelled for Kafka {name}")
+        if kafka_user["metadata"].get("namespace") != watched:
+            problems.append(f"{where}: not in the User Operator's namespace {watched}")
+        if (kafka_user["spec"].get("authentication") or {}).get("type") != "scram-sha-512":
+            problems.append(f"{where}: authentication must be scram-sha-512")
+        authorization = kafka_user["spec"].get("authorization") or {}
+        if authorization.get("type") != "simple":
+            problems.append(f"{where}: authorization must be type simple")
+        found[kafka_user["metadata"]["name"]] = {
+            (
+                rule["resource"]["type"],
+                rule["resource"]["name"],
+                rule["resource"].get("patternType", "literal"),
+                operation,
+            )
+            for rule in authorization.get("acls", [])
+            for operation in rule.get("operations", [rule.get("operation")])
+            if rule.get("host", "*") == "*"
+        }
+    for who in sorted(set(acls) | set(found)):
+        if found.get(who) != acls.get(who):
+            have, want = sorted(found.get(who, set())), sorted(acls.get(who, set()))
+            problems.append(f"user {who}: ACLs {have} != {want}")
+    for doc in docs:
+        for container in containers(doc):
+            env = {e["name"]: e for e in container.get("env", [])}
+            user = env.get("QRSIGHT_KAFKA_SASL_USERNAME", {}).get("value")
+            if user is None:
+                continue
+            where = f"{doc['kind']}/{doc['metadata']['name']}"
+            ref = (
+                env.get("QRSIGHT_KAFKA_SASL_PASSWORD", {})
+                .get("valueFrom", {})
+                .get("secretKeyRef", {})
+            )
+            if (ref.get("name"), ref.get("key"), ref.get("optional")) != (user, "password", False):
+                problems.append(f"{where}: the password of {user} is not its KafkaUser secret")
+            if user not in found:
+                problems.append(f"{where}: logs in as {user}, which no KafkaUser defines")
+            if doc["metadata"].get("namespace") != watched:
+                problems.append(f"{where}: not in the namespace of the KafkaUser secrets")
     return problems

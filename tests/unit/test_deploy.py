@@ -1288,9 +1288,17 @@ def test_cluster_compose_points_every_qrsight_service_at_all_three_nodes(
         assert replication_for(settings, 3) == (3, 2), name
 
 
+STRIMZI_OVERLAYS = ["strimzi", "strimzi-sasl-ssl"]
+
+
+@pytest.fixture(scope="module", params=STRIMZI_OVERLAYS)
+def strimzi_overlay(request: pytest.FixtureRequest) -> tuple[str, list[dc.Doc]]:
+    return request.param, dc.render_kustomization(dc.K8S / "overlays" / request.param)
+
+
 @pytest.fixture(scope="module")
-def strimzi_docs() -> list[dc.Doc]:
-    return dc.render_kustomization(dc.K8S / "overlays" / "strimzi")
+def strimzi_docs(strimzi_overlay: tuple[str, list[dc.Doc]]) -> list[dc.Doc]:
+    return strimzi_overlay[1]
 
 
 def strimzi_topics(docs: list[dc.Doc]) -> dict[str, dict[str, Any]]:
@@ -1340,8 +1348,8 @@ def test_strimzi_checks_catch_drift(strimzi_docs: list[dc.Doc]) -> None:
 def test_strimzi_overlay_core_objects_match_the_kubernetes_schemas(
     strimzi_docs: list[dc.Doc], version: str
 ) -> None:
-    strimzi = {"Kafka", "KafkaNodePool", "KafkaTopic"}
-    assert {d["kind"] for d in strimzi_docs} >= strimzi
+    strimzi = {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser"}
+    assert {d["kind"] for d in strimzi_docs} >= strimzi - {"KafkaUser"}
     assert dc.k8s_problems(strimzi_docs) == []
     for doc in strimzi_docs:
         if doc["kind"] not in CUSTOM_KINDS | strimzi:
@@ -1349,10 +1357,11 @@ def test_strimzi_overlay_core_objects_match_the_kubernetes_schemas(
 
 
 def test_strimzi_overlay_rendering_agrees_with_kubectl_kustomize(
-    strimzi_docs: list[dc.Doc],
+    strimzi_overlay: tuple[str, list[dc.Doc]],
 ) -> None:
+    name, strimzi_docs = strimzi_overlay
     done = subprocess.run(
-        [*kustomize_command(), str(dc.K8S / "overlays" / "strimzi")],
+        [*kustomize_command(), str(dc.K8S / "overlays" / name)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -1364,3 +1373,75 @@ def test_strimzi_overlay_rendering_agrees_with_kubectl_kustomize(
         return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
     assert by_key(strimzi_docs) == by_key(theirs)
+
+
+# --- Strimzi, secured: KafkaUsers with the ACL table ---------------------------------------
+STRIMZI_RESOURCE = {"TOPIC": "topic", "GROUP": "group", "TRANSACTIONAL_ID": "transactionalId"}
+
+
+@pytest.fixture(scope="module")
+def strimzi_secured() -> list[dc.Doc]:
+    return dc.render_kustomization(dc.K8S / "overlays" / "strimzi-sasl-ssl")
+
+
+def strimzi_acls(docs: list[dc.Doc]) -> dict[str, set[dc.Acl]]:
+    """`qrsight-topics acls` (role_acls) with the overlay's settings, in Strimzi's words:
+    the KafkaUsers must hold exactly these."""
+    from producer_tools.topics import DEFAULT_USERS, role_acls
+
+    settings = load_settings(dc.find(docs, "ConfigMap", "qrsight-config")["data"])
+    acls: dict[str, set[dc.Acl]] = {}
+    for grant in role_acls(settings):
+        prefixed = grant.pattern.name == "PREFIXED"
+        acls.setdefault(DEFAULT_USERS[grant.role], set()).add(
+            (
+                STRIMZI_RESOURCE[grant.resource.name],
+                grant.name,
+                "prefix" if prefixed else "literal",
+                grant.operation.name.capitalize(),
+            )
+        )
+    return acls
+
+
+def test_strimzi_sasl_ssl_users_hold_exactly_the_acl_table(
+    strimzi_secured: list[dc.Doc],
+) -> None:
+    acls = strimzi_acls(strimzi_secured)
+    assert set(acls) == {"api", "worker", "reader"}
+    assert dc.strimzi_security_problems(strimzi_secured, acls) == []
+    assert not [d for d in strimzi_secured if d["kind"] == "Job"]  # Strimzi owns the topics
+    config = dc.find(strimzi_secured, "ConfigMap", "qrsight-config")["data"]
+    users = {}
+    for name in ("qrsight-api", "qrsight-workers"):
+        container = next(dc.containers(dc.find(strimzi_secured, "StatefulSet", name)))
+        settings = load_settings({**config, **dc.literal_env(container)})
+        assert (settings.kafka_security_protocol, settings.kafka_sasl_mechanism) == (
+            "SASL_SSL",
+            "SCRAM-SHA-512",
+        )
+        users[name] = settings.kafka_sasl_username
+    assert users == {"qrsight-api": "api", "qrsight-workers": "worker"}
+
+
+def test_strimzi_security_checks_catch_drift(strimzi_secured: list[dc.Doc]) -> None:
+    acls = strimzi_acls(strimzi_secured)
+    broken = json.loads(json.dumps(strimzi_secured))
+    kafka = dc.find(broken, "Kafka")["spec"]["kafka"]
+    kafka["listeners"].append({"name": "plain", "port": 9092, "type": "internal", "tls": False})
+    dc.find(broken, "KafkaUser", "worker")["spec"]["authorization"]["acls"].pop()
+    dc.find(broken, "KafkaUser", "reader")["spec"]["authorization"]["acls"][0]["operations"] = [
+        "Read",
+        "Write",
+    ]
+    api = next(dc.containers(dc.find(broken, "StatefulSet", "qrsight-api")))
+    password = next(e for e in api["env"] if e["name"] == "QRSIGHT_KAFKA_SASL_PASSWORD")
+    password["valueFrom"]["secretKeyRef"]["name"] = "qrsight-secrets"
+    problems = dc.strimzi_security_problems(broken, acls)
+    assert [p.split(":")[0] for p in problems] == [
+        "Kafka",
+        "user reader",
+        "user worker",
+        "StatefulSet/qrsight-api",
+    ], problems
+    assert "transactionalId" in problems[2]
