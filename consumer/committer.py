@@ -108,11 +108,15 @@ class Committer:
             again = self.book.recommit()
             if again:
                 attempt(lambda: self._commit_async(consumer, again), "re-commit")
-        elif own.paused:
-            paused = own.paused & own.assigned
-            own.paused.clear()
-            attempt(lambda: consumer.resume(as_partitions(dict.fromkeys(paused, 0))), "resume")
-            logger.info("offset commits confirmed, fetching again worker=%d", self.index)
+        else:
+            back = own.resumable()
+            if back:
+                held = bool(own.paused)
+                resume = as_partitions(dict.fromkeys(back, 0))
+                if attempt(lambda: consumer.resume(resume), "resume"):
+                    own.resumed(back)
+                if held:
+                    logger.info("offset commits confirmed, fetching again worker=%d", self.index)
         self.metrics.fetch_paused.set(1 if own.paused else 0)
 
     def pause(self, consumer: Consumer, keys: Collection[Key]) -> None:

@@ -42,6 +42,9 @@ class Ownership:
     assigned: set[Key] = field(default_factory=set)
     epochs: dict[Key, int] = field(default_factory=dict)
     paused: set[Key] = field(default_factory=set)  # fetching paused by the worker
+    # Paused when revoked or lost: librdkafka keeps a partition's pause flag across
+    # re-assignment, so such a partition comes back paused and must be resumed.
+    stale_paused: set[Key] = field(default_factory=set)
 
     def epoch(self, key: Key) -> int:
         return self.epochs.get(key, 0)
@@ -60,7 +63,19 @@ class Ownership:
         for key in keys:
             self._bump(key)
             self.assigned.discard(key)
-            self.paused.discard(key)  # a partition assigned again starts unpaused
+            if key in self.paused:
+                self.paused.discard(key)
+                self.stale_paused.add(key)
+
+    def resumable(self) -> set[Key]:
+        """Partitions to resume once the worker no longer holds back: those it paused, and
+        those that came back still paused from before they were revoked or lost."""
+        return (self.paused | self.stale_paused) & self.assigned
+
+    def resumed(self, keys: Iterable[Key]) -> None:
+        done = set(keys)
+        self.paused -= done
+        self.stale_paused -= done
 
     def holds(self, key: Key, epoch: int) -> bool:
         """Still assigned under the epoch a batch saw when it was fetched."""

@@ -55,3 +55,20 @@ def test_reseek_only_when_the_position_ran_past_the_first_dropped_message() -> N
     assert needs_reseek(25, 20)
     assert not needs_reseek(20, 20)
     assert not needs_reseek(OFFSET_INVALID, 20)
+
+
+def test_a_partition_paused_when_it_was_lost_is_resumed_when_it_comes_back() -> None:
+    # librdkafka keeps a partition's pause flag across revocation and re-assignment, so a
+    # partition the worker had paused (holding back) and then lost comes back paused: the
+    # worker must resume it, or it is never fetched again (a cluster run saw 3 partitions
+    # stop for good after two brokers came back)
+    key = ("qr.images", 0)
+    own = Ownership()
+    own.assign([key])
+    own.paused.add(key)
+    own.release([key])
+    assert own.resumable() == set(), "not ours while it is away"
+    own.assign([key])
+    assert own.resumable() == {key}
+    own.resumed({key})
+    assert own.resumable() == set() and not own.paused
