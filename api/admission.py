@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
 from core.runtime.errors import QrsightError
 from core.runtime.settings import Settings, env_name
@@ -29,11 +28,6 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 # Copies of one image an admitted request can hold at once (see the module docstring).
 COPIES_PER_REQUEST = 3
-CGROUP_LIMITS = (
-    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
-    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
-)
-UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
 
 
 class OverloadedError(QrsightError):
@@ -71,19 +65,6 @@ class Admission:
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-
-def container_memory_bytes() -> int | None:
-    """The cgroup memory limit of this container, or None when there is none."""
-    for path in CGROUP_LIMITS:
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < UNLIMITED:
-            return int(text)
-        return None
-    return None
 
 
 def in_flight_limit(settings: Settings, memory_bytes: int | None = None) -> int:

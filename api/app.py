@@ -30,7 +30,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api import detect, health, metrics, openapi, web
-from api.admission import Admission, container_memory_bytes, in_flight_limit
+from api.admission import Admission, in_flight_limit
 from api.auth import JwtVerifier, authenticate
 from api.errors import register_error_handlers
 from api.logs import REQUEST_ID_ENVIRON, TRACE_ID_ENVIRON
@@ -42,6 +42,7 @@ from api.state import EXTENSION, ApiState, api_state
 from api.waiters import new_request_id
 from core.runtime import logs
 from core.runtime.errors import QrsightError
+from core.runtime.memory import container_memory_bytes
 from core.runtime.settings import Settings
 from core.runtime.telemetry import tracing
 from core.vision.images import ImageLimits
