@@ -230,6 +230,27 @@ def ready_answer(url: str, timeout_s: float, until: str) -> tuple[int, str]:
     return last
 
 
+def detect_until_ok(url: str, text: str, worker_log: Path) -> tuple[requests.Response, list]:
+    """POST a QR code reading ``text`` until it is answered 200 (504s while the worker
+    starts), at most 120 s; the response and its results."""
+    image, _box = qr_png(text)
+    deadline = time.monotonic() + 120
+    while True:
+        response = requests.post(
+            f"{url}/api/v1/detect?timeout_ms=20000",
+            data=image,
+            headers={"Content-Type": "image/png"},
+            timeout=40,
+        )
+        if response.status_code == 200 or time.monotonic() > deadline:
+            break
+        assert response.status_code == 504, response.text  # the worker is still starting
+    assert response.status_code == 200, f"{response.text}\n{worker_log.read_text()[-3000:]}"
+    results = response.json()["results"]
+    assert results, response.text
+    return response, results
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -259,21 +280,7 @@ def test_api_and_worker_with_their_own_credentials_return_a_result(
     try:
         status, body = ready_answer(url, 120, until='"ready"')
         assert status == 200, f"{body}\n{api_log.read_text()[-3000:]}"
-        image, _box = qr_png("secured-hello")
-        deadline = time.monotonic() + 120
-        while True:
-            response = requests.post(
-                f"{url}/api/v1/detect?timeout_ms=20000",
-                data=image,
-                headers={"Content-Type": "image/png"},
-                timeout=40,
-            )
-            if response.status_code == 200 or time.monotonic() > deadline:
-                break
-            assert response.status_code == 504, response.text  # the worker is still starting
-        assert response.status_code == 200, f"{response.text}\n{worker_log.read_text()[-3000:]}"
-        results = response.json()["results"]
-        assert results, response.text
+        response, results = detect_until_ok(url, "secured-hello", worker_log)
         if real:
             assert "secured-hello" in {r["text"] for r in results}
         reader = secured.settings("reader")

@@ -7,21 +7,20 @@ not grant. The rest of the secured behaviour is the single broker's (test_secure
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from confluent_kafka import KafkaError
 
 from tests.chaos.cluster import LocalCluster
-from tests.integration.api_stack import free_port, model_path, qr_png, start
+from tests.integration.api_stack import free_port, model_path, start
 from tests.integration.test_secured import (
     ROLES,
     SecuredBroker,
     _sourced,
     api_process,
+    detect_until_ok,
     produce_error,
     ready_answer,
     stop,
@@ -63,21 +62,7 @@ def test_a_worker_and_the_api_with_their_own_credentials_return_a_result(
     try:
         status, body = ready_answer(url, 120, until='"ready"')
         assert status == 200, f"{body}\n{api_log.read_text()[-3000:]}"
-        image, _box = qr_png("secured-cluster")
-        deadline = time.monotonic() + 120
-        while True:
-            response = requests.post(
-                f"{url}/api/v1/detect?timeout_ms=20000",
-                data=image,
-                headers={"Content-Type": "image/png"},
-                timeout=40,
-            )
-            if response.status_code == 200 or time.monotonic() > deadline:
-                break
-            assert response.status_code == 504, response.text  # the worker is still starting
-        assert response.status_code == 200, f"{response.text}\n{worker_log.read_text()[-3000:]}"
-        results = response.json()["results"]
-        assert results, response.text
+        _response, results = detect_until_ok(url, "secured-cluster", worker_log)
         if real:
             assert "secured-cluster" in {r["text"] for r in results}
     finally:
