@@ -161,6 +161,39 @@ def killer(
     return kill
 
 
+def kill_run(
+    name: str,
+    settings: Settings,
+    tracker: Tracker,
+    pods: list[Pod],
+    *,
+    rate: float,
+    tag: str,
+    seed: int,
+) -> tuple[Row, list[int]]:
+    """Publish IMAGES at ``rate`` while one worker is SIGKILLed every KILL_EVERY_S; the
+    scenario's row (duplicates bounded by one batch per kill) and the pids killed."""
+    started = time.monotonic()
+    publisher = Publisher(settings, IMAGES, rate, tag)
+    publisher.start()
+    kills: list[int] = []
+    stop = threading.Event()
+    every(KILL_EVERY_S, killer(pods, kills, random.Random(seed), publisher.is_alive), stop)
+    publisher.join(drain_timeout())
+    stop.set()
+    row = finish(
+        name,
+        settings,
+        publisher=publisher,
+        tracker=tracker,
+        pods=pods,
+        started=started,
+        kills=len(kills),
+        bound=len(kills) * settings.max_batch,
+    )
+    return row, kills
+
+
 def test_kill_9_of_one_of_two_supervised_workers_every_3_s_loses_nothing(
     make: Callable[..., Settings], pods: list[Pod], logdir: Path
 ) -> None:
@@ -170,23 +203,14 @@ def test_kill_9_of_one_of_two_supervised_workers_every_3_s_loses_nothing(
     tracker.start()
     pods.append(Pod(settings, "pod-a", 2, logdir))
     pods[0].wait_ready(2)
-    started = time.monotonic()
-    publisher = Publisher(settings, IMAGES, RATE, "alo")
-    publisher.start()
-    kills: list[int] = []
-    stop = threading.Event()
-    every(KILL_EVERY_S, killer(pods, kills, random.Random(16), publisher.is_alive), stop)
-    publisher.join(drain_timeout())
-    stop.set()
-    row = finish(
+    row, kills = kill_run(
         "kill -9 every 3 s, 2 supervised workers",
         settings,
-        publisher=publisher,
-        tracker=tracker,
-        pods=pods,
-        started=started,
-        kills=len(kills),
-        bound=len(kills) * settings.max_batch,
+        tracker,
+        pods,
+        rate=RATE,
+        tag="alo",
+        seed=16,
     )
     tracker.stop()
     assert pods[0].stop() == 0
@@ -234,23 +258,14 @@ def test_repeated_kills_with_default_settings_neither_wait_out_a_session_nor_red
     tracker.start()
     pods.append(Pod(settings, None, 2, logdir, as_configured=True))
     pods[0].wait_ready(2)
-    started = time.monotonic()
-    publisher = Publisher(settings, IMAGES, min(RATE, DEFAULTS_RATE), "defaults")
-    publisher.start()
-    kills: list[int] = []
-    stop = threading.Event()
-    every(KILL_EVERY_S, killer(pods, kills, random.Random(28), publisher.is_alive), stop)
-    publisher.join(drain_timeout())
-    stop.set()
-    row = finish(
+    row, kills = kill_run(
         "kill -9 every 3 s, `--workers 2`, default settings",
         settings,
-        publisher=publisher,
-        tracker=tracker,
-        pods=pods,
-        started=started,
-        kills=len(kills),
-        bound=len(kills) * settings.max_batch,
+        tracker,
+        pods,
+        rate=min(RATE, DEFAULTS_RATE),
+        tag="defaults",
+        seed=28,
     )
     tracker.stop()
     stopped = pods[0].stop()
