@@ -17,6 +17,8 @@ crop verifier can be trained on the hard ones (``training/verify.py``, other see
   1-D barcode (written by zxing-cpp) on a label, filling 25-90 % of the frame — no QR code;
 - round two (issue 31): **filled** (:data:`FILLED`) — Aztec, PDF417, Data Matrix or
   MaxiCode filling 60-100 % of the frame, half computer-generated, half photographed;
+  **dense** (:data:`DENSE`) — the same with long payloads (large Aztec, PDF417 and Data
+  Matrix symbols, the kind the detector boxes; rendered at 1-4 px per module);
   **surfaces** (:data:`SURFACES`, ``training.surfaces``) — worn, scratched, printed-over
   and patterned surfaces filling the frame; **shipping labels** — a 4 x 6 in label with
   MaxiCode, Code 128, PDF417 and Data Matrix, photographed at an angle, with a QR code
@@ -71,13 +73,17 @@ SYMBOLS = tuple(f"symbol-{k}" for k in SYMBOL_FORMATS)
 # round two (issue 31); kept apart from the tuples above, which make the verifier v2's
 # training recipe (training/verify.py)
 FILLED = tuple(f"fill-{k}" for k in ("Aztec", "PDF417", "DataMatrix", "MaxiCode"))
+# the same with long payloads: the large symbols (Aztec's reference grid, a PDF417 of many
+# rows, a Data Matrix of several regions) look most like a dense QR code to the detector
+DENSE = tuple(f"dense-{k}" for k in ("Aztec", "PDF417", "DataMatrix"))
+DENSE_LENGTH = {"Aztec": (300, 1500), "PDF417": (200, 900), "DataMatrix": (300, 1500)}
 SURFACES = tuple(f"surface-{k}" for k in SURFACE_KINDS)
 LABEL_WITH_QR = "label-qr"
 LABEL_WITHOUT_QR = "label-no-qr"
 NESTED = "nested"  # a small QR code printed inside a larger one (two codes)
 ARTISTIC = "artistic"  # modules printed as dots over a picture
 ALL_POSITIVE = (*POSITIVE, LABEL_WITH_QR, NESTED, ARTISTIC)
-NEGATIVE = TEXTURES + SYMBOLS + FILLED + SURFACES + (LABEL_WITHOUT_QR,)
+NEGATIVE = TEXTURES + SYMBOLS + FILLED + DENSE + SURFACES + (LABEL_WITHOUT_QR,)
 FAMILIES = ALL_POSITIVE + NEGATIVE
 SUPERSAMPLE = 2
 
@@ -105,7 +111,7 @@ def scene(seed: int, index: int, family: str, long_side: tuple[int, int] | None 
         return _texture_scene(rng, family, long_side or (640, 1600))
     if family in SYMBOLS:
         return _symbol_scene(rng, family, long_side or (480, 1600))
-    if family in FILLED:
+    if family in FILLED or family in DENSE:
         return _filled_scene(rng, family, long_side or (320, 1200))
     if family in SURFACES:
         return _surface_scene(rng, family, long_side or (640, 1600))
@@ -143,11 +149,18 @@ def _texture_scene(rng: np.random.Generator, family: str, size: tuple[int, int])
     return Scene(img, np.zeros((0, 4), np.float32), [], family, frame)
 
 
-def _symbol_image(rng: np.random.Generator, fmt: str) -> np.ndarray:
-    """The symbol on white at one pixel per module (1-D: bars 1 px, drawn tall), uint8."""
+def _symbol_image(
+    rng: np.random.Generator, fmt: str, length: tuple[int, int] | None = None
+) -> np.ndarray:
+    """The symbol on white at one pixel per module (1-D: bars 1 px, drawn tall), uint8;
+    ``length``: the range of a 2-D symbol's payload length instead of the usual one."""
     letters = string.ascii_uppercase + string.digits
     digits = {"EAN13": 12, "UPCA": 11, "ITF": 2 * int(rng.integers(3, 8))}
-    if fmt in digits:
+    if length is not None:
+        content = "".join(
+            rng.choice(list(letters + string.ascii_lowercase + " ./-"), int(rng.integers(*length)))
+        )
+    elif fmt in digits:
         content = "".join(rng.choice(list(string.digits), digits[fmt]))
     elif fmt in ("Code39", "Code93", "Code128"):
         content = "".join(rng.choice(list(letters), int(rng.integers(6, 16))))
@@ -228,13 +241,19 @@ def _filled_scene(rng: np.random.Generator, family: str, size: tuple[int, int]) 
     the symbol, 100-500 px on its longer side, resampled, a quiet zone of 0-4 modules, as a label
     file or a screenshot is sent), half photographed filling 60-100 % of the frame (a
     slight angle, focus, light, noise, JPEG)."""
-    sym = _symbol_image(rng, family.removeprefix("fill-"))
+    if family in DENSE:
+        fmt = family.removeprefix("dense-")
+        sym = _symbol_image(rng, fmt, DENSE_LENGTH[fmt])
+    else:
+        sym = _symbol_image(rng, family.removeprefix("fill-"))
     h, w = _photo_size(rng, *size)
     sh, sw = sym.shape
     fill = rng.uniform(0.6, 1.0)
     scale = fill * min(h / sh, w / sw)
     if rng.random() < 0.5:  # the image is the symbol: a render of 100-500 px
         k = rng.uniform(100, 500) / max(sh, sw)
+        if family in DENSE:  # a large symbol rendered as files are: 1-4 px per module
+            k = rng.uniform(1.0, 4.0)
         interp = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA)[int(rng.integers(0, 3))]
         big = cv2.resize(sym, (round(sw * k), round(sh * k)), interpolation=interp)
         quiet = round(int(rng.integers(0, 5)) * k)

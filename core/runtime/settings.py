@@ -213,6 +213,11 @@ class Settings(BaseModel):
         description="when reading payloads, also read the whole image and add the QR codes "
         "the detector missed (confidence 1.0)",
     )
+    other_symbols: bool = Field(
+        True,
+        description="drop a QR box whose payload was not read when zxing-cpp reads an Aztec, "
+        "Data Matrix, MaxiCode or PDF417 symbol covering at least half of it",
+    )
     structure_cap: float = Field(
         0.5,
         ge=0.0,
@@ -221,6 +226,12 @@ class Settings(BaseModel):
         "crop shows no QR finder patterns (three at the corners, or two of one code): 0.5 "
         "keeps such a box at the verifier's threshold, a lower value drops it, 1 turns the "
         "check off",
+    )
+    structure_veto: bool = Field(
+        True,
+        description="drop (instead of capping) a QR box whose payload was not read when its "
+        "crop shows no finder pattern at all, not even one whose outer ring merges with a "
+        "dark ground",
     )
 
     # --- workers ----------------------------------------------------------------------

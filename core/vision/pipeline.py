@@ -39,6 +39,7 @@ from core.vision.gpu_decode import Decoded, make_gpu_decoder
 from core.vision.images import ImageLimits, decode, jpeg_scale, probe
 from core.vision.payload import HARD_ATTEMPTS, drop_duplicate_reads, read_harder, read_payloads
 from core.vision.structure import cap_unstructured
+from core.vision.symbols import drop_other_symbols
 from core.vision.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
@@ -384,17 +385,38 @@ class Pipeline:
     def _structure(
         self, job: ImageJob | None, full: _FullImage, dets: Detections, judged: np.ndarray
     ) -> np.ndarray:
-        """The verifier's judgements with unread QR boxes it would keep capped at
-        ``QRSIGHT_STRUCTURE_CAP`` when their full-resolution crop shows no QR finder
-        patterns (``core.vision.structure``); unchanged if that fails."""
+        """The verifier's judgements with the unread QR boxes it would keep set to 0 where
+        zxing-cpp reads another symbology over them (``core.vision.symbols``,
+        ``QRSIGHT_OTHER_SYMBOLS``), then capped at ``QRSIGHT_STRUCTURE_CAP`` where their
+        full-resolution crop shows no QR finder patterns (``core.vision.structure``);
+        set to 0 where it shows no finder pattern at all (``QRSIGHT_STRUCTURE_VETO``);
+        unchanged by a step that fails."""
         assert self.verifier is not None and dets.text is not None
-        if self.settings.structure_cap >= 1.0:
+        if self.settings.structure_cap >= 1.0 and not self.settings.other_symbols:
             return judged
         unread = np.array([t is None for t in dets.text], bool)
         if not (
             unread & (dets.class_id == self._qr_id) & (judged >= self.verifier.threshold)
         ).any():
             return judged  # nothing to scan: no grey copy of the image either
+        if self.settings.other_symbols:
+            try:
+                judged = drop_other_symbols(
+                    full.gray(),
+                    rescale(dets, full.scale),
+                    judged,
+                    self._qr_id,
+                    threshold=self.verifier.threshold,
+                )
+            except Exception:
+                logger.warning(
+                    "other-symbol check failed request_id=%s",
+                    _request_id(job),
+                    exc_info=True,
+                    extra=_ids(job),
+                )
+        if self.settings.structure_cap >= 1.0:
+            return judged
         try:
             gray = full.gray()
             return cap_unstructured(
@@ -404,6 +426,7 @@ class Pipeline:
                 self._qr_id,
                 threshold=self.verifier.threshold,
                 cap=self.settings.structure_cap,
+                veto=self.settings.structure_veto,
             )
         except Exception:
             logger.warning(

@@ -46,6 +46,16 @@ MODULE_RATIO = 1.8  # module sizes of the finders of one code agree within this 
 # confidence*)
 MIN_LEVEL = 2
 DEFAULT_CAP = 0.5
+# a box with no finder at all is vetoed (QRSIGHT_STRUCTURE_VETO) unless the one-sided search
+# finds this level: three finders at the corners of a square. One one-sided finder, or a
+# pair, is common in dense Aztec, PDF417 and Data Matrix symbols and in textures; a full
+# layout was seen only on codes (training/eval/structure.py, seed 6,100,003)
+VETO_RESCUE_LEVEL = 3
+# ... and unless the verifier is this sure of it (then it is only capped): small codes
+# smeared by motion blur show no finder and are judged >= 0.999; of the other symbols'
+# and textures' boxes without a finder none was judged above 0.9935 (seeds 6,100,003 and
+# 6,000,001, models/README.md *Structure before confidence*)
+VETO_SURE = 0.995
 # local-mean binarizations: (block = crop side / this, offset)
 BLOCKS = ((4, 2), (8, 2))
 
@@ -86,9 +96,14 @@ def _runs(lines: np.ndarray) -> _Runs:
     return _Runs(ids, start, length, lines.ravel()[start], start // width, width)
 
 
-def _pattern(runs: _Runs, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pattern(
+    runs: _Runs, centre: np.ndarray, one_sided: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """For runs ``centre``: whether each is the dark 3 of a dark-light-dark-light-dark
-    1:1:3:1:1 on its line, and the module size that pattern gives."""
+    1:1:3:1:1 on its line, and the module size that pattern gives. ``one_sided``: one of
+    the two outer dark runs may be longer than a module (a finder at the edge of a code
+    printed without a quiet zone on a dark ground, whose ring merges with the ground);
+    the module size is then the inner 1:3:1's."""
     n = len(runs.length)
     if n < 5:
         return np.zeros(len(centre), bool), np.zeros(len(centre), np.float32)
@@ -104,10 +119,18 @@ def _pattern(runs: _Runs, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         & (runs.value[g - 2] == 1)
         & (runs.value[g + 2] == 1)
     )
-    module = win.sum(axis=1) / 7.0
-    tol = RUN_TOLERANCE * module
+    if one_sided:
+        module = win[:, 1:4].sum(axis=1) / 5.0
+        tol = RUN_TOLERANCE * module
+        near = [np.abs(win[:, k] - module) < tol for k in (0, 4)]
+        ok &= (near[0] | near[1]) & (win[:, 0] > module - tol) & (win[:, 4] > module - tol)
+        inner: tuple[int, ...] = (1, 3)
+    else:
+        module = win.sum(axis=1) / 7.0
+        tol = RUN_TOLERANCE * module
+        inner = (0, 1, 3, 4)
     ok &= (module >= MIN_MODULE_PX) & (np.abs(win[:, 2] - 3 * module) < 3 * tol)
-    for k in (0, 1, 3, 4):
+    for k in inner:
         ok &= np.abs(win[:, k] - module) < tol
     return ok, module
 
@@ -117,16 +140,16 @@ def _centre_along(runs: _Runs, g: np.ndarray) -> np.ndarray:
     return (runs.start[g] % runs.width + runs.length[g] / 2.0).astype(np.float32)
 
 
-def finders(binary: np.ndarray) -> list[Finder]:
+def finders(binary: np.ndarray, one_sided: bool = False) -> list[Finder]:
     """Finder patterns of a binarized crop (dark True): each dark run that is the centre of
     a 1:1:3:1:1 along its row, confirmed along its column and its diagonal through the
     same point at a compatible scale (zxing's cross-checks), clustered, most supported
-    first."""
+    first. ``one_sided``: see :func:`_pattern`."""
     h, w = binary.shape
     dark = binary.astype(np.uint8)
     rows = _runs(dark)
     centre = np.flatnonzero(rows.value == 1)
-    ok, hm = _pattern(rows, centre)
+    ok, hm = _pattern(rows, centre, one_sided)
     centre, hm = centre[ok], hm[ok]
     if len(centre) == 0:
         return []
@@ -134,7 +157,7 @@ def finders(binary: np.ndarray) -> list[Finder]:
     x = np.clip(_centre_along(rows, centre).astype(np.int64), 0, w - 1)
     cols = _runs(np.ascontiguousarray(dark.T))
     gv = cols.ids[x, y]
-    ok, vm = _pattern(cols, gv)
+    ok, vm = _pattern(cols, gv, one_sided)
     ok &= (vm < 1.6 * hm) & (hm < 1.6 * vm)
     yc = _centre_along(cols, gv)
     ok &= np.abs(yc - y) <= hm
@@ -144,7 +167,7 @@ def finders(binary: np.ndarray) -> list[Finder]:
     yi = np.clip(yc.astype(np.int64), 0, h - 1)
     radius = int(np.ceil(6 * max(float(hm.max()), float(vm.max()))))
     diag = _runs(_diagonal_lines(dark, x, yi, radius))
-    ok, dm = _pattern(diag, diag.ids[:, radius])
+    ok, dm = _pattern(diag, diag.ids[:, radius], one_sided)
     m = (hm + vm) / 2
     ok &= (dm > 0.35 * m) & (dm < 1.6 * m)
     if not ok.any():
@@ -297,7 +320,9 @@ def _resized(gray: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(gray, size, interpolation=interp)
 
 
-def structure_score(gray: np.ndarray, box_side: float | None = None) -> int:
+def structure_score(
+    gray: np.ndarray, box_side: float | None = None, one_sided: bool = False
+) -> int:
     """0-4: how many finder patterns of one QR code the grey crop shows (see the module's
     docstring). ``box_side``: the detector box's longer side in the crop's pixels (finder
     pairs must span at least a third of it); default the crop's short side / 1.3.
@@ -305,7 +330,8 @@ def structure_score(gray: np.ndarray, box_side: float | None = None) -> int:
     The crop is scanned with its short side in [MIN_SIDE, MAX_SIDE], then, if that shows
     no three finders, at twice the size up to SECOND_SIDE (a dense or small code's
     modules are 1-2 px at the first size) with Otsu's threshold alone (the local means
-    added nothing there on the synthetic hard codes, at twice the cost)."""
+    added nothing there on the synthetic hard codes, at twice the cost). ``one_sided``:
+    finders may have one outer ring merged with a dark ground (:func:`_pattern`)."""
     short = min(gray.shape[:2])
     first = MIN_SIDE / short if short < MIN_SIDE else min(1.0, MAX_SIDE / short)
     best = 0
@@ -313,7 +339,7 @@ def structure_score(gray: np.ndarray, box_side: float | None = None) -> int:
         scaled = _resized(gray, factor)
         side = (short / 1.3 if box_side is None else box_side) * factor
         for binary in _binaries(scaled, local=factor == first):
-            best = max(best, layout(binary, finders(binary), min_span=side / 3))
+            best = max(best, layout(binary, finders(binary, one_sided), min_span=side / 3))
             if best == 4:
                 return best
         if best >= 3:
@@ -321,7 +347,9 @@ def structure_score(gray: np.ndarray, box_side: float | None = None) -> int:
     return best
 
 
-def box_structure(gray: np.ndarray, box: np.ndarray, margin: float = 0.15) -> int:
+def box_structure(
+    gray: np.ndarray, box: np.ndarray, margin: float = 0.15, one_sided: bool = False
+) -> int:
     """:func:`structure_score` of the ``box`` (xyxy) of a grey image, cut with ``margin``
     of its longer side around it; where that leaves the image, the crop is filled with a
     light grey (a code cut by the frame has its finders there, with no quiet zone)."""
@@ -340,7 +368,7 @@ def box_structure(gray: np.ndarray, box: np.ndarray, margin: float = 0.15) -> in
         inside = cv2.copyMakeBorder(
             inside, ib - b, d - id_, ia - a, c - ic, cv2.BORDER_CONSTANT, value=light
         )
-    return structure_score(inside, box_side=side)
+    return structure_score(inside, box_side=side, one_sided=one_sided)
 
 
 def cap_unstructured(
@@ -352,12 +380,17 @@ def cap_unstructured(
     threshold: float,
     cap: float = DEFAULT_CAP,
     min_level: int = MIN_LEVEL,
+    veto: bool = False,
 ) -> np.ndarray:
     """``judged`` (the verifier's ``P(code)`` per detection, NaN for other classes) with
     each unread QR box at ``threshold`` or above whose crop in ``gray`` (the boxes' image)
     reaches no ``min_level`` of :func:`box_structure` capped at ``cap``: a confident box
     with no finder pattern may be another symbol or a texture rather than a code nobody
     could read, so it is not reported as a sure one (a cap below ``threshold`` drops it).
+    With ``veto``, a box judged below :data:`VETO_SURE` whose crop shows no finder
+    pattern at all, and no QR layout (:data:`VETO_RESCUE_LEVEL`) even when finders may
+    merge with a dark ground on one side (``one_sided``: a code printed without a quiet
+    zone), is set to 0 (dropped).
     Only those boxes are scanned (read boxes and boxes the verifier drops cost nothing)."""
     if qr_id is None or len(dets) == 0:
         return judged
@@ -366,6 +399,15 @@ def cap_unstructured(
     for i, (c, t, p) in enumerate(zip(dets.class_id, dets.text, judged, strict=True)):
         if c != qr_id or t is not None or not p >= threshold:
             continue
-        if box_structure(gray, dets.xyxy[i]) < min_level:
-            out[i] = min(float(p), cap)
+        level = box_structure(gray, dets.xyxy[i])
+        if level >= min_level:
+            continue
+        out[i] = min(float(p), cap)
+        if (
+            veto
+            and level == 0
+            and p < VETO_SURE
+            and box_structure(gray, dets.xyxy[i], one_sided=True) < VETO_RESCUE_LEVEL
+        ):
+            out[i] = 0.0
     return out

@@ -114,3 +114,43 @@ def test_only_unread_confident_boxes_without_structure_are_capped() -> None:
     assert np.isnan(out[3])  # another class is not judged
     low = cap_unstructured(img, dets, np.array([0.95, 0.2, 1.0, np.nan]), 0, threshold=0.5, cap=0.3)
     assert low[1] == pytest.approx(0.2)  # below the threshold already: left as it is
+
+
+def test_a_code_without_quiet_zone_on_a_dark_ground_is_found_one_sided() -> None:
+    """Photographed, its finders' outer rings merge with the ground: the strict search
+    finds none, the one-sided one the whole layout, so the veto spares it."""
+    dark = np.pad(qr_image(TEXT, 4, border=0), 40, constant_values=25)
+    img = photographed(dark, 20, blur=0.8, seed=1)
+    assert structure_score(img) == 0
+    assert structure_score(img, one_sided=True) >= 3
+
+
+def test_the_veto_drops_boxes_without_any_finder_and_spares_codes() -> None:
+    img = np.full((400, 1300), 220, np.uint8)
+    code = qr_image(TEXT, 4, border=0)
+    noquiet = photographed(np.pad(code, 40, constant_values=25), 20, blur=0.8, seed=1)
+    aztec = symbol_image("Aztec", 5)
+    img[50 : 50 + code.shape[0], 50 : 50 + code.shape[1]] = code
+    img[50 : 50 + aztec.shape[0], 450 : 450 + aztec.shape[1]] = aztec
+    h, w = noquiet.shape
+    img[0:h, 850 : 850 + w] = noquiet
+    boxes = [
+        [50, 50, 50 + code.shape[1], 50 + code.shape[0]],
+        [450, 50, 450 + aztec.shape[1], 50 + aztec.shape[0]],
+        [850 + w * 0.2, h * 0.2, 850 + w * 0.8, h * 0.8],
+    ]
+    dets = Detections(
+        xyxy=np.array(boxes, np.float32),
+        confidence=np.full(3, 0.6, np.float32),
+        class_id=np.zeros(3, np.int64),
+        text=[None] * 3,
+        corners=[None] * 3,
+    )
+    judged = np.array([0.95, 0.97, 0.9], np.float32)
+    capped = cap_unstructured(img, dets, judged, 0, threshold=0.5, cap=0.5)
+    vetoed = cap_unstructured(img, dets, judged, 0, threshold=0.5, cap=0.5, veto=True)
+    assert capped.tolist() == pytest.approx([0.95, 0.5, 0.5])
+    assert vetoed.tolist() == pytest.approx([0.95, 0.0, 0.5])
+    # a box the verifier is all but certain of is capped, not dropped
+    sure = cap_unstructured(img, dets, np.array([0.95, 0.999, 0.9]), 0, threshold=0.5, veto=True)
+    assert sure.tolist() == pytest.approx([0.95, 0.5, 0.5])

@@ -351,10 +351,10 @@ def test_round_two_families_hold_what_they_name() -> None:
     no code."""
     import zxingcpp
 
-    from training.families import FILLED, LABEL_WITH_QR, LABEL_WITHOUT_QR, SURFACES, scene
+    from training.families import DENSE, FILLED, LABEL_WITH_QR, LABEL_WITHOUT_QR, SURFACES, scene
 
-    for family in FILLED:
-        fmt = family.removeprefix("fill-")
+    for family in FILLED + DENSE:
+        fmt = family.split("-", 1)[1]
         found = set()
         for i in range(8):
             found |= {r.format.name for r in zxingcpp.read_barcodes(scene(11, i, family).image)}

@@ -226,25 +226,73 @@ def test_an_uncalibrated_verifier_keeps_the_detector_confidence(tmp_path: Path) 
 def test_a_confident_unread_box_without_finder_patterns_is_not_reported_as_sure(
     dark_model: Path, tmp_path: Path
 ) -> None:
-    """A verifier sure of a black square (calibrated on the detector's 0.9+ alone): the
-    square has no finder pattern, so with the structure check (the default) its boxes
-    are reported at the cap, 0.5; a cap below the threshold drops them; a cap of 1 (no
-    check) leaves the verifier's confidence."""
+    """A verifier that judges every box 0.95 (``sigmoid(3)``): a black square has no
+    finder pattern at all, so with the structure check (the default) its boxes are
+    dropped (the veto); without the veto they are reported at the cap, 0.5; a cap below
+    the threshold drops them too; a cap of 1 (no check) leaves the verifier's
+    confidence. Judged all but certain (the detector's score of a black cell, 1.0), they
+    are capped, not dropped."""
     trusting = with_metadata(
-        DEFAULT_VERIFIER, tmp_path / "verifier.onnx", detector_sha256=None, calibration="[1, 0, 0]"
+        DEFAULT_VERIFIER, tmp_path / "verifier.onnx", detector_sha256=None, calibration="[0, 0, 3]"
+    )
+    certain = with_metadata(
+        DEFAULT_VERIFIER, tmp_path / "certain.onnx", detector_sha256=None, calibration="[1, 0, 0]"
     )
     image = np.full((320, 320, 3), 255, np.uint8)
     image[64:128, 64:128] = 0
     job = [ImageJob("r", png(image))]
     kept = {}
-    for cap in (None, 0.3, 1.0):
-        extra = {} if cap is None else {"structure_cap": cap}
-        settings = load_settings({}, model_path=dark_model, verifier_path=trusting, **extra)
+    for cap in (None, "no veto", 0.3, 1.0, "certain"):
+        extra: dict[str, object] = {"verifier_path": trusting}
+        if cap == "no veto":
+            extra["structure_veto"] = False
+        elif cap == "certain":
+            extra["verifier_path"] = certain
+        elif cap is not None:
+            extra["structure_cap"] = cap
+        settings = load_settings({}, model_path=dark_model, **extra)
         with Pipeline(settings) as pipeline:
             (result,) = pipeline.run(job)
         assert result["status"] == "OK"
         kept[cap] = [d["confidence"] for d in result["detections"]]
     assert kept[1.0] and min(kept[1.0]) > 0.9
-    assert kept[None] and max(kept[None]) == pytest.approx(0.5)
-    assert len(kept[None]) == len(kept[1.0])
+    assert kept[None] == []
+    assert kept["no veto"] and max(kept["no veto"]) == pytest.approx(0.5)
+    assert kept["certain"] and max(kept["certain"]) == pytest.approx(0.5)
+    assert len(kept["no veto"]) == len(kept[1.0])
     assert kept[0.3] == []
+
+
+def test_boxes_on_a_symbol_of_another_symbology_are_dropped(
+    dark_model: Path, tmp_path: Path
+) -> None:
+    """A computer-generated Aztec code filling the image, boxed cell by cell by a model
+    that scores darkness, judged a sure code by a trusting verifier: zxing-cpp reads the
+    Aztec code under the boxes, so none is reported (``QRSIGHT_OTHER_SYMBOLS``, the
+    default); with the check off they are, at the structure cap (the structure veto off,
+    so that the read alone is tested)."""
+    import zxingcpp
+
+    trusting = with_metadata(
+        DEFAULT_VERIFIER, tmp_path / "verifier.onnx", detector_sha256=None, calibration="[1, 0, 0]"
+    )
+    code = zxingcpp.create_barcode(
+        "1Z 999 AA1 01 2345 6784 / qrsight", zxingcpp.BarcodeFormat.Aztec
+    )
+    image = np.asarray(zxingcpp.write_barcode_to_image(code, scale=12))
+    image = cv2.cvtColor(np.pad(image, 12, constant_values=255), cv2.COLOR_GRAY2BGR)
+    reported = {}
+    for other in (True, False):
+        settings = load_settings(
+            {},
+            model_path=dark_model,
+            verifier_path=trusting,
+            other_symbols=other,
+            structure_veto=False,
+        )
+        with Pipeline(settings) as pipeline:
+            (result,) = pipeline.run([ImageJob("r", png(image))])
+        assert result["status"] == "OK"
+        reported[other] = [d["confidence"] for d in result["detections"]]
+    assert reported[False] and max(reported[False]) == pytest.approx(0.5)
+    assert reported[True] == []

@@ -171,8 +171,12 @@ def timing(args: argparse.Namespace, settings: Settings) -> int:
     plain = Pipeline(settings.model_copy(update={"verifier_path": None}), detector=default.detector)
     plain.hard_attempts = ()
     configs["baseline: no verifier, standard reads"] = plain
-    configs["without the structure check"] = Pipeline(
-        settings.model_copy(update={"structure_cap": 1.0}), detector=default.detector
+    configs["without the other-symbol read"] = Pipeline(
+        settings.model_copy(update={"other_symbols": False}), detector=default.detector
+    )
+    configs["without the other-symbol read and the structure check"] = Pipeline(
+        settings.model_copy(update={"structure_cap": 1.0, "other_symbols": False}),
+        detector=default.detector,
     )
     if args.before_verifier:
         before = Pipeline(
@@ -238,6 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="QRSIGHT_STRUCTURE_CAP (1 = no structure check; default: the settings' default)",
     )
+    p.add_argument(
+        "--other-symbols",
+        choices=("on", "off"),
+        default=None,
+        help="QRSIGHT_OTHER_SYMBOLS (off = no other-symbol veto; default: the settings' default)",
+    )
+    p.add_argument(
+        "--structure-veto",
+        choices=("on", "off"),
+        default=None,
+        help="QRSIGHT_STRUCTURE_VETO (default: the settings' default)",
+    )
     p.add_argument("--before-verifier", default=None, help="with --timing: an earlier verifier")
     p.add_argument(
         "--all-judged",
@@ -255,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["verifier_path"] = args.verifier
     if args.structure_cap is not None:
         overrides["structure_cap"] = args.structure_cap
+    if args.structure_veto is not None:
+        overrides["structure_veto"] = args.structure_veto == "on"
+    if args.other_symbols is not None:
+        overrides["other_symbols"] = args.other_symbols == "on"
     settings = load_settings({}, **overrides)
     if args.timing:
         return timing(args, settings)
