@@ -75,6 +75,7 @@ from consumer.recovery import Stopping
 from consumer.routes import ReplyRoutes
 from consumer.transactions import Transactions, rewind
 from consumer.watchdog import UNGUARDED, HangWatchdog
+from core.runtime.busy import BusyBoard
 from core.runtime.kafka import avro_codec, message_limits
 from core.runtime.settings import Settings
 from core.runtime.telemetry import tracing
@@ -103,11 +104,15 @@ def uncommitted_limit(settings: Settings) -> int:
     return UNCOMMITTED_BATCHES * settings.max_batch
 
 
-def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
-    """The detector and pipeline, plus the model facts the metrics publish."""
+def load_pipeline(settings: Settings, index: int = 0) -> tuple[Pipeline, dict[str, Any]]:
+    """The detector and pipeline, plus the model facts the metrics publish. A detector with
+    a solo session (``QRSIGHT_ORT_SOLO_THREADS``) gets worker ``index``'s slot of the
+    host's busy board, so it takes the other workers' cores only while they are idle."""
     from core.vision.detector import Detector
 
     detector = Detector.from_settings(settings)
+    if detector.solo_session is not None:
+        detector.busy = BusyBoard(settings.consumer_group, index)
     info = detector.info
     facts = {
         "name": info.name,
@@ -231,7 +236,7 @@ class Worker:
 
     def _load_model(self) -> None:
         if self.processing.pipeline is None:
-            self.processing.pipeline, facts = load_pipeline(self.settings)
+            self.processing.pipeline, facts = load_pipeline(self.settings, self.index)
             self._owns_pipeline = True
             self.metrics.set_model(facts)
         elif not self.metrics.model_loaded:

@@ -182,8 +182,10 @@ class Settings(BaseModel):
         0,
         ge=0,
         description="ONNX Runtime intra-op threads for a batch of one image, in a second "
-        "session (CPU only; 0 = off): at low load a lone image may use the cores the other "
-        "workers leave idle",
+        "session, used while no other worker of the host has a batch in hand (CPU only; 0 = "
+        "off): at low load a lone image uses the cores the other workers leave idle; off by "
+        "default, since on a 2-core host it cost 5-13 % of the throughput at 2-8 concurrent "
+        "requests (bench/README.md)",
     )
     pad_batch: bool | None = Field(
         None,

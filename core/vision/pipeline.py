@@ -16,6 +16,7 @@ the time from the start of the run until its record was built.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -159,11 +160,16 @@ class Pipeline:
             for j in jobs
         ]
         results: list[dict[str, Any]] = [{} for _ in jobs]
-        for part in self.parts(jobs):
-            sub = [jobs[i] for i in part]
-            records = self._run_part(sub, [queue_ms[i] for i in part], start, stages)
-            for i, record in zip(part, records, strict=True):
-                results[i] = record
+        # the host's other workers see this one busy for the whole batch, not only while
+        # its model runs (core.runtime.busy): a worker between two model runs still has
+        # work in hand, and its core is not free for another worker's solo session
+        board = getattr(self.detector, "busy", None)
+        with board.running() if board is not None else contextlib.nullcontext():
+            for part in self.parts(jobs):
+                sub = [jobs[i] for i in part]
+                records = self._run_part(sub, [queue_ms[i] for i in part], start, stages)
+                for i, record in zip(part, records, strict=True):
+                    results[i] = record
         logger.debug("pipeline run images=%d ms=%.1f", len(jobs), _ms(start))
         return results
 
