@@ -67,6 +67,7 @@ GOALS = {"vs_seed": 1.8, "vs_ceiling": 0.95, "p99_vs_seed": 0.5, "overhead_ms": 
 # a lone image on the cores other workers leave idle (QRSIGHT_ORT_SOLO_THREADS)
 LOW_LOAD_P50_MS = 5.0
 LOW_LOAD_RATIO = 0.95
+WORKER_CPU_RATIO = 1.10  # a worker's CPU per image against in-process
 
 
 class Steps:
@@ -242,6 +243,23 @@ def low_load_line(model: dict[str, Any], design: str = "qrsight") -> str:
         f"c = 1 p50: seed {seed[1]['p50_ms']:.1f} ms, {design} {q[1]['p50_ms']:.1f} ms "
         f"({gap:+.1f} ms; goal ≤ +{LOW_LOAD_P50_MS:.0f} ms); img/s against the seed's at "
         f"c ≥ 4 (goal ≥ {LOW_LOAD_RATIO}): {shown or '—'}: **{'met' if met else 'missed'}**"
+    )
+
+
+def worker_cpu_line(model: dict[str, Any]) -> str:
+    """Issue 32, item 5: a worker's CPU per image against the in-process ceiling's, at
+    qrsight's best level of this run (goal: within ``WORKER_CPU_RATIO``)."""
+    q = _levels(model, "qrsight")
+    if not q:
+        return "(no qrsight level)"
+    top = max(q, key=lambda c: q[c]["img_s"])
+    worker = q[top]["cpu_s_per_image"].get("workers", 0.0) * 1000
+    inproc = best_ceiling(model)["cpu_s_per_image"] * 1000
+    ratio = worker / max(inproc, 1e-9)
+    verdict = "met" if ratio <= WORKER_CPU_RATIO else "missed"
+    return (
+        f"at c = {top} the workers spent {worker:.1f} CPU-ms per image against "
+        f"{inproc:.1f} in-process: **{ratio:.2f}x** (goal ≤ {WORKER_CPU_RATIO:.2f}x: {verdict})"
     )
 
 
@@ -461,6 +479,8 @@ def render(report: dict[str, Any], out: Path, pngs: Sequence[Path]) -> str:
             f"Low load, `make up` defaults: {low_load_line(model)}. With a solo session "
             f"for a lone image (`QRSIGHT_ORT_SOLO_THREADS` = the cores, off by default): "
             f"{low_load_line(model, serving.SOLO_DESIGN)}.",
+            "",
+            f"A worker's CPU per image: {worker_cpu_line(model)}.",
             "",
             "### Throughput and latency (P2)",
             "",

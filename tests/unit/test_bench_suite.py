@@ -53,3 +53,16 @@ def test_the_level_table_shows_the_solo_session_beside_the_defaults() -> None:
     assert rows[3] == "| 4 | — | — | 10.6 | 339 / 678 | — | — | 0 |"
     line = low_load_line(model, SOLO_DESIGN)
     assert "qrsight-solo 142.0 ms" in line and "+13.0 ms" in line
+
+
+def test_the_worker_cpu_ratio_is_read_at_qrsight_best_level() -> None:
+    from bench.suite import worker_cpu_line
+
+    model = run({}, {4: (90.0, 40.0), 32: (130.0, 230.0)})
+    cpu = {4: {"workers": 0.0121, "api": 0.0025}, 32: {"workers": 0.0110, "api": 0.0021}}
+    for x in model["levels"]:
+        x["cpu_s_per_image"] = cpu[x["concurrency"]]
+    model["ceiling"] = [{"img_s": 200.7, "cpu_s_per_image": 0.0097, "processes": 2}]
+    line = worker_cpu_line(model)
+    assert "at c = 32" in line and "11.0 CPU-ms" in line and "**1.13x**" in line
+    assert "missed" in line
