@@ -104,15 +104,11 @@ def uncommitted_limit(settings: Settings) -> int:
     return UNCOMMITTED_BATCHES * settings.max_batch
 
 
-def load_pipeline(settings: Settings, index: int = 0) -> tuple[Pipeline, dict[str, Any]]:
-    """The detector and pipeline, plus the model facts the metrics publish. A detector with
-    a solo session (``QRSIGHT_ORT_SOLO_THREADS``) gets worker ``index``'s slot of the
-    host's busy board, so it takes the other workers' cores only while they are idle."""
+def load_pipeline(settings: Settings) -> tuple[Pipeline, dict[str, Any]]:
+    """The detector and pipeline, plus the model facts the metrics publish."""
     from core.vision.detector import Detector
 
     detector = Detector.from_settings(settings)
-    if detector.solo_session is not None:
-        detector.busy = BusyBoard(settings.consumer_group, index)
     info = detector.info
     facts = {
         "name": info.name,
@@ -236,7 +232,12 @@ class Worker:
 
     def _load_model(self) -> None:
         if self.processing.pipeline is None:
-            self.processing.pipeline, facts = load_pipeline(self.settings, self.index)
+            self.processing.pipeline, facts = load_pipeline(self.settings)
+            # a solo session (QRSIGHT_ORT_SOLO_THREADS) takes the host's other workers'
+            # cores only while they are idle: this worker's slot of the host's busy board
+            detector = self.processing.pipeline.detector
+            if detector.solo_session is not None:
+                detector.busy = BusyBoard(self.settings.consumer_group, self.index)
             self._owns_pipeline = True
             self.metrics.set_model(facts)
         elif not self.metrics.model_loaded:
