@@ -585,13 +585,14 @@ def run_model(
         result["levels"] += [asdict(x) for x in drive("qrsight", url, roots, plan, levels)]
     # the same with a solo session for a lone image (QRSIGHT_ORT_SOLO_THREADS, off by
     # default): what the cores other workers leave idle give the c = 1 latency, and cost
-    solo = {env_name("ort_solo_threads"): str(os.cpu_count() or 2)}
+    cores = os.cpu_count() or 2
+    solo = {env_name("ort_solo_threads"): str(cores)}
     with qrsight(model, bootstrap, logs, env_extra=solo, name=f"{model.key}-solo") as (
         url,
         roots,
         _,
     ):
-        progress(f"model {model.label}: qrsight, solo session of {os.cpu_count() or 2} threads")
+        progress(f"model {model.label}: qrsight, solo session of {cores} threads")
         roots["broker"] = broker_pids
         result["levels"] += [asdict(x) for x in drive(SOLO_DESIGN, url, roots, plan, levels)]
     for n in plan.scaling:

@@ -1,17 +1,17 @@
-"""Which worker processes of this host are running their model now.
+"""Which worker processes of this host have a batch in hand now.
 
 A CPU worker with a batch of one image may run it on more ONNX Runtime threads
 (``QRSIGHT_ORT_SOLO_THREADS``), taking the cores the other workers leave idle at low
 load. It may do so only while they *are* idle: two lone images on two workers, each
 asking for every core, would only fight over them. So each worker process owns one byte
-of a small shared file, set while its model runs; reading the others' bytes is a memory
-read, no lock and no system call (a race costs one image some oversubscription, never a
-wrong answer).
+of a small shared file, set while it has a batch in hand (``Pipeline.run``); reading the
+others' bytes is a memory read, no lock and no system call (a race costs one image some
+oversubscription, never a wrong answer).
 
 The file lives in ``/dev/shm`` (the temp folder where there is none), one per consumer
 group and user: containers each have their own ``/dev/shm``, so workers share a board
 exactly when they share a host's cores. A worker resets its byte when it starts, so one
-killed mid-run (its byte left set) stops counting when it is restarted.
+killed mid-batch (its byte left set) stops counting when it is restarted.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def board_path(name: str, directory: Path | None = None) -> Path:
 
 class BusyBoard:
     """Slot ``slot`` of the board of group ``name``: :meth:`running` marks this process
-    busy for the duration of a model run; :meth:`others_busy` says whether another slot
-    is marked."""
+    busy for the duration of a batch; :meth:`others_busy` says whether another slot is
+    marked."""
 
     def __init__(self, name: str, slot: int, directory: Path | None = None) -> None:
         self.path = board_path(name, directory)
@@ -65,6 +65,3 @@ class BusyBoard:
             yield
         finally:
             self._map[self.slot] = 0
-
-    def close(self) -> None:
-        self._map.close()

@@ -288,7 +288,7 @@ def _read(
     return codes
 
 
-def _crop_window(
+def crop_window(
     box: np.ndarray, shape: tuple[int, ...], fraction: float = MARGIN_FRACTION
 ) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -308,7 +308,7 @@ def _scales(crop_shape: tuple[int, ...]) -> list[float]:
 
 
 def _read_box(gray: np.ndarray, box: np.ndarray) -> _Code | None:
-    left, top, right, bottom = _crop_window(box, gray.shape)
+    left, top, right, bottom = crop_window(box, gray.shape)
     if right - left < 8 or bottom - top < 8:
         return None
     crop = gray[top:bottom, left:right]
@@ -352,7 +352,7 @@ def _read_around(gray: np.ndarray, found: list[_Code]) -> _Code | None:
 
 def read_box_with(gray: np.ndarray, box: np.ndarray, attempt: Attempt) -> _Code | None:
     """The code in ``box`` read the ``attempt``'s way, or None."""
-    left, top, right, bottom = _crop_window(box, gray.shape, attempt.margin)
+    left, top, right, bottom = crop_window(box, gray.shape, attempt.margin)
     if right - left < 8 or bottom - top < 8:
         return None
     crop = gray[top:bottom, left:right]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -44,6 +44,7 @@ from core.vision.symbols import drop_other_symbols
 from core.vision.verifier import Verifier, load_verifier
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REDUCE_KEEP = 2  # decode reduced only while the longer side stays >= this x the model input
 MIB = 1 << 20
@@ -405,43 +406,32 @@ class Pipeline:
             unread & (dets.class_id == self._qr_id) & (judged >= self.verifier.threshold)
         ).any():
             return judged  # nothing to scan: no grey copy of the image either
+        boxes, threshold = rescale(dets, full.scale), self.verifier.threshold
         if self.settings.other_symbols:
-            try:
-                judged = drop_other_symbols(
+            judged = _best_effort(
+                "other-symbol check",
+                job,
+                judged,
+                lambda: drop_other_symbols(
+                    full.gray(), boxes, judged, self._qr_id, threshold=threshold
+                ),
+            )
+        if self.settings.structure_cap < 1.0:
+            judged = _best_effort(
+                "structure check",
+                job,
+                judged,
+                lambda: cap_unstructured(
                     full.gray(),
-                    rescale(dets, full.scale),
+                    boxes,
                     judged,
                     self._qr_id,
-                    threshold=self.verifier.threshold,
-                )
-            except Exception:
-                logger.warning(
-                    "other-symbol check failed request_id=%s",
-                    _request_id(job),
-                    exc_info=True,
-                    extra=_ids(job),
-                )
-        if self.settings.structure_cap >= 1.0:
-            return judged
-        try:
-            gray = full.gray()
-            return cap_unstructured(
-                gray,
-                rescale(dets, full.scale),
-                judged,
-                self._qr_id,
-                threshold=self.verifier.threshold,
-                cap=self.settings.structure_cap,
-                veto=self.settings.structure_veto,
+                    threshold=threshold,
+                    cap=self.settings.structure_cap,
+                    veto=self.settings.structure_veto,
+                ),
             )
-        except Exception:
-            logger.warning(
-                "structure check failed request_id=%s",
-                _request_id(job),
-                exc_info=True,
-                extra=_ids(job),
-            )
-            return judged
+        return judged
 
     # --- large JPEGs decoded at 1/scale ------------------------------------------------
     def _payloads_full(
@@ -501,18 +491,17 @@ def decoded_bytes(data: bytes, limits: ImageLimits, keep_side: int = 0) -> int:
     return pixels * PEAK_BYTES_PER_PIXEL.get(info.format, max(PEAK_BYTES_PER_PIXEL.values()))
 
 
-def _best_effort(
-    what: str, job: ImageJob | None, dets: Detections, read: Callable[[], Detections]
-) -> Detections:
-    """``read()``, or ``dets`` unchanged if it raises: payload reading is best effort, the
-    boxes still stand (the failure is logged with the request id)."""
+def _best_effort(what: str, job: ImageJob | None, before: T, step: Callable[[], T]) -> T:
+    """``step()``, or ``before`` unchanged if it raises: payload reading and the checks
+    after it are best effort, the boxes still stand (the failure is logged with the
+    request id)."""
     try:
-        return read()
+        return step()
     except Exception:
         logger.warning(
             "%s failed request_id=%s", what, _request_id(job), exc_info=True, extra=_ids(job)
         )
-        return dets
+        return before
 
 
 def rescale(dets: Detections, factor: float) -> Detections:

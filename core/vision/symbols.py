@@ -30,6 +30,7 @@ import numpy as np
 import zxingcpp
 
 from core.vision.detections import Detections
+from core.vision.payload import crop_window
 
 OTHER_FORMATS = zxingcpp.BarcodeFormats(
     [
@@ -100,11 +101,7 @@ def _covered(box: np.ndarray, symbols: list[Symbol]) -> bool:
 
 def _around(gray: np.ndarray, box: np.ndarray) -> list[Symbol]:
     """Symbols read on ``box``'s crop with :data:`CROP_MARGIN` around it."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    pad = CROP_MARGIN * max(x2 - x1, y2 - y1, 4.0)
-    h, w = gray.shape[:2]
-    a, b = max(int(x1 - pad), 0), max(int(y1 - pad), 0)
-    c, d = min(int(np.ceil(x2 + pad)), w), min(int(np.ceil(y2 + pad)), h)
+    a, b, c, d = crop_window(box, gray.shape, CROP_MARGIN)
     if c - a < 8 or d - b < 8:
         return []
     crop = gray[b:d, a:c]
