@@ -196,6 +196,22 @@ class Settings(BaseModel):
     imgsz: int | None = Field(
         None, description="inference size (default: the model's metadata, else 640)"
     )
+    rect: bool = Field(
+        False,
+        description="on the CPU, run each batch at the smallest input, in multiples of the "
+        "model's stride, that holds its letterboxed images (Ultralytics' minimal-padding "
+        "letterbox) instead of the square `QRSIGHT_IMGSZ`: a 16:9 frame runs at 416x256, "
+        "about 30 % less inference; off by default: the shipped model, trained on square "
+        "inputs, then boxed one more of the 960 negative images of its synthetic test set "
+        "and found two fewer of 640 codes in small photos (models/README.md); CUDA and "
+        "TensorRT keep one shape",
+    )
+    scaleup: bool = Field(
+        True,
+        description="enlarge an image smaller than the inference size to fill it "
+        "(Ultralytics' `scaleup`); off, a small image runs at its own size, cheaper but the "
+        "shipped model then finds fewer small codes (models/README.md)",
+    )
     conf_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="confidence threshold (default: per model layout)"
     )

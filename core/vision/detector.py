@@ -148,6 +148,8 @@ class Detector:
         device_id: int = 0,
         device_preprocess: bool | None = None,
         solo_threads: int = 0,
+        rect: bool = False,
+        scaleup: bool = True,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -184,6 +186,17 @@ class Detector:
             pad = self.on_gpu
         self.run_batch = self.fixed_batch or (pad_to if pad else None)
         self.letterbox = self._device_letterbox(device_preprocess)
+        self.scaleup = scaleup
+        # the smallest input that holds the batch, on the CPU only: on a GPU each shape costs
+        # a kernel search or an engine build, and a padded run or a fixed input keeps one shape
+        free_hw = not (_fixed(inp.shape[2]) and _fixed(inp.shape[3]))
+        self.rect = (
+            rect
+            and free_hw
+            and not self.on_gpu
+            and self.run_batch is None
+            and self.letterbox is None
+        )
         labels = parse_names(meta.get("names"))
         self.layout = self._find_layout(meta, len(labels) or None)
         if not labels:
@@ -243,6 +256,8 @@ class Detector:
             device_id=settings.cuda_device or 0,
             device_preprocess=settings.device_preprocess,
             solo_threads=ort_solo_threads(settings, on_gpu),
+            rect=settings.rect,
+            scaleup=settings.scaleup,
         )
 
     # --- loading -------------------------------------------------------------------------
@@ -300,7 +315,9 @@ class Detector:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
         """Letterbox BGR uint8 images into one NCHW batch the model takes."""
-        batch, metas = letterbox_batch(images, self.input_hw, self.stride)
+        batch, metas = letterbox_batch(
+            images, self.input_hw, self.stride, rect=self.rect, scaleup=self.scaleup
+        )
         return batch.astype(self.input_dtype, copy=False), metas
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -63,10 +63,24 @@ def input_hw(size: int | tuple[int, int], stride: int = 32) -> tuple[int, int]:
     return (math.ceil(h / stride) * stride, math.ceil(w / stride) * stride)
 
 
-def letterbox_params(height: int, width: int, out_hw: tuple[int, int]) -> Letterbox:
-    """Scale and padding that fit a ``height`` x ``width`` image into ``out_hw``, centred."""
+def letterbox_scale(
+    height: int, width: int, fit_hw: tuple[int, int], scaleup: bool = True
+) -> float:
+    """The scale that fits a ``height`` x ``width`` image into ``fit_hw``; with ``scaleup``
+    off (Ultralytics' ``LetterBox(scaleup=False)``) an image smaller than that is not
+    enlarged."""
+    scale = min(fit_hw[0] / height, fit_hw[1] / width)
+    return scale if scaleup else min(scale, 1.0)
+
+
+def letterbox_params(
+    height: int, width: int, out_hw: tuple[int, int], scale: float | None = None
+) -> Letterbox:
+    """Scale and padding that place a ``height`` x ``width`` image in ``out_hw``, centred;
+    the scale fits it into ``out_hw`` unless given."""
     out_h, out_w = out_hw
-    scale = min(out_h / height, out_w / width)
+    if scale is None:
+        scale = letterbox_scale(height, width, out_hw)
     new_w, new_h = resized_size(width, height, scale)
     pad_x = round((out_w - new_w) / 2 - 0.1)
     pad_y = round((out_h - new_h) / 2 - 0.1)
@@ -79,21 +93,57 @@ def resized_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def rect_hw(
+    shapes: Sequence[tuple[int, ...]],
+    size: int | tuple[int, int],
+    stride: int = 32,
+    scaleup: bool = True,
+) -> tuple[int, int]:
+    """The smallest batch input that holds every image letterboxed for ``size``: each
+    image's resized height and width rounded up to ``stride``, the largest of each over the
+    batch (Ultralytics' minimal-padding ``rect`` letterbox, ``LetterBox(auto=True)``, for a
+    whole batch). At most ``size``; a square ``size`` stays square only for square images."""
+    out_h, out_w = input_hw(size, stride)
+    need_h = need_w = stride
+    for shape in shapes:
+        height, width = shape[0], shape[1]
+        new_w, new_h = resized_size(
+            width, height, letterbox_scale(height, width, (out_h, out_w), scaleup)
+        )
+        need_h, need_w = max(need_h, new_h), max(need_w, new_w)
+    return min(out_h, math.ceil(need_h / stride) * stride), min(
+        out_w, math.ceil(need_w / stride) * stride
+    )
+
+
 def letterbox_batch(
-    images: Sequence[np.ndarray], size: int | tuple[int, int], stride: int = 32
+    images: Sequence[np.ndarray],
+    size: int | tuple[int, int],
+    stride: int = 32,
+    *,
+    rect: bool = False,
+    scaleup: bool = True,
 ) -> tuple[np.ndarray, list[Letterbox]]:
     """Letterbox HxWx3 uint8 BGR images into one (B, 3, H, W) float32 RGB 0..1 batch.
+
+    Each image is scaled to fit ``size`` (never enlarged with ``scaleup`` off) and centred.
+    The batch is ``size`` (rounded up to ``stride``), or with ``rect`` the smallest
+    multiple of ``stride`` that holds the batch's images (:func:`rect_hw`): fewer padded
+    pixels for the model to run over, the same scale per image.
 
     The resize is per image (sizes differ); the canvas fill, channel flip, transpose and
     scaling run once over the whole batch.
     """
-    out_h, out_w = input_hw(size, stride)
+    fit_hw = input_hw(size, stride)
+    out_h, out_w = rect_hw([im.shape for im in images], size, stride, scaleup) if rect else fit_hw
     canvas = np.full((len(images), out_h, out_w, 3), PAD_VALUE, np.uint8)
     metas = []
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image {i} must be HxWx3 uint8, got {image.shape} {image.dtype}")
-        lb = letterbox_params(image.shape[0], image.shape[1], (out_h, out_w))
+        height, width = image.shape[:2]
+        scale = letterbox_scale(height, width, fit_hw, scaleup)
+        lb = letterbox_params(height, width, (out_h, out_w), scale)
         new_w, new_h = resized_size(lb.width, lb.height, lb.scale)
         resized = image
         if (new_w, new_h) != (lb.width, lb.height):

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from core.runtime.settings import DEFAULT_MODEL, load_settings
 from core.vision.detections import Detections, ModelInfo
 from core.vision.detector import Detector, choose_providers, parse_imgsz, parse_names
 from tests.unit.onnx_models import make_dark_cell_model, make_fixed_output_model
+from tests.unit.qr_factory import CodeSpec, scene
 
 NAMES = {0: "qr", 1: "micro_qr"}
 
@@ -176,6 +178,26 @@ def test_loading_probes_symbolic_outputs_with_the_run_shape(
     with caplog.at_level(logging.DEBUG, logger="core.vision.detector"):
         Detector(DEFAULT_MODEL, pad_to=4, pad=pad)
     assert batch_sizes(caplog) == probe
+
+
+def test_a_cpu_batch_runs_at_the_smallest_input_that_holds_it() -> None:
+    """The shipped model takes any multiple of 32: with QRSIGHT_RECT a 16:9 frame runs at
+    416 x 256 on the CPU (Ultralytics' minimal padding) and its code is found where the
+    square run finds it; by default, and for padded batches (a GPU's), the square."""
+    frame, placed = scene([CodeSpec("rect letterbox", (900, 500), module_px=10)], (1080, 1920))
+    rect = Detector.from_settings(load_settings({"QRSIGHT_RECT": "true"}))
+    assert rect.rect and rect.preprocess([frame])[0].shape == (1, 3, 256, 416)
+    square = Detector(DEFAULT_MODEL)
+    assert not square.rect and square.preprocess([frame])[0].shape == (1, 3, 416, 416)
+    assert not Detector(DEFAULT_MODEL, rect=True, pad_to=4, pad=True).rect
+    (a,), (b,) = rect.predict([frame]), square.predict([frame])
+    want = placed[0].xyxy
+    assert len(a) == len(b) == 1 and np.abs(a.xyxy[0] - want).max() < 0.1 * (want[2] - want[0])
+    assert np.abs(a.xyxy - b.xyxy).max() < 2 and abs(a.confidence[0] - b.confidence[0]) < 0.02
+    small = cv2.resize(frame[250:750, 650:1150], (250, 250))  # the code at 5 px a module
+    unscaled = Detector(DEFAULT_MODEL, rect=True, scaleup=False)
+    assert unscaled.preprocess([small])[0].shape == (1, 3, 256, 256)
+    assert len(unscaled.predict([small])[0]) == 1
 
 
 def test_batches_are_not_padded_on_cpu_by_default(

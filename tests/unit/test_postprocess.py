@@ -20,6 +20,7 @@ from core.vision.postprocess import (
     letterbox_batch,
     nms,
     postprocess_batch,
+    rect_hw,
 )
 
 # --- letterbox ---------------------------------------------------------------------------
@@ -45,17 +46,46 @@ def test_letterbox_rounds_size_up_to_stride_and_refuses_non_bgr() -> None:
         letterbox_batch([np.zeros((10, 10), np.uint8)], 64)
 
 
+def test_rect_batch_is_the_smallest_stride_multiple_that_holds_its_images() -> None:
+    frame = np.zeros((1080, 1920, 3), np.uint8)  # 16:9 at 416: 416 x 234, run at 416 x 256
+    batch, (lb,) = letterbox_batch([frame], 416, rect=True)
+    assert batch.shape == (1, 3, 256, 416)
+    square, (same,) = letterbox_batch([frame], 416)
+    assert square.shape == (1, 3, 416, 416)
+    assert lb.scale == same.scale and lb.pad_x == 0 and lb.pad_y == 11  # centred in 256
+    # a portrait and a landscape image together need the whole square
+    portrait = np.zeros((1920, 1080, 3), np.uint8)
+    assert rect_hw([frame.shape, portrait.shape], 416) == (416, 416)
+    assert letterbox_batch([frame, portrait], 416, rect=True)[0].shape == (2, 3, 416, 416)
+
+
+def test_without_scaleup_a_small_image_keeps_its_size() -> None:
+    small = np.zeros((100, 150, 3), np.uint8)
+    batch, (lb,) = letterbox_batch([small], 416, rect=True, scaleup=False)
+    assert batch.shape == (1, 3, 128, 160) and lb.scale == 1.0
+    assert (lb.pad_x, lb.pad_y) == (5, 14)
+    batch, (lb,) = letterbox_batch([small], 416, scaleup=False)  # square: same scale, centred
+    assert batch.shape == (1, 3, 416, 416) and lb.scale == 1.0
+    # a large image is still scaled down to fit
+    assert (
+        letterbox_batch([np.zeros((832, 640, 3), np.uint8)], 416, scaleup=False)[1][0].scale == 0.5
+    )
+
+
+@pytest.mark.parametrize(("rect", "scaleup"), [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize(
     ("height", "width"),
     [(480, 640), (640, 480), (100, 1000), (1000, 100), (640, 640), (37, 53), (1536, 2048)],
 )
-def test_letterbox_round_trip_within_one_pixel(height: int, width: int) -> None:
+def test_letterbox_round_trip_within_one_pixel(
+    height: int, width: int, rect: bool, scaleup: bool
+) -> None:
     """A drawn box, found again in the letterboxed batch and mapped back, lands within 1 px."""
     box = np.array([[width * 0.2, height * 0.3, width * 0.7, height * 0.9]], np.float32)
     x1, y1, x2, y2 = np.rint(box[0]).astype(int)
     image = np.full((height, width, 3), 255, np.uint8)
     image[y1:y2, x1:x2] = (0, 255, 255)  # BGR yellow: blue off inside the box only
-    batch, (lb,) = letterbox_batch([image], 640)
+    batch, (lb,) = letterbox_batch([image], 640, rect=rect, scaleup=scaleup)
     # edges sit where bilinear crosses half; the grey padding has red < 0.5
     dark = np.argwhere((batch[0, 2] < 0.5) & (batch[0, 0] > 0.5))
     found = np.array(

@@ -341,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--imgsz", type=int, default=None, help="override the model's imgsz")
     p.add_argument("--speed", action="store_true", help="also time 320/640 vs YOLOv8n-sized")
     p.add_argument(
+        "--rect",
+        action="store_true",
+        help="QRSIGHT_RECT: each image at the smallest stride multiple that holds it",
+    )
+    p.add_argument(
         "--structure-cap",
         type=float,
         default=None,
@@ -353,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     items = load_manifest(args.data)
     root = (args.data if args.data.is_dir() else args.data.parent).resolve()
     det = Detector(
-        args.model, ["CPUExecutionProvider"], intra_threads=args.threads, imgsz=args.imgsz
+        args.model,
+        ["CPUExecutionProvider"],
+        intra_threads=args.threads,
+        imgsz=args.imgsz,
+        rect=args.rect,
     )
     conf = det.default_thresholds[0]
     # the pipeline's rule: "off" = none; left out (with a warning) for another detector
@@ -361,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_path": args.model,
         "ort_intra_threads": args.threads,
         "decode_threads": 1,
+        "rect": args.rect,
     }
     if args.structure_cap is not None:
         base["structure_cap"] = args.structure_cap

@@ -93,6 +93,20 @@ def cases(family: str, n: int, seed: int, cache: Path | None) -> list[Case]:
     return out
 
 
+def shrunk(case: Case, sides: tuple[int, int], seed: int) -> Case:
+    """``case`` scaled down (never up) so its longer side is a size drawn from ``sides``
+    (seeded by the case): the small photos a phone app or a thumbnail sends."""
+    image = cv2.imdecode(np.frombuffer(case.jpeg, np.uint8), cv2.IMREAD_COLOR)
+    rng = np.random.default_rng([seed, case.index, sum(map(ord, case.family))])
+    side = int(rng.integers(sides[0], sides[1] + 1))
+    f = min(1.0, side / max(image.shape[:2]))
+    size = (max(1, round(image.shape[1] * f)), max(1, round(image.shape[0] * f)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    assert ok
+    return Case(case.family, case.index, buf.tobytes(), case.boxes * np.float32(f), case.texts)
+
+
 def score(
     case: Case, result: dict[str, Any], row: FamilyRow, boxes: list, min_conf: float = 0.0
 ) -> None:
@@ -254,6 +268,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="QRSIGHT_STRUCTURE_VETO (default: the settings' default)",
     )
+    for name, setting in (("rect", "QRSIGHT_RECT"), ("scaleup", "QRSIGHT_SCALEUP")):
+        p.add_argument(
+            f"--{name}",
+            choices=("on", "off"),
+            default=None,
+            help=f"{setting} (default: the settings' default)",
+        )
+    p.add_argument(
+        "--shrink",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=None,
+        help="scale each image down so its longer side is MIN..MAX pixels (seeded), "
+        "boxes with it: small photos",
+    )
     p.add_argument("--before-verifier", default=None, help="with --timing: an earlier verifier")
     p.add_argument(
         "--all-judged",
@@ -275,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["structure_veto"] = args.structure_veto == "on"
     if args.other_symbols is not None:
         overrides["other_symbols"] = args.other_symbols == "on"
+    for name in ("rect", "scaleup"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name) == "on"
     settings = load_settings({}, **overrides)
     if args.timing:
         return timing(args, settings)
@@ -287,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             min_conf, pipeline.verifier.threshold = pipeline.verifier.threshold, 0.0
         for family in args.families:
             row = FamilyRow(family)
-            for case in cases(family, args.n, args.seed, args.cache):
+            for raw in cases(family, args.n, args.seed, args.cache):
+                case = shrunk(raw, args.shrink, args.seed) if args.shrink else raw
                 (result,) = pipeline.run([ImageJob(f"{family}-{case.index}", case.jpeg)])
                 if result["status"] != "OK":
                     raise SystemExit(f"{family} {case.index}: {result['error']}")
