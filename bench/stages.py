@@ -59,6 +59,29 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- stages:begin -->", "<!-- stages:end -->"
 FRAME_SIZES = ((1920, 1080), (4032, 3024))  # W, H
 THREADS = {"1 thread": "1", "default threads": "0"}
+# the pipeline as issue 32 measured it (the tree it was filed against), kept selectable for
+# the comparison: ``--before REV`` runs that commit's Pipeline.run on the same images
+BEFORE_REV = "eff7b7a"
+BEFORE = "before issue 32, 1 thread"
+# served by the old tree's own interpreter, one request per line: {"path", "rounds"} ->
+# the median CPU-ms of that many Pipeline.run calls on the image, and its payloads
+BEFORE_SERVER = """
+import json, statistics, sys, time
+from core.runtime.settings import load_settings
+from core.vision.pipeline import ImageJob, Pipeline
+env = {"QRSIGHT_ORT_INTRA_THREADS": "1", "QRSIGHT_LOG_LEVEL": "WARNING"}
+with Pipeline(load_settings(env)) as pipe:
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        ask = json.loads(line)
+        data, times = open(ask["path"], "rb").read(), []
+        for _ in range(ask["rounds"]):
+            start = time.process_time()
+            (result,) = pipe.run([ImageJob(ask["path"], data)])
+            times.append((time.process_time() - start) * 1000.0)
+        texts = [d.get("text") for d in result["detections"]]
+        print(json.dumps([statistics.median(times), texts]), flush=True)
+"""
 STAGES = (
     "decode",
     "letterbox",
@@ -248,18 +271,88 @@ def wechat_reader() -> Callable[[Sample], tuple[float, list[str | None]]] | None
 def pipelines(model: Path | None) -> dict[str, Pipeline]:
     out = {}
     for label, threads in THREADS.items():
-        env = {"QRSIGHT_ORT_INTRA_THREADS": threads, "QRSIGHT_LOG_LEVEL": "WARNING"}
+        # QRSIGHT_* settings of the environment apply (a variant to compare), the threads not
+        env = {k: v for k, v in os.environ.items() if k.startswith("QRSIGHT_")}
+        env |= {"QRSIGHT_ORT_INTRA_THREADS": threads, "QRSIGHT_LOG_LEVEL": "WARNING"}
         if model is not None:
             env["QRSIGHT_MODEL_PATH"] = str(model)
         out[label] = Pipeline(load_settings(env))
     return out
 
 
+class Before:
+    """``Pipeline.run`` of commit ``rev`` (its code and models, from ``git archive``) in a
+    process of its own, one thread, timing one image at a time, so that it runs interleaved
+    with the other readers. :attr:`error` says why it could not start (no git, the commit
+    not in this clone, the old tree failing); then :meth:`time` is not to be called."""
+
+    def __init__(self, rev: str) -> None:
+        import subprocess
+        import tempfile
+
+        self.rev, self.error = rev, ""
+        self._tmp = tempfile.TemporaryDirectory(prefix="qrsight-before-")
+        self._proc: subprocess.Popen[str] | None = None
+        tree = Path(self._tmp.name) / "tree"
+        tree.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", rev],
+            capture_output=True,
+            check=False,
+        )
+        if archive.returncode != 0:
+            self.error = f"commit {rev} not available here: {archive.stderr.decode().strip()}"
+            return
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QRSIGHT_")}
+        env["PYTHONPATH"] = str(tree)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", BEFORE_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tree,
+            env=env,
+        )
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != '"ready"':
+            self.error = f"commit {rev} failed to start: {self._failure()}"
+
+    def _failure(self) -> str:
+        assert self._proc is not None and self._proc.stderr is not None
+        self._proc.kill()
+        return self._proc.stderr.read().strip()[-500:]
+
+    def time(self, sample: Sample, rounds: int) -> tuple[float, list[str | None]]:
+        """The median CPU-ms of ``rounds`` runs of ``sample``, and the payloads reported."""
+        assert self._proc is not None and self._proc.stdin and self._proc.stdout
+        path = Path(self._tmp.name) / "image"
+        path.write_bytes(sample.data)
+        self._proc.stdin.write(json.dumps({"path": str(path), "rounds": rounds}) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"commit {self.rev} failed on {sample.name}: {self._failure()}")
+        ms, texts = json.loads(line)
+        return float(ms), list(texts)
+
+    def close(self) -> None:
+        if self._proc is not None:
+            with self._proc:  # closes the pipes (the server ends with its stdin), then waits
+                pass
+        self._tmp.cleanup()
+
+
 def measure_set(
-    samples: Sequence[Sample], pipes: dict[str, Pipeline], settings: Settings, rounds: int
+    samples: Sequence[Sample],
+    pipes: dict[str, Pipeline],
+    settings: Settings,
+    rounds: int,
+    before: Before | None = None,
 ) -> dict[str, Any]:
     """Per reader: mean over the images of the per-image median CPU-ms (per stage for
-    qrsight), and the payloads found / expected."""
+    qrsight), and the payloads found / expected; image by image, every reader in turn."""
     codec = Codec("DetectionResult", None)
     wechat = wechat_reader()
     per_image: dict[str, list[dict[str, float]]] = {}
@@ -287,18 +380,28 @@ def measure_set(
                 continue
             runs2 = [reader(sample) for _ in range(rounds)]
             keep(key, [{"total": r[0]} for r in runs2], runs2[-1][1], sample)
-    return {
+        if before is not None and not before.error:
+            ms, texts = before.time(sample, rounds)
+            keep(f"qrsight Pipeline.run, {BEFORE}", [{"total": ms}], texts, sample)
+    readers: dict[str, Any] = {
+        key: {
+            "ms": {n: float(np.mean([r[n] for r in rows])) for n in rows[0]},
+            "found": int(sum(found[key])),
+        }
+        for key, rows in per_image.items()
+    }
+    out = {
         "images": len(samples),
         "expected_payloads": expected,
-        "readers": {
-            key: {
-                "ms": {n: float(np.mean([r[n] for r in rows])) for n in rows[0]},
-                "found": int(sum(found[key])),
-            }
-            for key, rows in per_image.items()
-        },
+        "readers": readers,
         "wechat_available": wechat is not None,
     }
+    if before is not None:
+        if before.error:
+            out["before_error"] = before.error
+        else:
+            readers[f"qrsight Pipeline.run, {BEFORE}"]["rev"] = before.rev
+    return out
 
 
 def run(
@@ -309,23 +412,29 @@ def run(
     seed: int,
     model: Path | None,
     limit: int | None = None,
+    before: str | None = BEFORE_REV,
 ) -> dict[str, Any]:
     sets = {f"development photos ({images.name})": dev_photos(images)[:limit]}
     for w, h in FRAME_SIZES:
         sets[f"camera frames {w}x{h} (JPEG q90, generated)"] = camera_frames((w, h), frames, seed)
     pipes = pipelines(model)
+    old = Before(before) if before else None
     try:
         warm = next(iter(sets.values()))[:3]
         for pipe in pipes.values():
             pipe.run([ImageJob(s.name, s.data) for s in warm])
+        for sample in warm if old is not None and not old.error else ():
+            old.time(sample, 1)
         settings = next(iter(pipes.values())).settings
         out: dict[str, Any] = {"rounds": rounds, "model": str(settings.model_path.name), "sets": {}}
         for name, samples in sets.items():
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {len(samples)} images", flush=True)
-            out["sets"][name] = measure_set(samples, pipes, settings, rounds)
+            out["sets"][name] = measure_set(samples, pipes, settings, rounds, old)
     finally:
         for pipe in pipes.values():
             pipe.close()
+        if old is not None:
+            old.close()
     from importlib import metadata
 
     import onnxruntime as ort
@@ -366,6 +475,10 @@ def reader_rows(result: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
     ]
     named = [(f"qrsight `Pipeline.run`, {lab}", f"qrsight Pipeline.run, {lab}") for lab in THREADS]
+    old = readers.get(f"qrsight Pipeline.run, {BEFORE}")
+    if old is not None:
+        label = f"qrsight before issue 32 (commit {old['rev']}), 1 thread"
+        named.append((label, f"qrsight Pipeline.run, {BEFORE}"))
     named += [("zxing-cpp (gray decode + whole-image read)", "zxing-cpp")]
     named += [("OpenCV WeChat QR (no CNN models)", "wechat")]
     for label, key in named:
@@ -398,6 +511,16 @@ def goal_line(result: dict[str, Any]) -> str:
         f"On one core qrsight costs **{ratio:.2f}x** zxing-cpp's decode + read "
         f"(goal ≤ {GOAL_VS_ZXING:.0f}x: {verdict})"
     )
+    before = readers.get(f"qrsight Pipeline.run, {BEFORE}")
+    if before is not None:
+        old = before["ms"]["total"]
+        line += (
+            f"; against the pipeline issue 32 was filed against (commit {before['rev']}, "
+            f"{old:.2f} ms on one core, in a process of its own, interleaved) "
+            f"**{one / max(old, 1e-9):.2f}x**"
+        )
+    elif result.get("before_error"):
+        line += f"; the pipeline before issue 32 was not measured ({result['before_error']})"
     if ratio > GOAL_VS_ZXING:
         line += (
             f". Before any payload is read, decode + letterbox + inference + NMS cost "
@@ -410,7 +533,8 @@ def goal_line(result: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], out: Path) -> Path:
     """``stages.png`` in ``out``: per image set, qrsight's stages at one thread stacked,
-    beside zxing-cpp's and WeChat's whole reads, in CPU-ms per image."""
+    beside the earlier commit's (``--before``), zxing-cpp's and WeChat's whole reads, in
+    CPU-ms per image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,7 +551,8 @@ def plot(report: dict[str, Any], out: Path) -> Path:
             value = stages.get(stage, 0.0)
             ax.bar(0, value, bottom=bottom, color=cmap(k % 20), label=stage)
             bottom += value
-        others = [("zxing-cpp", "zxing-cpp"), ("WeChat", "wechat")]
+        others = [("before\n(1 thread)", f"qrsight Pipeline.run, {BEFORE}")]
+        others += [("zxing-cpp", "zxing-cpp"), ("WeChat", "wechat")]
         shown = [(label, key) for label, key in others if key in readers]
         top = 2.5 * max(bottom, readers["zxing-cpp"]["ms"]["total"])
         for x, (_, key) in enumerate(shown, start=1):
@@ -498,6 +623,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="default QRSIGHT_MODEL_PATH")
     parser.add_argument("--out", type=Path, default=None, help="write stages.json here")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument(
+        "--before",
+        default=BEFORE_REV,
+        help=f"also time Pipeline.run of this commit on the same images (default {BEFORE_REV}, "
+        "the tree issue 32 measured; '' = skip)",
+    )
     args = parser.parse_args(argv)
     report = run(
         args.images,
@@ -506,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         model=args.model,
         limit=args.limit,
+        before=args.before or None,
     )
     image = None
     if args.out is not None:

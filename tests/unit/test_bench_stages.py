@@ -8,7 +8,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench.stages import BEGIN, END, dev_photos, found_share, goal_line, write_results
+from bench.stages import (
+    BEGIN,
+    END,
+    Before,
+    camera_frames,
+    dev_photos,
+    found_share,
+    goal_line,
+    write_results,
+)
 
 
 def test_the_stages_section_replaces_its_last_run_and_keeps_the_rest(tmp_path: Path) -> None:
@@ -53,3 +62,35 @@ def test_a_folder_without_a_manifest_gives_its_images_with_no_payload_expected(
     (tmp_path / "a.png").write_bytes(buf.tobytes())
     (photo,) = dev_photos(tmp_path)
     assert photo.name == "a.png" and photo.texts == () and photo.data == buf.tobytes()
+
+
+def test_the_goal_line_gives_the_ratio_to_the_pipeline_before_the_issue() -> None:
+    measured = result(8.0, 4.0)
+    before = {"ms": {"total": 10.0}, "found": 3, "rev": "abc1234"}
+    measured["readers"]["qrsight Pipeline.run, before issue 32, 1 thread"] = before
+    line = goal_line(measured)
+    assert "**2.00x** zxing-cpp's" in line and "met" in line
+    assert (
+        "(commit abc1234, 10.00 ms on one core, in a process of its own, interleaved) **0.80x**"
+        in line
+    )
+    assert "commit" not in goal_line(result(8.0, 4.0))
+    failed = result(8.0, 4.0) | {"before_error": "commit abc1234 not available here"}
+    assert "was not measured (commit abc1234 not available here)" in goal_line(failed)
+
+
+def test_the_pipeline_of_an_earlier_commit_is_timed_on_the_same_images() -> None:
+    """``--before`` runs another commit's Pipeline.run from git; here this checkout's HEAD
+    on two generated frames, one round (a clone without the commit gets a reason instead)."""
+    frames = camera_frames((640, 480), 2, seed=5)
+    old = Before("HEAD")
+    try:
+        assert old.error == ""
+        for frame in frames:
+            ms, texts = old.time(frame, rounds=1)
+            assert ms > 0 and texts == list(frame.texts)
+    finally:
+        old.close()
+    missing = Before("0" * 40)
+    assert "not available here" in missing.error
+    missing.close()
