@@ -108,6 +108,61 @@ def _adaptive(gray: np.ndarray) -> np.ndarray:
     return cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, block, 4)
 
 
+def _outline(values: np.ndarray, where: np.ndarray, upper: bool, degree: int = 3) -> np.ndarray:
+    """A smooth curve through a code's outline (``values`` at positions ``where``): a
+    polynomial fitted twice, the second time without the points that lie inside the code
+    by more than a few pixels (a light module on the edge row, not the edge)."""
+    fit = np.polyfit(where, values, degree)
+    inside = values - np.polyval(fit, where)
+    keep = (inside if upper else -inside) < max(2.0, 0.01 * float(np.ptp(where)))
+    if keep.sum() > 4 * degree:
+        fit = np.polyfit(where[keep], values[keep], degree)
+    return np.asarray(fit)
+
+
+def _straighten(gray: np.ndarray) -> np.ndarray:
+    """Straighten a code whose top and bottom outlines bend (a label on a bottle, a bent or
+    creased sheet): its dark modules, closed into one area, give per column the code's top
+    and bottom; a smooth curve through each is mapped onto a straight row, every column
+    stretched between them. The same image when no such area is found."""
+    h, w = gray.shape[:2]
+    _, dark = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
+    k = max(3, min(h, w) // 24)
+    area = cv2.morphologyEx(
+        dark, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
+    )
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(area)
+    if n < 2:
+        return gray
+    mask = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if len(cols) < max(16, w // 3):
+        return gray
+    top = mask[:, cols].argmax(axis=0).astype(np.float64)
+    bottom = (h - 1 - mask[::-1, cols].argmax(axis=0)).astype(np.float64)
+    x = np.arange(w, dtype=np.float64)
+    t = np.polyval(_outline(top, cols.astype(np.float64), True), x)
+    b = np.polyval(_outline(bottom, cols.astype(np.float64), False), x)
+    t0, b0 = float(t[cols].mean()), float(b[cols].mean())
+    if b0 - t0 < 8:
+        return gray
+    rows = np.arange(h, dtype=np.float64)[:, None]
+    map_y = t[None, :] + (rows - t0) * ((b - t) / (b0 - t0))[None, :]
+    map_x = np.broadcast_to(x[None, :], (h, w))
+    return cv2.remap(
+        gray,
+        map_x.astype(np.float32),
+        map_y.astype(np.float32),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+def _straighten_columns(gray: np.ndarray) -> np.ndarray:
+    """:func:`_straighten` across: a code whose left and right outlines bend."""
+    return np.ascontiguousarray(_straighten(np.ascontiguousarray(gray.T)).T)
+
+
 GLOBAL = zxingcpp.Binarizer.GlobalHistogram
 FIXED = zxingcpp.Binarizer.FixedThreshold
 # every extra way tried (``training.eval.payload_attempts`` measures each on synthetic hard codes)
@@ -134,6 +189,8 @@ CANDIDATE_ATTEMPTS: dict[str, Attempt] = {
         Attempt("pad-sharpen", 2 * TARGET_SHORT_SIDE, lambda g: _pad(_sharpen(g))),
         Attempt("adaptive", TARGET_SHORT_SIDE, _adaptive, FIXED),
         Attempt("adaptive-2x", 2 * TARGET_SHORT_SIDE, _adaptive, FIXED),
+        Attempt("straighten-rows", 2 * TARGET_SHORT_SIDE, _straighten),
+        Attempt("straighten-columns", 2 * TARGET_SHORT_SIDE, _straighten_columns),
     )
 }
 

@@ -74,10 +74,14 @@ def unread_boxes(
 
 
 def measure(
-    on_code: list[tuple[np.ndarray, np.ndarray, str]], off_code: list[tuple[np.ndarray, np.ndarray]]
+    on_code: list[tuple[np.ndarray, np.ndarray, str]],
+    off_code: list[tuple[np.ndarray, np.ndarray]],
+    only: list[str] | None = None,
 ) -> dict[str, dict]:
     out = {}
     for name, attempt in CANDIDATE_ATTEMPTS.items():
+        if only and name not in only:
+            continue
         ok, t_on, t_off = [], [], []
         for gray, box, text in on_code:
             t0 = time.perf_counter()
@@ -128,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--negatives", type=int, default=10, help="images per negative family")
     p.add_argument("--out", type=Path, default=Path("runs/payload-attempts"))
     p.add_argument("--cache", type=Path, default=Path("runs/payload-attempts-cache"))
+    p.add_argument(
+        "--only", nargs="+", default=None, choices=sorted(CANDIDATE_ATTEMPTS), help="these alone"
+    )
     args = p.parse_args(argv)
     cv2.setNumThreads(1)
     det = Detector(DEFAULT_MODEL, ["CPUExecutionProvider"], intra_threads=2)
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         f"unread boxes on codes {len(on_code)}, boxes on no code {len(off_code)}; "
         f"standard reading {std_ms:.1f} ms per box"
     )
-    results = measure(on_code, off_code)
+    results = measure(on_code, off_code, args.only)
     order = greedy(results, len(on_code))
     lines = [
         f"standard reading: {std_ms:.1f} ms per box (same run)",
