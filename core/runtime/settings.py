@@ -209,8 +209,9 @@ class Settings(BaseModel):
     scaleup: bool = Field(
         True,
         description="enlarge an image smaller than the inference size to fill it "
-        "(Ultralytics' `scaleup`); off, a small image runs at its own size, cheaper but the "
-        "shipped model then finds fewer small codes (models/README.md)",
+        "(Ultralytics' `scaleup`); off, a small image runs at its own size (and a GPU "
+        "worker letterboxes on the host), cheaper but the shipped model then finds fewer "
+        "small codes (models/README.md)",
     )
     conf_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="confidence threshold (default: per model layout)"

@@ -185,8 +185,9 @@ class Detector:
         if pad is None:  # CUDA searches kernels, TensorRT builds an engine, per input shape
             pad = self.on_gpu
         self.run_batch = self.fixed_batch or (pad_to if pad else None)
-        self.letterbox = self._device_letterbox(device_preprocess)
         self.scaleup = scaleup
+        # the on-device letterbox always enlarges: without scale-up the host letterboxes
+        self.letterbox = self._device_letterbox(device_preprocess) if scaleup else None
         # the smallest input that holds the batch, on the CPU only: on a GPU each shape costs
         # a kernel search or an engine build, and a padded run or a fixed input keeps one shape
         free_hw = not (_fixed(inp.shape[2]) and _fixed(inp.shape[3]))

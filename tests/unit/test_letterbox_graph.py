@@ -128,3 +128,12 @@ def test_device_letterbox_is_off_on_the_cpu_unless_asked() -> None:
     assert Detector.from_settings(load_settings({})).letterbox is None
     on = load_settings({"QRSIGHT_DEVICE_PREPROCESS": "true"})
     assert Detector.from_settings(on).letterbox is not None
+
+
+def test_without_scale_up_the_host_letterboxes_small_images_as_they_are() -> None:
+    """The device letterbox always enlarges; with QRSIGHT_SCALEUP=false it is not used."""
+    asked = {"QRSIGHT_DEVICE_PREPROCESS": "true", "QRSIGHT_SCALEUP": "false"}
+    detector = Detector.from_settings(load_settings(asked))
+    assert detector.letterbox is None
+    _, (lb,) = detector.run_images([np.zeros((100, 150, 3), np.uint8)])
+    assert lb.scale == 1.0
