@@ -423,8 +423,9 @@ def run(
         warm = next(iter(sets.values()))[:3]
         for pipe in pipes.values():
             pipe.run([ImageJob(s.name, s.data) for s in warm])
-        for sample in warm if old is not None and not old.error else ():
-            old.time(sample, 1)
+        if old is not None and not old.error:
+            for sample in warm:
+                old.time(sample, 1)
         settings = next(iter(pipes.values())).settings
         out: dict[str, Any] = {"rounds": rounds, "model": str(settings.model_path.name), "sets": {}}
         for name, samples in sets.items():

@@ -12,6 +12,9 @@ One broker and one machine for everything, so every ratio compares figures of th
   CPU-seconds per image of the broker, the API, the workers and the clients (``/proc``).
 - **Sweep** of batch size, wait, decode and ORT threads (P1's measurement per setting).
 - **Scaling**: qrsight at the highest concurrency with 1 .. cores worker processes.
+- **A worker alone** (``bench/worker_cpu.py``): one worker with a backlog, its CPU per image
+  by thread group (main, the interpreter's others, librdkafka's) against ``Pipeline.run``
+  in process, with nothing else running.
 - **Stages** (``bench/stages.py``): where an image's CPU goes, stage by stage, on the
   development photos and on 1920x1080 and 4032x3024 camera frames, next to zxing-cpp's
   and OpenCV's WeChat reader's whole-image reads of the same images (no broker).
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import pipeline as p1
-from bench import serving
+from bench import serving, worker_cpu
 from bench import stages as stage_bench
 from core.runtime.settings import load_settings
 
@@ -57,10 +60,11 @@ class Size:
     models: tuple[str, ...]
     stage_rounds: int = 3  # bench/stages.py: rounds per image and reader
     stage_frames: int = 6  # bench/stages.py: generated camera frames per size
+    worker_s: float = 20.0  # bench/worker_cpu.py: the window over the busy worker
 
 
 SIZES = {
-    "quick": Size((1, 4, 16), 3.0, 30, 24, 1, 2, ("default", "ref"), 1, 2),
+    "quick": Size((1, 4, 16), 3.0, 30, 24, 1, 2, ("default", "ref"), 1, 2, 5.0),
     "full": Size((1, 4, 8, 16, 32), 20.0, None, 200, 3, len(p1.SWEEP), ("default", "ref")),
 }
 GOALS = {"vs_seed": 1.8, "vs_ceiling": 0.95, "p99_vs_seed": 0.5, "overhead_ms": 5.0}
@@ -102,7 +106,7 @@ def run_all(size: Size, images_dir: Path, out: Path) -> dict[str, Any]:
     images = serving.load_images(images_dir, size.max_images)
     cores = os.cpu_count() or 1
     scaling = list(range(1, cores + 1))
-    steps = Steps(3 + size.sweep + 2 * len(size.models))
+    steps = Steps(4 + size.sweep + 2 * len(size.models))
     report: dict[str, Any] = {
         "machine": serving.machine(),
         "size": size.__dict__,
@@ -122,6 +126,8 @@ def run_all(size: Size, images_dir: Path, out: Path) -> dict[str, Any]:
     chosen = serving.models(size.models, serving.MODEL_CACHE)
     with serving.broker() as kafka:
         report["p1"] = run_p1(size, kafka[0], steps)
+        steps.next("a worker alone: its CPU per image by thread group, against in-process")
+        report["worker_cpu"] = worker_cpu.measure(images, size.worker_s, kafka[0])
         report["models"] = []
         for model in chosen:
             steps.next(f"P2/P3 and scaling, {model.label}")
@@ -519,6 +525,13 @@ def render(report: dict[str, Any], out: Path, pngs: Sequence[Path]) -> str:
         *p1_rows(report["p1"]),
         "",
     ]
+    if "worker_cpu" in report:
+        lines += [
+            "## A worker alone: CPU per image by thread group (`bench/worker_cpu.py`)",
+            "",
+            worker_cpu.render(report["worker_cpu"]),
+            "",
+        ]
     if "stages" in report:
         lines += ["", stage_bench.render(report["stages"], f"{rel}/stages.png")]
     del pngs
