@@ -62,7 +62,7 @@ THREADS = {"1 thread": "1", "default threads": "0"}
 # the pipeline as issue 32 measured it (the tree it was filed against), kept selectable for
 # the comparison: ``--before REV`` runs that commit's Pipeline.run on the same images
 BEFORE_REV = "eff7b7a"
-BEFORE = "before issue 32, 1 thread"
+BEFORE = "qrsight Pipeline.run, before issue 32, 1 thread"  # its key among the readers
 # served by the old tree's own interpreter, one request per line: {"path", "rounds"} ->
 # the median CPU-ms of that many Pipeline.run calls on the image, and its payloads
 BEFORE_SERVER = """
@@ -382,7 +382,7 @@ def measure_set(
             keep(key, [{"total": r[0]} for r in runs2], runs2[-1][1], sample)
         if before is not None and not before.error:
             ms, texts = before.time(sample, rounds)
-            keep(f"qrsight Pipeline.run, {BEFORE}", [{"total": ms}], texts, sample)
+            keep(BEFORE, [{"total": ms}], texts, sample)
     readers: dict[str, Any] = {
         key: {
             "ms": {n: float(np.mean([r[n] for r in rows])) for n in rows[0]},
@@ -400,7 +400,7 @@ def measure_set(
         if before.error:
             out["before_error"] = before.error
         else:
-            readers[f"qrsight Pipeline.run, {BEFORE}"]["rev"] = before.rev
+            readers[BEFORE]["rev"] = before.rev
     return out
 
 
@@ -476,10 +476,10 @@ def reader_rows(result: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
     ]
     named = [(f"qrsight `Pipeline.run`, {lab}", f"qrsight Pipeline.run, {lab}") for lab in THREADS]
-    old = readers.get(f"qrsight Pipeline.run, {BEFORE}")
+    old = readers.get(BEFORE)
     if old is not None:
         label = f"qrsight before issue 32 (commit {old['rev']}), 1 thread"
-        named.append((label, f"qrsight Pipeline.run, {BEFORE}"))
+        named.append((label, BEFORE))
     named += [("zxing-cpp (gray decode + whole-image read)", "zxing-cpp")]
     named += [("OpenCV WeChat QR (no CNN models)", "wechat")]
     for label, key in named:
@@ -512,7 +512,7 @@ def goal_line(result: dict[str, Any]) -> str:
         f"On one core qrsight costs **{ratio:.2f}x** zxing-cpp's decode + read "
         f"(goal ≤ {GOAL_VS_ZXING:.0f}x: {verdict})"
     )
-    before = readers.get(f"qrsight Pipeline.run, {BEFORE}")
+    before = readers.get(BEFORE)
     if before is not None:
         old = before["ms"]["total"]
         line += (
@@ -552,7 +552,7 @@ def plot(report: dict[str, Any], out: Path) -> Path:
             value = stages.get(stage, 0.0)
             ax.bar(0, value, bottom=bottom, color=cmap(k % 20), label=stage)
             bottom += value
-        others = [("before\n(1 thread)", f"qrsight Pipeline.run, {BEFORE}")]
+        others = [("before\n(1 thread)", BEFORE)]
         others += [("zxing-cpp", "zxing-cpp"), ("WeChat", "wechat")]
         shown = [(label, key) for label, key in others if key in readers]
         top = 2.5 * max(bottom, readers["zxing-cpp"]["ms"]["total"])

@@ -137,9 +137,10 @@ def measure(
         )
         watch = Consumer(consumer_config(settings, "bench-worker-cpu", role="bench"))
         try:
-            publish(settings, images[: settings.max_batch * 2], "warm")
+            warm = settings.max_batch * 2
+            publish(settings, images[:warm], "warm")
             deadline = time.monotonic() + 180
-            while results_written(watch, settings) < settings.max_batch * 2:
+            while results_written(watch, settings) < warm:
                 if time.monotonic() > deadline or worker.poll() is not None:
                     raise SystemExit("the worker did not answer its warm-up images")
                 time.sleep(0.5)
@@ -166,7 +167,7 @@ def measure(
         "cpu_s": cpu,
         "worker_ms": sum(cpu.values()) / max(done, 1) * 1000.0,
         "in_process_ms": [before_ms, after_ms],
-        "backlog_left": done1 < rounds * len(images),
+        "backlog_left": done1 < warm + rounds * len(images),
     }
 
 

@@ -41,6 +41,7 @@ from pydantic import SecretStr
 
 from consumer.journal import CrashJournal
 from consumer.worker import Worker
+from core.runtime.busy import SLOTS, board_path
 from core.runtime.errors import ModelError
 from core.runtime.kafka import admin_config, consumer_config, producer_config
 from core.runtime.results import error_code, now_ms
@@ -762,6 +763,32 @@ def test_two_workers_share_partitions_and_stopping_one_loses_nothing(
         for proc in workers:
             if proc.poll() is None:
                 stop_within(proc)
+
+
+def test_two_workers_with_a_solo_session_answer_every_image_once_and_leave_the_board_clear(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """QRSIGHT_ORT_SOLO_THREADS: each worker marks its slot of the host's busy board for a
+    batch and takes the wide session for a lone image only while the other is idle. A live
+    stream at low load through two such workers: one OK result per image, and once they
+    have stopped no slot is left marked."""
+    settings = settings.model_copy(update={"ort_solo_threads": 2})
+    stream = good_stream(settings, 120, "solo")
+    log = tmp_path / "workers.log"
+    workers = [spawn_worker(settings, log, 0), spawn_worker(settings, log, 1)]
+    try:
+        with paced_publisher(settings, stream, pace_s=0.02):
+            by_id = results_by_id(settings, {rid for rid, _, _ in stream})
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                stop_within(proc)
+    assert {len(v) for v in by_id.values()} == {1}
+    assert {v[0]["status"] for v in by_id.values()} == {"OK"}
+    board = board_path(settings.consumer_group)
+    assert board.is_file(), "the workers made no busy board"
+    assert board.read_bytes()[:SLOTS] == bytes(SLOTS)
+    board.unlink()
 
 
 GROUP_WAIT_SESSION_MS = 45_000  # librdkafka's default: how long the group waits for a dead member
