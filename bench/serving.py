@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.runtime.busy import board_path
 from core.runtime.settings import Settings, env_name, load_settings
 from core.vision.images import CONTENT_TYPES, sniff
 from core.vision.pipeline import ImageJob, Pipeline
@@ -521,6 +522,8 @@ def qrsight(
             yield f"{base}/api/v1/detect{query}", roots, count
         finally:
             stop_all(procs)
+            # the workers' busy board of this run's group (a solo session's), not left behind
+            board_path(settings.consumer_group).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
