@@ -9,7 +9,9 @@ One :class:`ReplyClient` per process, made of small parts:
 - :mod:`api.reader`: one consumer manually assigned to *one* partition of the replies topic
   at its high watermark, read by a thread that decodes replies and completes the futures;
 - :mod:`api.supervisor`: restarts a dead reader after a back-off, and gives up (the process
-  is replaced) when it keeps dying.
+  is replaced) when it keeps dying;
+- :mod:`api.routing`: sends each request to a partition of the least-loaded worker, from
+  the workers' group assignment (a thread refreshes it).
 
 This module wires them together; ``qrsight-publish --wait`` uses it too.
 
@@ -37,6 +39,7 @@ from confluent_kafka import KafkaException
 
 from api.circuit import WriteCircuit
 from api.reader import ReplyReader
+from api.routing import Router
 from api.sender import Sender, request_headers
 from api.slots import reply_partition
 from api.supervisor import MAX_RESTARTS, Supervisor
@@ -83,6 +86,8 @@ class ReplyClient:
         self._stop = threading.Event()
         self.waiters = Waiters()
         self.sender = Sender(settings, self._request_codec, circuit)
+        self.router = Router(settings)
+        self._routing: threading.Thread | None = None
         self.reader = ReplyReader(settings, partition, self._result_codec, self.waiters, self._stop)
         self.supervisor = Supervisor(
             self.reader,
@@ -100,6 +105,11 @@ class ReplyClient:
             return self
         self.sender.start()
         self.supervisor.start()
+        if self.router.enabled:
+            self._routing = threading.Thread(
+                target=self.router.serve, args=(self._stop,), name="qrsight-routing", daemon=True
+            )
+            self._routing.start()
         logger.info("reply client started topic=%s partition=%s", self.topic, self.partition)
         return self
 
@@ -116,6 +126,8 @@ class ReplyClient:
         for thread in self.supervisor.threads().values():
             if thread is not None:
                 thread.join(timeout_s)
+        if self._routing is not None:
+            self._routing.join(timeout_s)
         self.sender.flush(timeout_s)
         self._request_codec.close()
         self._result_codec.close()
@@ -234,9 +246,10 @@ class ReplyClient:
         span = tracing().send(self.settings.topic_images, traceparent, {"qrsight.request_id": rid})
         headers = request_headers(rid, self.topic, self.partition, deadline_ms, span.traceparent)
         future = self.waiters.add(rid)
+        partition = self.router.acquire()
         try:
             try:
-                delivered = self.sender.send(rid, value, headers)
+                delivered = self.sender.send(rid, value, headers, partition)
                 del value  # librdkafka holds its own copy until the broker acknowledges it
                 self.sender.await_delivery(rid, delivered)
             except QrsightError as exc:
@@ -254,6 +267,7 @@ class ReplyClient:
             tracing().received(self.topic, reply.headers, span.traceparent, reply.received_ns, {})
             return reply.result
         finally:
+            self.router.release(partition)
             self.waiters.remove(rid)
 
     def pending(self) -> int:

@@ -134,9 +134,12 @@ class Sender:
             problem = self.circuit.problem(time.monotonic()) or "Kafka is not taking writes"
             raise KafkaUnavailableError(problem, request_id=rid, retry_after=retry_after_s(wait))
 
-    def send(self, rid: str, value: bytes, headers: KafkaHeaders) -> Future[None]:
+    def send(
+        self, rid: str, value: bytes, headers: KafkaHeaders, partition: int | None = None
+    ) -> Future[None]:
         """Hand the request to librdkafka (which copies it), retrying a full local queue
-        until the produce timeout; the future completes with its delivery report."""
+        until the produce timeout; the future completes with its delivery report. Without
+        a ``partition`` librdkafka's partitioner chooses one by key (the request id)."""
         assert self._producer is not None
         delivered: Future[None] = Future()
         give_up = time.monotonic() + self.timeout_s
@@ -156,6 +159,8 @@ class Sender:
                     self.settings.topic_images,
                     value=value,
                     key=rid.encode(),
+                    # librdkafka's partitioner by key when none is given (-1: RD_KAFKA_PARTITION_UA)
+                    partition=-1 if partition is None else partition,
                     headers=list(headers),  # librdkafka's type: values str | bytes | None
                     on_delivery=on_delivery,
                 )

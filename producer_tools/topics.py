@@ -275,18 +275,21 @@ def role_acls(
 ) -> list[Grant]:
     """Least privilege per role (README, "Running on a secured Kafka").
 
-    The API writes requests and reads its own reply partition by assignment (no group);
+    The API writes requests, reads its own reply partition by assignment (no group) and
+    describes the workers' group to send each request to the least-loaded worker
+    (``api.routing``; Describe lets it see members and offsets, not join or commit);
     workers read requests in their group, write results, replies and dead letters, and
     use transactional ids that start with their group's name (``consumer.worker``:
     ``<group>-<host>-<index>``); downstream readers read result events only. Read and
     Write imply Describe; Write on a topic also lets a producer be idempotent (KIP-679).
     """
-    read, write = AclOperation.READ, AclOperation.WRITE
+    read, write, describe = AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE
     topic, group = ResourceType.TOPIC, ResourceType.GROUP
     prefixed = ResourcePatternType.PREFIXED
     return [
         Grant("api", write, topic, settings.topic_images),
         Grant("api", read, topic, settings.topic_replies),
+        Grant("api", describe, group, settings.consumer_group),
         Grant("worker", read, topic, settings.topic_images),
         Grant("worker", read, group, settings.consumer_group),
         Grant("worker", write, topic, settings.topic_detections),

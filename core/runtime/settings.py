@@ -392,6 +392,20 @@ class Settings(BaseModel):
     api_produce_timeout_ms: int = Field(
         2_000, ge=100, description="longest wait for Kafka to accept a request (then 503)"
     )
+    api_partitioner: Literal["least-loaded", "key"] = Field(
+        "least-loaded",
+        description="which `qr.images` partition a request goes to: `least-loaded` = a "
+        "partition of the worker with the fewest of this process's requests in flight (from "
+        "the workers' group assignment, described every `QRSIGHT_API_ASSIGNMENT_REFRESH_MS`; "
+        "needs Describe on the group, by key until known); `key` = librdkafka's partitioner "
+        "on the request id",
+    )
+    api_assignment_refresh_ms: int = Field(
+        2_000,
+        ge=100,
+        description="how often the API describes the workers' group to learn who owns which "
+        "partition (`QRSIGHT_API_PARTITIONER=least-loaded`)",
+    )
     api_max_in_flight: int | None = Field(
         None,
         ge=1,

@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from api.routing import Router
 from core.runtime.kafka import consumer_config, producer_config
 from core.runtime.settings import Settings, load_settings
 from tests.integration.api_stack import free_port, model_path, qr_png, start
@@ -285,6 +286,11 @@ def test_api_and_worker_with_their_own_credentials_return_a_result(
             assert "secured-hello" in {r["text"] for r in results}
         reader = secured.settings("reader")
         assert first_result(reader, "qrsight-results-e2e")  # downstream readers get it too
+        # the API may describe the workers' group: it routes to the least-loaded worker
+        api_router = Router(secured.settings("api"))
+        assert api_router.refresh(timeout_s=10), api_router.owners()
+        (owned,) = api_router.owners().values()  # the one worker owns every partition
+        assert len(owned) == secured.settings("api").topic_partitions
         metrics = requests.get(f"{url}/api/v1/metrics", timeout=10).text
         secured.assert_no_secret(body, response.text, metrics)
     finally:
@@ -314,6 +320,18 @@ def test_the_reader_cannot_read_replies_but_reads_detections(secured: SecuredBro
     assert err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
     assert "qr.replies" in err.str()
     assert subscribe(reader, "reader", "qr.detections", "qrsight-results-ok") == "assigned"
+
+
+def test_routing_without_describe_on_the_group_goes_by_key_saying_which_acl(
+    secured: SecuredBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Router(secured.settings("api", consumer_group="not-granted-to-the-api"))
+    with caplog.at_level("WARNING", logger="api.routing"):
+        assert router.refresh(timeout_s=10) is False
+    assert router.acquire() is None
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "not allowed to describe consumer group not-granted-to-the-api" in said, said
+    assert "qrsight-topics acls" in said
 
 
 def test_a_worker_without_read_access_exits_naming_the_permission(

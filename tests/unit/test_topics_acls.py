@@ -7,7 +7,7 @@ from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceTyp
 from core.runtime.settings import load_settings
 from producer_tools.topics import DEFAULT_USERS, role_acls
 
-READ, WRITE = AclOperation.READ, AclOperation.WRITE
+READ, WRITE, DESCRIBE = AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE
 TOPIC, GROUP, TXN = ResourceType.TOPIC, ResourceType.GROUP, ResourceType.TRANSACTIONAL_ID
 LITERAL, PREFIXED = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
 
@@ -21,6 +21,7 @@ def test_each_role_gets_only_what_it_needs() -> None:
     assert grants() == {
         ("api", WRITE, TOPIC, "qr.images", LITERAL),
         ("api", READ, TOPIC, "qr.replies", LITERAL),
+        ("api", DESCRIBE, GROUP, "qrsight-workers", LITERAL),
         ("worker", READ, TOPIC, "qr.images", LITERAL),
         ("worker", READ, GROUP, "qrsight-workers", LITERAL),
         ("worker", WRITE, TOPIC, "qr.detections", LITERAL),
@@ -36,6 +37,7 @@ def test_the_acls_follow_renamed_topics_and_group() -> None:
     renamed = grants(topic_images="in", topic_replies="back", consumer_group="g")
     assert ("api", WRITE, TOPIC, "in", LITERAL) in renamed
     assert ("api", READ, TOPIC, "back", LITERAL) in renamed
+    assert ("api", DESCRIBE, GROUP, "g", LITERAL) in renamed  # api.routing
     assert (
         "worker",
         WRITE,

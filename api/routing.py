@@ -1,0 +1,175 @@
+"""Which partition of the images topic a request goes to: the least-loaded worker's.
+
+Keyed by its random request id, a request lands on a random partition, and so on a random
+worker. At low load that leaves cores idle: with two single-threaded workers and four
+requests in flight, all four sit on one worker a fifth of the time (a closed loop's
+states 4-0, 3-1, 2-2, 1-3 and 0-4 are about equally likely), so the pair works at about
+0.8 of its capacity, 0.9 with eight in flight. A server that runs each request where a
+core is free (the design this project replaces: gunicorn workers, each running its own
+inference) has no such loss.
+
+So the API sends each request to a partition of the worker with the fewest of *this
+process's* requests in flight (the fewest in flight on that worker's partitions, ties
+broken at random), and within that worker to its partition with the fewest. It learns
+which worker owns which partition by describing the workers' consumer group
+(``Admin.describe_consumer_groups``, every ``QRSIGHT_API_ASSIGNMENT_REFRESH_MS``), so it
+needs Describe on that group (``qrsight-topics acls`` grants it). Until it knows an
+assignment (no worker yet, no permission, a broker that does not answer) it routes by key
+as before, and says why once in the log. A stale assignment after a rebalance costs
+balance for one refresh, never a request: every partition is read by some worker.
+
+Requests from elsewhere (cameras producing to the topic) are not counted: only the
+requests this process is waiting for. With several API processes each balances its own
+share, which on a closed loop is enough (two processes with two requests each put them on
+two workers).
+
+``QRSIGHT_API_PARTITIONER=key`` keeps librdkafka's partitioner on the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+
+from core.runtime.kafka import admin_config
+from core.runtime.kafka_security import is_authorization_error
+from core.runtime.settings import Settings, env_name
+
+logger = logging.getLogger(__name__)
+
+# member id → the images topic's partitions it owns
+Owners = Mapping[str, Sequence[int]]
+
+
+def least_loaded(owners: Owners, in_flight: Mapping[int, int], rng: random.Random) -> int | None:
+    """The partition to send the next request to: of the member with the fewest requests
+    in flight on its partitions, the partition with the fewest (ties at random); None
+    when no member owns a partition."""
+    loads = [
+        (sum(in_flight.get(p, 0) for p in parts), member, parts)
+        for member, parts in owners.items()
+        if parts
+    ]
+    if not loads:
+        return None
+    fewest = min(load for load, _, _ in loads)
+    _, _, parts = rng.choice([entry for entry in loads if entry[0] == fewest])
+    lowest = min(in_flight.get(p, 0) for p in parts)
+    return rng.choice([p for p in parts if in_flight.get(p, 0) == lowest])
+
+
+def owners_from_description(description: Any, topic: str) -> dict[str, tuple[int, ...]]:
+    """``member id → partitions of topic`` from a ``ConsumerGroupDescription``."""
+    owners: dict[str, tuple[int, ...]] = {}
+    for member in description.members:
+        assignment = getattr(member, "assignment", None)
+        partitions = getattr(assignment, "topic_partitions", None) or []
+        owners[member.member_id] = tuple(
+            sorted(tp.partition for tp in partitions if tp.topic == topic)
+        )
+    return owners
+
+
+class Router:
+    """This process's requests in flight per partition, and the group's assignment."""
+
+    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.enabled = settings.api_partitioner == "least-loaded"
+        self.refresh_s = settings.api_assignment_refresh_ms / 1000
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._owners: dict[str, tuple[int, ...]] = {}
+        self._in_flight: Counter[int] = Counter()
+        self._admin: AdminClient | None = None
+        self._problem = ""
+
+    # --- the request path -----------------------------------------------------------------
+    def acquire(self) -> int | None:
+        """A partition for the next request, counted in flight until :meth:`release`;
+        None: let the producer choose by key."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            partition = least_loaded(self._owners, self._in_flight, self._rng)
+            if partition is not None:
+                self._in_flight[partition] += 1
+            return partition
+
+    def release(self, partition: int | None) -> None:
+        if partition is None:
+            return
+        with self._lock:
+            self._in_flight[partition] -= 1
+            if self._in_flight[partition] <= 0:
+                del self._in_flight[partition]
+
+    def in_flight(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._in_flight)
+
+    def owners(self) -> dict[str, tuple[int, ...]]:
+        with self._lock:
+            return dict(self._owners)
+
+    # --- the assignment -------------------------------------------------------------------
+    def serve(self, stop: threading.Event) -> None:
+        """Refresh the assignment until ``stop`` (the routing thread)."""
+        while not stop.is_set():
+            self.refresh()
+            stop.wait(self.refresh_s)
+
+    def refresh(self, timeout_s: float | None = None) -> bool:
+        """Ask the cluster who owns which partition; True when known. On failure the last
+        known assignment is dropped (requests go by key) and the reason is logged once."""
+        timeout_s = timeout_s if timeout_s is not None else max(self.refresh_s, 1.0)
+        group, topic = self.settings.consumer_group, self.settings.topic_images
+        try:
+            if self._admin is None:
+                self._admin = AdminClient(admin_config(self.settings, **{"client.id": self._id()}))
+            future = self._admin.describe_consumer_groups([group], request_timeout=timeout_s)
+            owners = owners_from_description(future[group].result(timeout=timeout_s), topic)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and is_authorization_error(error):
+                why = (
+                    f"not allowed to describe consumer group {group} (grant Describe on it: "
+                    f"qrsight-topics acls, or set {env_name('api_partitioner')}=key)"
+                )
+            else:
+                why = f"could not describe consumer group {group}: {error or exc}"
+            return self._set({}, why)
+        except Exception as exc:  # a routing hint never fails a request
+            return self._set({}, f"could not describe consumer group {group}: {exc!r}")
+        if not any(owners.values()):
+            # not a fault: the workers have not joined yet (or all left)
+            why = f"no worker of group {group} owns a partition of {topic} yet"
+            return self._set({}, why, logging.INFO)
+        return self._set(owners, "")
+
+    def _set(
+        self, owners: dict[str, tuple[int, ...]], problem: str, level: int = logging.WARNING
+    ) -> bool:
+        with self._lock:
+            changed = owners != self._owners
+            self._owners = owners
+        if problem and problem != self._problem:
+            logger.log(level, "requests go by key: %s", problem)
+        elif owners and changed:
+            logger.info(
+                "requests go to the least-loaded of %d worker(s): %s",
+                sum(1 for parts in owners.values() if parts),
+                "; ".join(f"{len(parts)} partition(s)" for parts in owners.values()),
+            )
+        self._problem = problem
+        return bool(owners)
+
+    def _id(self) -> str:
+        return f"{self.settings.kafka_client_id}-api-routing"
