@@ -86,7 +86,7 @@ class ReplyClient:
         self._stop = threading.Event()
         self.waiters = Waiters()
         self.sender = Sender(settings, self._request_codec, circuit)
-        self.router = Router(settings)
+        self.router = Router(settings, prefer=partition)
         self._routing: threading.Thread | None = None
         self.reader = ReplyReader(settings, partition, self._result_codec, self.waiters, self._stop)
         self.supervisor = Supervisor(

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 
 import pytest
-from confluent_kafka import TopicPartition
-from confluent_kafka.admin import ConsumerGroupDescription, MemberAssignment, MemberDescription
+from confluent_kafka import KafkaError
+from confluent_kafka.admin import GroupMember, GroupMetadata
 
-from api.routing import Router, least_loaded, owners_from_description
+from api.routing import Router, assigned_partitions, group_error, least_loaded, owners_from_groups
 from core.runtime.settings import load_settings
 
 TWO_WORKERS = {"a": (0, 1, 2), "b": (3,)}
 
 
-def router(owners: dict[str, tuple[int, ...]], **overrides: object) -> Router:
+def router(owners: dict[str, tuple[int, ...]], prefer: int = 0, **overrides: object) -> Router:
     settings = load_settings({}, kafka_bootstrap="127.0.0.1:1", **overrides)
-    made = Router(settings, random.Random(7))
+    made = Router(settings, prefer, random.Random(7))
     made._set(owners, "")
     return made
 
@@ -41,7 +42,7 @@ def test_a_request_goes_to_the_worker_with_fewer_in_flight_not_the_one_with_more
 def test_requests_in_flight_stay_even_across_workers_in_a_closed_loop() -> None:
     """Four callers, each sending again as soon as its answer comes, in a random order:
     after every send the two workers differ by at most one request (random partitions
-    would put all four on one worker about a fifth of the time)."""
+    would put all four on one worker two fifths of the time)."""
     made = router(TWO_WORKERS)
     rng = random.Random(3)
     held = [made.acquire() for _ in range(4)]
@@ -57,6 +58,26 @@ def test_requests_in_flight_stay_even_across_workers_in_a_closed_loop() -> None:
     assert made.in_flight() == {}
 
 
+def test_api_processes_break_ties_differently_so_their_lone_requests_do_not_meet() -> None:
+    """Each process counts only its own requests: with one request each, two processes
+    (reply partitions 0 and 1) use both workers, every time, whatever the member ids."""
+    for owners in (TWO_WORKERS, {"z": (0, 1), "y": (2, 3)}):
+        firsts = set()
+        for prefer in (0, 1):
+            made = router(owners, prefer=prefer)
+            first = made.acquire()
+            firsts |= {member for member, parts in owners.items() if first in parts}
+        assert firsts == set(owners)
+    # the same process sends its ties to the same worker (c = 1 stays on one worker)
+    made = router(TWO_WORKERS, prefer=1)
+    chosen = set()
+    for _ in range(10):
+        partition = made.acquire()
+        chosen.add(partition)
+        made.release(partition)
+    assert chosen == {3}  # b is second in member-id order
+
+
 def test_by_key_when_asked_or_while_no_assignment_is_known() -> None:
     assert router(TWO_WORKERS, api_partitioner="key").acquire() is None
     unknown = router({})
@@ -65,20 +86,56 @@ def test_by_key_when_asked_or_while_no_assignment_is_known() -> None:
     assert unknown.in_flight() == {}
 
 
-def test_the_assignment_is_read_from_the_groups_description_for_the_images_topic_only() -> None:
-    def member(name: str, *tps: tuple[str, int]) -> MemberDescription:
-        assignment = MemberAssignment([TopicPartition(t, p) for t, p in tps])
-        return MemberDescription(name, f"client-{name}", "/127.0.0.1", assignment)
-
-    description = ConsumerGroupDescription(
-        "qrsight-workers",
-        False,
-        [member("m1", ("qr.images", 2), ("qr.images", 0), ("other", 1)), member("m2")],
-        "cooperative-sticky",
-        None,
-        None,
+def test_the_assignment_is_read_from_the_consumer_protocols_bytes_for_the_images_topic_only() -> (
+    None
+):
+    # as librdkafka's cooperative-sticky assignor wrote it for a member of a real group:
+    # version 0, topic t1 partitions 1 and 2, then 24 bytes of user data
+    real = (
+        bytes.fromhex("0000000000010002")
+        + b"t1"
+        + bytes.fromhex("00000002000000010000000200000018")
+        + bytes(24)
     )
-    assert owners_from_description(description, "qr.images") == {"m1": (0, 2), "m2": ()}
+    assert assigned_partitions(real, "t1") == (1, 2)
+    assert assigned_partitions(real, "qr.images") == ()
+
+    def assignment(*topics: tuple[str, list[int]]) -> bytes:
+        out = struct.pack(">hi", 1, len(topics))
+        for name, parts in topics:
+            out += struct.pack(">h", len(name)) + name.encode()
+            out += struct.pack(f">i{len(parts)}i", len(parts), *parts)
+        return out + struct.pack(">i", -1)  # no user data
+
+    def member(name: str, value: bytes | None) -> GroupMember:
+        made = GroupMember()
+        made.id, made.assignment = name, value
+        return made
+
+    def entry(group: str, error: KafkaError | None, *members: GroupMember) -> GroupMetadata:
+        made = GroupMetadata()
+        made.id, made.error, made.members = group, error, list(members)
+        return made
+
+    groups = [
+        entry("qrsight-workers", KafkaError(KafkaError.NOT_COORDINATOR)),  # another broker
+        entry(
+            "qrsight-workers",
+            None,
+            member("m1", assignment(("qr.images", [2, 0]), ("other", [1]))),
+            member("m2", assignment()),
+            member("m3", b"\x00\x01\x00"),  # cut short: no partitions, no exception
+        ),
+        entry("someone-else", None, member("x", assignment(("qr.images", [5])))),
+    ]
+    assert owners_from_groups(groups, "qrsight-workers", "qr.images") == {
+        "m1": (0, 2),
+        "m2": (),
+        "m3": (),
+    }
+    assert group_error(groups, "qrsight-workers") is None
+    denied = [entry("g", KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))]
+    assert group_error(denied, "g").code() == KafkaError.GROUP_AUTHORIZATION_FAILED
 
 
 def test_an_unreachable_cluster_means_by_key_said_once(caplog: pytest.LogCaptureFixture) -> None:
