@@ -52,7 +52,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from core.runtime.kafka import admin_config
-from core.runtime.kafka_security import is_authorization_error
+from core.runtime.kafka_security import authorization_problem, is_authorization_error
 from core.runtime.settings import Settings, env_name
 
 logger = logging.getLogger(__name__)
@@ -189,30 +189,22 @@ class Router:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # list_groups: see above
                 groups = self._admin.list_groups(group, timeout=timeout_s)
-            if not any(entry.id == group for entry in groups):
-                # what a refused Describe looks like through list_groups: no entry at all
-                return self._set(
-                    {},
-                    f"Kafka described no consumer group {group}: no worker has joined it, or "
-                    f"this user is not allowed to describe it (grant Describe on it: "
-                    f"qrsight-topics acls, or set {env_name('api_partitioner')}=key)",
-                )
-            error = group_error(groups, group)
-            if error is not None:
-                raise KafkaException(error)
-            owners = owners_from_groups(groups, group, topic)
         except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if isinstance(error, KafkaError) and is_authorization_error(error):
-                why = (
-                    f"not allowed to describe consumer group {group} (grant Describe on it: "
-                    f"qrsight-topics acls, or set {env_name('api_partitioner')}=key)"
-                )
-            else:
-                why = f"could not describe consumer group {group}: {error or exc}"
-            return self._set({}, why)
+            return self._set({}, self._failed(exc.args[0] if exc.args else exc))
         except Exception as exc:  # a routing hint never fails a request
-            return self._set({}, f"could not describe consumer group {group}: {exc!r}")
+            return self._set({}, self._failed(exc))
+        if not any(entry.id == group for entry in groups):
+            # what a refused Describe looks like through list_groups: no entry at all
+            return self._set(
+                {},
+                f"Kafka described no consumer group {group}: no worker has joined it, or "
+                f"this user is not allowed to describe it (grant Describe on it: "
+                f"qrsight-topics acls, or set {env_name('api_partitioner')}=key)",
+            )
+        error = group_error(groups, group)
+        if error is not None:
+            return self._set({}, self._failed(error))
+        owners = owners_from_groups(groups, group, topic)
         if not any(owners.values()):
             # not a fault: the workers have not joined yet (or all left)
             why = f"no worker of group {group} owns a partition of {topic} yet"
@@ -235,6 +227,14 @@ class Router:
             )
         self._problem = problem
         return bool(owners)
+
+    def _failed(self, error: object) -> str:
+        """Why the group could not be described: a refusal names the grant
+        (``authorization_problem``), anything else says what Kafka answered."""
+        group = self.settings.consumer_group
+        if isinstance(error, KafkaError) and is_authorization_error(error):
+            return authorization_problem(self.settings, error, "describe", group)
+        return f"could not describe consumer group {group}: {error}"
 
     def _id(self) -> str:
         return f"{self.settings.kafka_client_id}-api-routing"

@@ -100,11 +100,11 @@ def test_eight_requests_in_flight_go_four_to_each_of_two_workers(settings: Setti
             client.close()
 
 
-def test_by_key_the_same_requests_land_where_their_ids_hash(
+def test_by_key_no_assignment_is_asked_for_nothing_is_counted_and_every_request_arrives(
     kafka_settings_factory: Callable[..., Settings],
 ) -> None:
-    """``QRSIGHT_API_PARTITIONER=key``: no assignment is asked for and nothing is counted;
-    the requests still reach the group."""
+    """``QRSIGHT_API_PARTITIONER=key``: librdkafka's partitioner on the request id, as
+    before routing."""
     settings = kafka_settings_factory(topic_partitions=3, api_partitioner="key")
     with members(settings, 2) as consumers:
         client = ReplyClient(settings).start()
