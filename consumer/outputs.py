@@ -24,7 +24,7 @@ from typing import Any, Literal
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from consumer.intake import Intake
-from core.runtime.errors import KafkaUnavailableError, UndeliverableError
+from core.runtime.errors import ConfigError, KafkaUnavailableError, UndeliverableError
 from core.runtime.results import error_record
 from schemas import names
 from schemas.codec import Codec
@@ -327,6 +327,10 @@ def produce_all(producer: Producer, records: list[OutRecord], tracker: DeliveryT
             except BufferError:
                 producer.poll(0.1)
             except KafkaException as exc:
+                if exc.args[0].code() == KafkaError._FATAL:
+                    # the producer failed for good (e.g. its user may write nowhere, so it
+                    # got no producer id): serving its events raises the cause
+                    producer.poll(0)
                 tracker.failures.append(Failure(rec, exc.args[0]))
                 break
 
@@ -349,12 +353,16 @@ def wait_delivered(producer: Producer, tracker: DeliveryTracker, timeout_s: floa
 
 
 def raise_unrecoverable(failures: Sequence[Failure]) -> None:
-    """Raise for failures that are not one record's fault (transient or configuration)."""
+    """Raise for failures that are not one record's fault: a refused ACL is a setting to
+    fix (:class:`ConfigError`: the worker exits and is not restarted, as for a refused
+    read), anything else transient (:class:`DeliveryError`: restarted)."""
     for failure in failures:
         if failure.kind == "config":
-            raise DeliveryError(
-                f"not allowed to write to {failure.record.topic}: {failure.error.str()} "
-                "(grant the worker's principal Write on it, or fix QRSIGHT_KAFKA_SASL_*)"
+            raise ConfigError(
+                f"Kafka refused this worker's write to topic {failure.record.topic} "
+                f"({failure.error.str()}): grant its user Write on it with "
+                '`qrsight-topics acls` (README, "Running on a secured Kafka"), '
+                "or fix QRSIGHT_KAFKA_SASL_*"
             )
     transient = [f for f in failures if f.kind == "transient"]
     if transient:

@@ -175,6 +175,22 @@ def consume_error(err: KafkaError, settings: Settings) -> None:
         logger.warning("consume error code=%s error=%s", err.name(), err.str())
 
 
+def refused_write(
+    err: KafkaError, settings: Settings, transactional_id: str | None
+) -> ConfigError | None:
+    """A producer's refused ACL, e.g. a user without Write gets no idempotent producer id
+    (a fatal error at its first request): like a refused read it ends the process, naming
+    what it lacks; any other producer failure is not a setting to fix (None)."""
+    if not is_authorization_error(err):
+        return None
+    refused = {
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED: "kafka-cluster",
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: transactional_id or "-",
+        KafkaError.GROUP_AUTHORIZATION_FAILED: settings.consumer_group,
+    }.get(err.code(), settings.topic_detections)
+    return ConfigError(authorization_problem(settings, err, "write to", refused))
+
+
 def expired(item: Intake) -> dict[str, Any]:
     now = now_ms()
     queued = 0.0 if item.queue_start_ms is None else float(max(now - item.queue_start_ms, 0))

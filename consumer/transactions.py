@@ -46,6 +46,8 @@ from consumer.outputs import (
 from consumer.ownership import Key
 from consumer.recovery import Stopping
 from core.runtime.backoff import Backoff
+from core.runtime.errors import ConfigError
+from core.runtime.kafka_security import is_authorization_error
 
 __all__ = [
     "Outcome",
@@ -192,6 +194,8 @@ class Transactions:
             return Outcome.COMMITTED
         except KafkaException as exc:
             err = exc.args[0]
+            if is_authorization_error(err):
+                raise  # a refused ACL: the worker exits naming the grant, not restarted
             if decide(err, 0.0, self._budget_s) is not Step.ABORT:
                 raise DeliveryError(
                     f"transaction of {len(records)} record(s) failed: {err.str()}"
@@ -205,7 +209,7 @@ class Transactions:
             return Outcome.GIVEN_BACK
         except TransactionStuckError:
             raise  # the producer is busy for good: no abort, exit
-        except DeliveryError as exc:  # not delivered: abort so readers need not wait, exit
+        except (DeliveryError, ConfigError) as exc:  # not delivered: abort, exit
             with contextlib.suppress(DeliveryError, Stopping):
                 self.abort(exc)
             raise

@@ -49,7 +49,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from consumer.batch import Batch, one_at_a_time, stamp_epochs
 from consumer.clients import worker_consumer_config, worker_producer_config
@@ -70,12 +77,13 @@ from consumer.ownership import (
     reseek,
     split_owned,
 )
-from consumer.processing import ConsumerFenced, Processing
+from consumer.processing import ConsumerFenced, Processing, refused_write
 from consumer.recovery import Stopping
 from consumer.routes import ReplyRoutes
 from consumer.transactions import Transactions, rewind
 from consumer.watchdog import UNGUARDED, HangWatchdog
 from core.runtime.busy import BusyBoard
+from core.runtime.errors import ConfigError
 from core.runtime.kafka import avro_codec, message_limits
 from core.runtime.settings import Settings
 from core.runtime.telemetry import tracing
@@ -207,6 +215,7 @@ class Worker:
         )
         self._routes.producer = producer
         consumer = self._subscribe()
+        failing = True
         try:
             if self.exactly_once:
                 self._txns = Transactions(
@@ -226,9 +235,15 @@ class Worker:
             if not self.exactly_once:
                 wait_s = self.settings.shutdown_timeout_s * FINAL_COMMIT_SHARE
                 self.commits.final_commit(consumer, wait_s)
+            failing = False
+        except KafkaException as exc:
+            refused = self._refused(exc)
+            if refused is None:
+                raise
+            raise refused from exc
         finally:
             self.journal.clear()  # leaving on our own: nothing in hand killed us
-            self._close(consumer, producer)
+            self._close(consumer, producer, failing=failing)
 
     def _load_model(self) -> None:
         if self.processing.pipeline is None:
@@ -311,8 +326,16 @@ class Worker:
                     return
             self._lag.maybe_update(consumer, self.ownership.assigned)
 
-    def _close(self, consumer: Consumer, producer: Producer) -> None:
-        remaining = producer.flush(self.settings.shutdown_timeout_s / 2)
+    def _close(self, consumer: Consumer, producer: Producer, *, failing: bool) -> None:
+        """Flush, leave the group, free the model. A producer that librdkafka declared
+        fatally failed raises from ``flush``: the consumer is closed all the same (what
+        the producer held stays uncommitted, read again), and when the run is already
+        failing its error is the one reported, this one logged."""
+        flush_error: KafkaException | None = None
+        try:
+            remaining = producer.flush(self.settings.shutdown_timeout_s / 2)
+        except KafkaException as exc:
+            flush_error, remaining = exc, len(producer)
         if remaining:
             logger.warning("unflushed records at close count=%d", remaining)
         self._close_consumer(consumer)
@@ -322,6 +345,18 @@ class Worker:
             self.processing.pipeline.close()
         self.metrics.set_assigned(0)
         logger.info("worker stopped worker=%d", self.index)
+        if flush_error is not None:
+            if failing:
+                logger.error("the producer failed too error=%s", flush_error)
+                return
+            raise self._refused(flush_error) or flush_error
+
+    def _refused(self, exc: KafkaException) -> ConfigError | None:
+        """A refused ACL as the setting to fix, else None."""
+        err = exc.args[0] if exc.args else None
+        if not isinstance(err, KafkaError):
+            return None
+        return refused_write(err, self.settings, self.transactional_id)
 
     def _close_consumer(self, consumer: Consumer) -> None:
         """``close()`` leaves the group (a static member does not: it is expected back).

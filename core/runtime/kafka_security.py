@@ -51,8 +51,10 @@ class AdminLike(Protocol):
     def poll(self, timeout: float) -> Any: ...
 
 
-# librdkafka prefixes a broker's errors with its address and ends them with timings.
+# librdkafka prefixes a broker's errors with its address and ends them with timings; some
+# name the broker inside ("... PID from broker sasl_ssl://host:9093/1: Broker: ...").
 _BROKER_PREFIX = re.compile(r"^\S+://\S+: ")
+_BROKER_INSIDE = re.compile(r" [a-z_]+://\S+?(?=: | |$)")
 _TIMING_SUFFIX = re.compile(r" \(after \d+ms in state \w+\)$")
 
 
@@ -122,7 +124,8 @@ def security_problem(settings: Settings, errors: Sequence[ClientError]) -> str |
 
 def reason(err: ClientError) -> str:
     """librdkafka's text without the broker's address and the state timings."""
-    return _TIMING_SUFFIX.sub("", _BROKER_PREFIX.sub("", err.str())).strip()
+    text = _TIMING_SUFFIX.sub("", _BROKER_PREFIX.sub("", err.str()))
+    return _BROKER_INSIDE.sub("", text).strip()
 
 
 def tls_verify_problem(settings: Settings) -> str | None:

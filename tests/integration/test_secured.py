@@ -348,6 +348,32 @@ def test_a_worker_without_read_access_exits_naming_the_permission(
     secured.assert_no_secret(text)
 
 
+def test_a_worker_that_may_read_but_not_write_exits_naming_the_permission(
+    secured: SecuredBroker, tmp_path: Path
+) -> None:
+    """A user who may read its input but write nowhere gets no producer id: the worker's
+    first answer fails for good, and it exits once, naming the grant, instead of
+    restarting. (The reader may read results in a group of its prefix: fed those as
+    input, the worker has records to answer and nowhere it may answer them.)"""
+    fed = Producer(producer_config(secured.settings("worker")))
+    fed.produce("qr.detections", key=b"not-an-image", value=b"not an image either")
+    assert fed.flush(30) == 0
+    env = secured.env(
+        "reader",
+        QRSIGHT_METRICS_PORT="0",
+        QRSIGHT_ORT_INTRA_THREADS="1",
+        QRSIGHT_TOPIC_IMAGES="qr.detections",
+        QRSIGHT_CONSUMER_GROUP="qrsight-results-fed-to-a-worker",
+    )
+    log = tmp_path / "worker.log"
+    code = run_until_exit([sys.executable, "-m", "consumer.cli", "--workers", "1"], env, log, 120)
+    text = log.read_text()
+    assert code == EXIT_CONFIG, text
+    assert "Kafka user 'reader' is not allowed to write to cluster kafka-cluster" in text, text
+    assert text.count("worker started worker=0 pid=") == 1, "restarted instead of giving up"
+    secured.assert_no_secret(text)
+
+
 # --- start-up errors ----------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("case", "expected"),

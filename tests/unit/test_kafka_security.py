@@ -64,6 +64,14 @@ def test_an_unreachable_broker_is_not_a_security_problem() -> None:
 def test_reason_drops_the_broker_address_and_timings() -> None:
     assert reason(AUTH).startswith("SASL authentication error: Authentication failed")
     assert "after 339ms" not in reason(AUTH)
+    fatal = KafkaError(
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        "Failed to acquire idempotence PID from broker sasl_ssl://broker.example:9093/1: "
+        "Broker: Cluster authorization failed",
+    )
+    assert reason(fatal) == (
+        "Failed to acquire idempotence PID from broker: Broker: Cluster authorization failed"
+    )
 
 
 def test_a_refused_request_names_the_user_operation_and_resource() -> None:
