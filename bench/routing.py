@@ -1,18 +1,22 @@
-"""Which partition a request goes to, A/B in one run: ``QRSIGHT_API_PARTITIONER`` =
-``least-loaded`` (the default, ``api/routing.py``) against ``key`` (librdkafka's
-partitioner on the random request id).
+"""Two settings of the serving path, A/B in one run. ``--compare partitioner`` (the
+default): ``QRSIGHT_API_PARTITIONER`` = ``least-loaded`` (the default, ``api/routing.py``)
+against ``key`` (librdkafka's partitioner on the random request id). ``--compare solo``:
+``QRSIGHT_ORT_SOLO_THREADS`` = the host's cores (a lone image on the wide session while
+the other workers are idle, ``core/runtime/busy.py``) against the defaults.
 
-    python -m bench.routing [--models ref,default] [--concurrency 1,2,4,8] [--seconds 20]
-                            [--repeats 2] [--out DIR]
+    python -m bench.routing [--compare partitioner|solo] [--models ref,default]
+                            [--concurrency 1,2,4,8] [--seconds 20] [--repeats 2] [--out DIR]
 
 For each model: one broker, then ``make up``'s stack (two workers, the API) once per
 setting and repetition, the order of the two settings swapped in every other repetition
 (a machine that slows down during the run favours neither); at each level a closed loop
 of ``c`` clients posting the development photos. Prints per setting the img/s and p50 of
-each repetition and the ratio of the summed img/s (least-loaded / key), and writes
-``routing.json`` and ``routing.md`` to ``--out``. With random partitions two workers
-share ``c`` requests unevenly (all on one worker about 2/5 of the time at c = 4), so the
-ratio shows most at c = 2-8 and fades with more in flight.
+each repetition, the ratio of the summed img/s (second / first setting) and the
+difference of the p50s (the medians over the repetitions), and writes ``routing.json``
+and ``routing.md`` to ``--out``. With random partitions two workers share ``c`` requests
+unevenly (all on one worker about 2/5 of the time at c = 4), so the partitioner's ratio
+shows most at c = 2-8 and fades with more in flight; the solo session's gain is the p50
+at c = 1, its risk the img/s at c >= 2.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -29,13 +34,24 @@ from bench import serving
 from bench.stages import DEFAULT_IMAGES
 from core.runtime.settings import env_name
 
-SETTINGS = ("key", "least-loaded")
+Setting = tuple[str, dict[str, str]]  # (name, the stack's extra environment)
+COMPARISONS: dict[str, tuple[Setting, Setting]] = {
+    "partitioner": (
+        ("key", {env_name("api_partitioner"): "key"}),
+        ("least-loaded", {env_name("api_partitioner"): "least-loaded"}),
+    ),
+    "solo": (
+        ("defaults", {}),
+        ("solo", {env_name("ort_solo_threads"): str(os.cpu_count() or 2)}),
+    ),
+}
 
 
 def run(
     model_keys: Sequence[str],
     levels: Sequence[int],
     *,
+    settings: tuple[Setting, Setting],
     seconds: float,
     repeats: int,
     out: Path,
@@ -47,9 +63,8 @@ def run(
         rows: list[dict[str, object]] = []
         with serving.broker() as (bootstrap, _pids):
             for rep in range(repeats):
-                order = SETTINGS if rep % 2 == 0 else SETTINGS[::-1]
-                for setting in order:
-                    env = {env_name("api_partitioner"): setting}
+                order = settings if rep % 2 == 0 else settings[::-1]
+                for setting, env in order:
                     name = f"{model.key}-{setting}-{rep}"
                     with serving.qrsight(model, bootstrap, out, env_extra=env, name=name) as (
                         url,
@@ -71,29 +86,40 @@ def run(
     return found
 
 
-def table(rows: Sequence[dict[str, object]], levels: Sequence[int]) -> list[str]:
+def table(
+    rows: Sequence[dict[str, object]], levels: Sequence[int], names: Sequence[str]
+) -> list[str]:
+    """Per level: each setting's repeats, the second's summed img/s over the first's, and
+    the second's median p50 minus the first's."""
+    first, second = names
+
     def of(setting: str, c: int) -> list[dict[str, object]]:
         return [r for r in rows if r["design"] == setting and r["concurrency"] == c]
 
     lines = [
-        "| c | key: img/s (p50 ms) per repeat | least-loaded: img/s (p50 ms) per repeat "
-        "| least-loaded / key, img/s | errors |",
-        "|---|---|---|---|---|",
+        f"| c | {first}: img/s (p50 ms) per repeat | {second}: img/s (p50 ms) per repeat "
+        f"| {second} / {first}, img/s | {second} - {first}, p50 | errors |",
+        "|---|---|---|---|---|---|",
     ]
     for c in levels:
-        cells, totals, errors = [], [], 0
-        for setting in SETTINGS:
+        cells, totals, p50s, errors = [], [], [], 0
+        for setting in names:
             got = of(setting, c)
             cells.append(", ".join(f"{r['img_s']:.1f} ({r['p50_ms']:.0f})" for r in got))
             totals.append(sum(float(r["img_s"]) for r in got))  # type: ignore[arg-type]
+            p50s.append(statistics.median([float(r["p50_ms"]) for r in got]))  # type: ignore[arg-type]
             errors += sum(int(r["errors"]) for r in got)  # type: ignore[call-overload]
         ratio = totals[1] / totals[0] if totals[0] else float("nan")
-        lines.append(f"| {c} | {cells[0]} | {cells[1]} | **{ratio:.2f}** | {errors} |")
+        lines.append(
+            f"| {c} | {cells[0]} | {cells[1]} | **{ratio:.2f}** "
+            f"| {p50s[1] - p50s[0]:+.1f} ms | {errors} |"
+        )
     return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="partitioner")
     parser.add_argument("--models", default="ref,default", help="ref and/or default")
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--seconds", type=float, default=20.0, help="per level")
@@ -104,9 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
+    settings = COMPARISONS[args.compare]
     found = run(
         args.models.split(","),
         levels,
+        settings=settings,
         seconds=args.seconds,
         repeats=args.repeats,
         out=args.out,
@@ -118,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"at end {' '.join(f'{x:.2f}' for x in load_end)}; {args.seconds:g} s per level, "
         f"{args.repeats} repeat(s), the order of the two settings swapped every other repeat",
     ]
+    names = [name for name, _ in settings]
     for label, rows in found.items():
-        lines += ["", f"### {label}", "", *table(rows, levels)]
+        lines += ["", f"### {label}", "", *table(rows, levels, names)]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "routing.md").write_text(text)

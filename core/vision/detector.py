@@ -129,7 +129,8 @@ class Detector:
     cores other workers leave idle, while fuller batches keep ``intra_threads``; with
     :attr:`busy` set (a worker's :class:`core.runtime.busy.BusyBoard`, which
     ``core.vision.pipeline.Pipeline.run`` marks for the whole batch) only while no other
-    worker of the host has a batch in hand.
+    worker of the host has a batch in hand and together they used less than half a core
+    over the last second (at full load a worker is idle between two batches too).
     """
 
     def __init__(
@@ -397,7 +398,7 @@ class Detector:
             session = self.session
             # a lone image takes more threads, unless another worker here is running
             lone = self.solo_session is not None and len(batch) == 1
-            if lone and (self.busy is None or not self.busy.others_busy()):
+            if lone and (self.busy is None or self.busy.others_idle()):
                 session = self.solo_session
             out = session.run(None, {self.input_name: batch})[0]
         except Exception as exc:  # onnxruntime's errors are not exported as types

@@ -1,5 +1,6 @@
-"""The host's busy board: a worker sees another worker's model run, never its own, and a
-restarted worker clears the mark its killed predecessor left."""
+"""The host's busy board: a worker sees another worker's batch, never its own, and how many
+cores the others used lately; a restarted worker clears the mark its killed predecessor
+left."""
 
 from __future__ import annotations
 
@@ -50,6 +51,57 @@ def test_groups_have_their_own_board_and_a_restart_clears_a_stale_mark(tmp_path:
     assert me.others_busy() and not other_group.others_busy()
     BusyBoard("g", 3, tmp_path)  # worker 3 restarted
     assert not me.others_busy()
+
+
+class Clock:
+    """The host's monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def busy_for(self, board: BusyBoard, seconds: float) -> None:
+        with board.running():
+            self.now += seconds
+
+
+def test_the_others_load_is_their_busy_time_over_the_last_second(tmp_path: Path) -> None:
+    clock = Clock()
+    me = BusyBoard("g", 0, tmp_path, clock)
+    other = BusyBoard("g", 1, tmp_path, clock)
+    assert me.others_load() == 0.0  # first look: nothing to compare with
+    for _ in range(10):  # another worker at full load: busy 95 ms, then 5 ms between batches
+        clock.busy_for(other, 0.095)
+        clock.now += 0.005
+        me.others_load()
+    assert me.others_load() == pytest.approx(0.95)
+    assert not me.others_busy() and not me.others_idle(), "idle between two batches only"
+    clock.busy_for(me, 0.5)  # this worker's own batches never count: of the last second,
+    assert me.others_load() == pytest.approx(0.95 * 0.5)  # the other's half at 0.95
+    for _ in range(20):  # one request at a time, alternating: the other runs every other one
+        clock.busy_for(other, 0.10)
+        clock.now += 0.01
+        clock.busy_for(me, 0.10)
+        clock.now += 0.01
+        me.others_load()
+    assert me.others_load() == pytest.approx(0.10 / 0.22, abs=0.05)
+    assert me.others_idle()
+    with other.running():  # busy now: not idle, whatever its past
+        assert not me.others_idle()
+    clock.now += 2.0
+    assert me.others_load() == pytest.approx(0.0, abs=0.06)
+
+
+def test_a_marked_slot_counts_its_batch_in_progress(tmp_path: Path) -> None:
+    clock = Clock()
+    me = BusyBoard("g", 0, tmp_path, clock)
+    other = BusyBoard("g", 1, tmp_path, clock)
+    me.others_load()
+    with other.running():
+        clock.now += 1.0
+        assert me.others_load() == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")
