@@ -23,6 +23,8 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,12 @@ class WorkerMetrics:
         self.model_loaded = False
         self.partitions_assigned = False
 
+    def watch_solo(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Export a solo session's use (``QRSIGHT_ORT_SOLO_THREADS``): ``counts`` gives
+        the batches of one image and how many of them ran on the wide session; read at
+        each scrape, nothing is added to the batch's path."""
+        self.registry.register(_SoloRuns(counts))
+
     # --- updates ----------------------------------------------------------------------
     def set_model(self, info: Mapping[str, Any]) -> None:
         self.model.info({k: str(v) for k, v in info.items()})
@@ -177,6 +185,27 @@ class WorkerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SoloRuns(Collector):
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> list[CounterMetricFamily]:
+        lone, solo = self._counts()
+        return [
+            CounterMetricFamily(
+                PREFIX + "lone_batches",
+                "batches of one image (with a solo session, QRSIGHT_ORT_SOLO_THREADS)",
+                value=lone,
+            ),
+            CounterMetricFamily(
+                PREFIX + "solo_runs",
+                "batches of one image run on the solo session's threads (the other workers "
+                "of the host idle)",
+                value=solo,
+            ),
+        ]
 
 
 def _handler(metrics: WorkerMetrics, live: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:

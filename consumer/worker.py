@@ -253,6 +253,7 @@ class Worker:
             detector = self.processing.pipeline.detector
             if detector.solo_session is not None:
                 detector.busy = BusyBoard(self.settings.consumer_group, self.index)
+                self.metrics.watch_solo(lambda: (detector.lone_runs, detector.solo_runs))
             self._owns_pipeline = True
             self.metrics.set_model(facts)
         elif not self.metrics.model_loaded:
@@ -342,6 +343,13 @@ class Worker:
         self._consumer = None
         self._routes.producer = None
         if self._owns_pipeline and self.processing.pipeline is not None:
+            detector = self.processing.pipeline.detector
+            if detector.solo_session is not None:
+                logger.info(
+                    "solo session lone_batches=%d solo_runs=%d",
+                    detector.lone_runs,
+                    detector.solo_runs,
+                )
             self.processing.pipeline.close()
         self.metrics.set_assigned(0)
         logger.info("worker stopped worker=%d", self.index)

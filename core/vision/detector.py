@@ -183,6 +183,8 @@ class Detector:
         )
         # the host's other workers (core.runtime.busy), set by a worker that has a solo session
         self.busy: BusyBoard | None = None
+        self.lone_runs = 0  # batches of one image, while a solo session exists
+        self.solo_runs = 0  # of which run on the solo session
         if pad is None:  # CUDA searches kernels, TensorRT builds an engine, per input shape
             pad = self.on_gpu
         self.run_batch = self.fixed_batch or (pad_to if pad else None)
@@ -398,8 +400,10 @@ class Detector:
             session = self.session
             # a lone image takes more threads, unless another worker here is running
             lone = self.solo_session is not None and len(batch) == 1
+            self.lone_runs += lone
             if lone and (self.busy is None or self.busy.others_idle()):
                 session = self.solo_session
+                self.solo_runs += 1
             out = session.run(None, {self.input_name: batch})[0]
         except Exception as exc:  # onnxruntime's errors are not exported as types
             raise ModelError(f"ONNX Runtime failed on a batch of {len(batch)}: {exc}") from exc

@@ -137,6 +137,7 @@ def test_a_lone_image_takes_the_solo_session_only_while_the_others_are_idle(
     with other.running():
         detector._run(one)
     assert used == ["solo_session", "session", "solo_session", "session"]
+    assert (detector.lone_runs, detector.solo_runs) == (3, 2)  # what the worker exports
 
 
 def test_a_worker_is_busy_for_its_whole_batch_not_only_the_model_run(

@@ -81,3 +81,16 @@ def test_metrics_exposition(served: tuple[WorkerMetrics, int, list[bool]]) -> No
         assert line in text, line
     metrics.drop_lag("qr.images", 1)
     assert "qrsight_worker_consumer_lag{" not in get(port, "/metrics")[1]
+
+
+def test_a_solo_session_s_use_is_read_at_each_scrape(
+    served: tuple[WorkerMetrics, int, list[bool]],
+) -> None:
+    metrics, port, _ = served
+    assert "qrsight_worker_solo_runs" not in get(port, "/metrics")[1]  # no solo session
+    counts = [(0, 0)]
+    metrics.watch_solo(lambda: counts[0])
+    counts[0] = (7, 3)  # seven lone batches, three of them while the other workers idled
+    text = get(port, "/metrics")[1]
+    assert "qrsight_worker_lone_batches_total 7.0" in text
+    assert "qrsight_worker_solo_runs_total 3.0" in text
