@@ -1,8 +1,8 @@
 """Two settings of the serving path, A/B in one run. ``--compare partitioner`` (the
 default): ``QRSIGHT_API_PARTITIONER`` = ``least-loaded`` (the default, ``api/routing.py``)
 against ``key`` (librdkafka's partitioner on the random request id). ``--compare solo``:
-``QRSIGHT_ORT_SOLO_THREADS`` = the host's cores (a lone image on the wide session while
-the other workers are idle, ``core/runtime/busy.py``) against the defaults.
+``QRSIGHT_ORT_SOLO_THREADS`` = the host's cores (`make up`'s default: a lone image on the
+wide session while the other workers are idle, ``core/runtime/busy.py``) against 0 (off).
 
     python -m bench.routing [--compare partitioner|solo] [--models ref,default]
                             [--concurrency 1,2,4,8] [--seconds 20] [--repeats 2] [--out DIR]
@@ -41,7 +41,7 @@ COMPARISONS: dict[str, tuple[Setting, Setting]] = {
         ("least-loaded", {env_name("api_partitioner"): "least-loaded"}),
     ),
     "solo": (
-        ("defaults", {}),
+        ("solo-off", {env_name("ort_solo_threads"): "0"}),
         ("solo", {env_name("ort_solo_threads"): str(os.cpu_count() or 2)}),
     ),
 }

@@ -76,7 +76,7 @@ def shown(path: Path) -> str:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 READY_TIMEOUT_S = 180.0
 SEED_WORKERS = 4
-SOLO_DESIGN = "qrsight-solo"  # qrsight with QRSIGHT_ORT_SOLO_THREADS = the cores
+NO_SOLO_DESIGN = "qrsight-no-solo"  # qrsight with QRSIGHT_ORT_SOLO_THREADS = 0
 WARM_S = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -586,18 +586,17 @@ def run_model(
         roots["broker"] = broker_pids
         result["qrsight_workers"] = workers
         result["levels"] += [asdict(x) for x in drive("qrsight", url, roots, plan, levels)]
-    # the same with a solo session for a lone image (QRSIGHT_ORT_SOLO_THREADS, off by
-    # default): what the cores other workers leave idle give the c = 1 latency, and cost
-    cores = os.cpu_count() or 2
-    solo = {env_name("ort_solo_threads"): str(cores)}
-    with qrsight(model, bootstrap, logs, env_extra=solo, name=f"{model.key}-solo") as (
+    # the same without the solo session for a lone image (QRSIGHT_ORT_SOLO_THREADS = 0;
+    # `make up` gives it every core): what the cores other workers leave idle give
+    no_solo = {env_name("ort_solo_threads"): "0"}
+    with qrsight(model, bootstrap, logs, env_extra=no_solo, name=f"{model.key}-no-solo") as (
         url,
         roots,
         _,
     ):
-        progress(f"model {model.label}: qrsight, solo session of {cores} threads")
+        progress(f"model {model.label}: qrsight, no solo session")
         roots["broker"] = broker_pids
-        result["levels"] += [asdict(x) for x in drive(SOLO_DESIGN, url, roots, plan, levels)]
+        result["levels"] += [asdict(x) for x in drive(NO_SOLO_DESIGN, url, roots, plan, levels)]
     for n in plan.scaling:
         with qrsight(model, bootstrap, logs, workers=n) as (url, roots, _):
             progress(f"model {model.label}: qrsight with {n} worker(s), c={max(levels)}")

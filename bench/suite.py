@@ -273,10 +273,10 @@ def level_rows(model: dict[str, Any]) -> list[str]:
     seed, q = _levels(model, "seed"), _levels(model, "qrsight")
     rows = [
         "| c | seed img/s | seed p50 / p99 ms | qrsight img/s | qrsight p50 / p99 ms "
-        "| qrsight, solo session: img/s | p50 / p99 ms | errors |",
+        "| qrsight, no solo session: img/s | p50 / p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    solo = _levels(model, serving.SOLO_DESIGN)
+    solo = _levels(model, serving.NO_SOLO_DESIGN)
     for c in sorted(set(seed) | set(q)):
         s, r, o = seed.get(c), q.get(c), solo.get(c)
         errors = sum(x["errors"] for x in (s, r, o) if x is not None)
@@ -387,7 +387,7 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         for design, color in (
             ("seed", "tab:red"),
             ("qrsight", "tab:blue"),
-            (serving.SOLO_DESIGN, "tab:cyan"),
+            (serving.NO_SOLO_DESIGN, "tab:cyan"),
         ):
             lv = _levels(model, design)
             if not lv:
@@ -482,9 +482,9 @@ def render(report: dict[str, Any], out: Path, pngs: Sequence[Path]) -> str:
             "",
             f"API overhead (P3): {overhead_line(model)}.",
             "",
-            f"Low load, `make up` defaults: {low_load_line(model)}. With a solo session "
-            f"for a lone image (`QRSIGHT_ORT_SOLO_THREADS` = the cores, off by default): "
-            f"{low_load_line(model, serving.SOLO_DESIGN)}.",
+            f"Low load, `make up` defaults: {low_load_line(model)}. Without the solo session "
+            f"for a lone image (`QRSIGHT_ORT_SOLO_THREADS=0`; `make up` sets it to the cores): "
+            f"{low_load_line(model, serving.NO_SOLO_DESIGN)}.",
             "",
             f"A worker's CPU per image: {worker_cpu_line(model)}.",
             "",

@@ -97,10 +97,19 @@ def worker_count(settings: Settings, environ: dict[str, str]) -> int:
 
 def serving_env(settings: Settings, environ: dict[str, str]) -> tuple[int, dict[str, str]]:
     """The worker count and the environment `make up` runs the workers and the API with
-    (``bench/serving.py`` uses the same, so its figures are those of `make up`)."""
+    (``bench/serving.py`` uses the same, so its figures are those of `make up`).
+
+    With more than one worker, each also gets a solo session of every core
+    (``QRSIGHT_ORT_SOLO_THREADS``): a lone image runs on the cores the others leave idle,
+    while they are idle and were lately (``core/runtime/busy.py``; the workers of one
+    ``consumer.cli`` share a host's board). Measured against it off, in one run:
+    ``python -m bench.routing --compare solo`` (bench/README.md)."""
     workers = worker_count(settings, environ)
     env = dict(environ)
-    env.setdefault(env_name("ort_intra_threads"), str(max(1, (os.cpu_count() or 2) // workers)))
+    cores = os.cpu_count() or 2
+    env.setdefault(env_name("ort_intra_threads"), str(max(1, cores // workers)))
+    if workers > 1:
+        env.setdefault(env_name("ort_solo_threads"), str(cores))
     return workers, env
 
 

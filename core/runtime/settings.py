@@ -182,10 +182,11 @@ class Settings(BaseModel):
         0,
         ge=0,
         description="ONNX Runtime intra-op threads for a batch of one image, in a second "
-        "session, used while no other worker of the host has a batch in hand (CPU only; 0 = "
-        "off): at low load a lone image uses the cores the other workers leave idle; off by "
-        "default, since on a 2-core host it cost 5-13 % of the throughput at 2-8 concurrent "
-        "requests (bench/README.md)",
+        "session, used while no other worker of the host has a batch in hand and they used "
+        "under half a core over the last second (CPU only; 0 = off): at low load a lone image "
+        "uses the cores the other workers leave idle. `make up` sets it to the host's cores "
+        "when it runs more than one worker (bench/README.md); a worker alone in its "
+        "container or pod has no neighbours to share with, so it stays off there",
     )
     pad_batch: bool | None = Field(
         None,

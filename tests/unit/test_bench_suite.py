@@ -31,8 +31,8 @@ def test_the_low_load_goal_needs_both_the_c1_latency_and_the_throughput() -> Non
     assert low_load_line(run({4: (1.0, 1.0)}, {4: (1.0, 1.0)})) == "(no c = 1 level)"
 
 
-def test_the_level_table_shows_the_solo_session_beside_the_defaults() -> None:
-    from bench.serving import SOLO_DESIGN
+def test_the_level_table_shows_qrsight_without_the_solo_session_beside_the_defaults() -> None:
+    from bench.serving import NO_SOLO_DESIGN
     from bench.suite import level_rows
 
     model = run({1: (7.4, 129.0)}, {1: (6.3, 156.0), 4: (10.6, 339.0)})
@@ -40,7 +40,7 @@ def test_the_level_table_shows_the_solo_session_beside_the_defaults() -> None:
         x.update(errors=0, p99_ms=2 * x["p50_ms"])
     model["levels"].append(
         {
-            "design": SOLO_DESIGN,
+            "design": NO_SOLO_DESIGN,
             "concurrency": 1,
             "img_s": 6.9,
             "p50_ms": 142.0,
@@ -51,8 +51,8 @@ def test_the_level_table_shows_the_solo_session_beside_the_defaults() -> None:
     rows = level_rows(model)
     assert rows[2] == "| 1 | 7.4 | 129 / 258 | 6.3 | 156 / 312 | 6.9 | 142 / 187 | 0 |"
     assert rows[3] == "| 4 | — | — | 10.6 | 339 / 678 | — | — | 0 |"
-    line = low_load_line(model, SOLO_DESIGN)
-    assert "qrsight-solo 142.0 ms" in line and "+13.0 ms" in line
+    line = low_load_line(model, NO_SOLO_DESIGN)
+    assert "qrsight-no-solo 142.0 ms" in line and "+13.0 ms" in line
 
 
 def test_the_worker_cpu_ratio_is_read_at_qrsight_best_level() -> None:

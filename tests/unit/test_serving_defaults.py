@@ -22,6 +22,8 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
         (16, {"QRSIGHT_TOPIC_PARTITIONS": "16"}, 16, "1"),
         (16, {"QRSIGHT_WORKERS": "2"}, 2, "8"),  # fewer workers, more threads each
         (8, {"QRSIGHT_ORT_INTRA_THREADS": "3"}, 6, "3"),  # an explicit setting wins
+        (4, {"QRSIGHT_ORT_SOLO_THREADS": "0"}, 4, "1"),  # the solo session turned off
+        (1, {}, 1, "1"),  # one worker: its own threads are every core already
     ],
 )
 def test_make_up_sizes_workers_from_the_cores(
@@ -35,6 +37,9 @@ def test_make_up_sizes_workers_from_the_cores(
     count, env = stack.serving_env(load_settings(environ), dict(environ))
     assert count == workers
     assert env["QRSIGHT_ORT_INTRA_THREADS"] == ort_threads
+    # several workers: a lone image may take every core while the others idle
+    solo = environ.get("QRSIGHT_ORT_SOLO_THREADS", str(cores) if workers > 1 else None)
+    assert env.get("QRSIGHT_ORT_SOLO_THREADS") == solo
 
 
 def test_seed_design_answers_one_image_per_request() -> None:
