@@ -188,6 +188,14 @@ class Settings(BaseModel):
         "when it runs more than one worker (bench/README.md); a worker alone in its "
         "container or pod has no neighbours to share with, so it stays off there",
     )
+    ort_solo_min_run_ms: float = Field(
+        25.0,
+        ge=0,
+        description="a solo session (`QRSIGHT_ORT_SOLO_THREADS`) is kept only for a model "
+        "whose lone image takes at least this long on the worker's own session, timed at "
+        "load (0 = always): a short run gains a few ms from more threads and loses them to "
+        "the API and the broker sharing the cores (bench/README.md)",
+    )
     pad_batch: bool | None = Field(
         None,
         description="pad every inference batch to `QRSIGHT_MAX_BATCH` images, so the model "

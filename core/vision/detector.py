@@ -125,8 +125,10 @@ class Detector:
     path. ``device_id``: the CUDA device of the GPU providers.
 
     ``solo_threads`` (CPU only; 0 = off): a second session with that many intra-op
-    threads runs a batch of exactly one image, so a lone image at low load may use the
-    cores other workers leave idle, while fuller batches keep ``intra_threads``; with
+    threads runs a batch of exactly one image (kept only if a lone image takes at least
+    ``solo_min_run_ms`` on the normal session, timed at load), so a lone image at low
+    load may use the cores other workers leave idle, while fuller batches keep
+    ``intra_threads``; with
     :attr:`busy` set (a worker's :class:`core.runtime.busy.BusyBoard`, which
     ``core.vision.pipeline.Pipeline.run`` marks for the whole batch) only while no other
     worker of the host has a batch in hand and together they used less than half a core
@@ -149,6 +151,7 @@ class Detector:
         device_id: int = 0,
         device_preprocess: bool | None = None,
         solo_threads: int = 0,
+        solo_min_run_ms: float = 0.0,
         rect: bool = False,
         scaleup: bool = True,
     ) -> None:
@@ -181,6 +184,16 @@ class Detector:
             if solo_threads > 0 and solo_threads != intra_threads and not self.on_gpu
             else None
         )
+        if self.solo_session is not None and solo_min_run_ms > 0:
+            lone_ms = self._lone_run_ms()
+            if lone_ms < solo_min_run_ms:
+                logger.info(
+                    "solo session off: a lone image runs in %.1f ms, under %.0f ms "
+                    "(QRSIGHT_ORT_SOLO_MIN_RUN_MS)",
+                    lone_ms,
+                    solo_min_run_ms,
+                )
+                self.solo_session = None
         # the host's other workers (core.runtime.busy), set by a worker that has a solo session
         self.busy: BusyBoard | None = None
         self.lone_runs = 0  # batches of one image, while a solo session exists
@@ -260,6 +273,7 @@ class Detector:
             device_id=settings.cuda_device or 0,
             device_preprocess=settings.device_preprocess,
             solo_threads=ort_solo_threads(settings, on_gpu),
+            solo_min_run_ms=settings.ort_solo_min_run_ms,
             rect=settings.rect,
             scaleup=settings.scaleup,
         )
@@ -383,6 +397,21 @@ class Detector:
             conf if self.conf is None else self.conf,
             iou if self.iou is None or self.layout == "end2end" else self.iou,
         )
+
+    def _lone_run_ms(self, runs: int = 3) -> float:
+        """A lone image of the full input size on the worker's own session: the best of
+        ``runs`` timed runs after an untimed one (the best: another process starting on
+        the same cores only ever adds to a run)."""
+        shape = (self.fixed_batch or 1, 3, *self.input_hw)
+        blank = np.full(shape, 114 / 255, self.input_dtype)
+        feed = {self.input_name: blank}
+        self.session.run(None, feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1000)
+        return min(times)
 
     def _warm_up(self) -> None:
         """One blank run of the padded shape, so the first real batch is not the slow one."""

@@ -772,7 +772,7 @@ def test_two_workers_with_a_solo_session_answer_every_image_once_and_leave_the_b
     batch and takes the wide session for a lone image only while the other is idle. A live
     stream at low load through two such workers: one OK result per image, and once they
     have stopped no slot is left marked."""
-    settings = settings.model_copy(update={"ort_solo_threads": 2})
+    settings = settings.model_copy(update={"ort_solo_threads": 2, "ort_solo_min_run_ms": 0})
     stream = good_stream(settings, 120, "solo")
     log = tmp_path / "workers.log"
     workers = [spawn_worker(settings, log, 0), spawn_worker(settings, log, 1)]

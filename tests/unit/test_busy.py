@@ -140,6 +140,24 @@ def test_a_lone_image_takes_the_solo_session_only_while_the_others_are_idle(
     assert (detector.lone_runs, detector.solo_runs) == (3, 2)  # what the worker exports
 
 
+def test_a_solo_session_is_kept_only_for_a_model_whose_lone_run_is_long_enough(
+    model: Path,
+) -> None:
+    """The extra threads pay only where a lone image's run is long next to the serving
+    path's own costs: a run shorter than ``solo_min_run_ms`` (timed at load) keeps one
+    session."""
+    kept = Detector(model, ["CPUExecutionProvider"], intra_threads=1, solo_threads=2)
+    assert kept.solo_session is not None  # 0: always
+    assert kept._lone_run_ms() < 10_000
+    short = Detector(
+        model, ["CPUExecutionProvider"], intra_threads=1, solo_threads=2, solo_min_run_ms=10_000
+    )
+    assert short.solo_session is None
+    one_batch = np.full((1, 3, 160, 160), 0.5, np.float32)
+    short._run(one_batch)
+    assert (short.lone_runs, short.solo_runs) == (0, 0)
+
+
 def test_a_worker_is_busy_for_its_whole_batch_not_only_the_model_run(
     model: Path, tmp_path: Path
 ) -> None:

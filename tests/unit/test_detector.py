@@ -234,7 +234,11 @@ def test_a_lone_image_runs_in_the_solo_session_with_the_same_boxes(
 ) -> None:
     """QRSIGHT_ORT_SOLO_THREADS: a batch of one image runs in the second session (more
     threads), a fuller batch in the main one; the boxes are the same as without it."""
-    env = {"QRSIGHT_ORT_INTRA_THREADS": "1", "QRSIGHT_ORT_SOLO_THREADS": "2"}
+    env = {
+        "QRSIGHT_ORT_INTRA_THREADS": "1",
+        "QRSIGHT_ORT_SOLO_THREADS": "2",
+        "QRSIGHT_ORT_SOLO_MIN_RUN_MS": "0",  # this small graph's lone run is short
+    }
     solo = Detector.from_settings(load_settings(env, model_path=models["dark"]))
     plain = Detector(models["dark"], intra_threads=1)
     assert plain.solo_session is None
