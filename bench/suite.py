@@ -276,9 +276,9 @@ def level_rows(model: dict[str, Any]) -> list[str]:
         "| qrsight, no solo session: img/s | p50 / p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    solo = _levels(model, serving.NO_SOLO_DESIGN)
+    no_solo = _levels(model, serving.NO_SOLO_DESIGN)
     for c in sorted(set(seed) | set(q)):
-        s, r, o = seed.get(c), q.get(c), solo.get(c)
+        s, r, o = seed.get(c), q.get(c), no_solo.get(c)
         errors = sum(x["errors"] for x in (s, r, o) if x is not None)
         cells = " | ".join(" | ".join(_cell(x)) for x in (s, r, o))
         rows.append(f"| {c} | {cells} | {errors} |")

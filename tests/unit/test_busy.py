@@ -148,7 +148,6 @@ def test_a_solo_session_is_kept_only_for_a_model_whose_lone_run_is_long_enough(
     session."""
     kept = Detector(model, ["CPUExecutionProvider"], intra_threads=1, solo_threads=2)
     assert kept.solo_session is not None  # 0: always
-    assert kept._lone_run_ms() < 10_000
     short = Detector(
         model, ["CPUExecutionProvider"], intra_threads=1, solo_threads=2, solo_min_run_ms=10_000
     )

@@ -14,32 +14,28 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 @pytest.mark.parametrize(
-    ("cores", "environ", "workers", "ort_threads"),
+    ("cores", "environ", "expected"),  # expected: workers, ORT threads, solo threads
     [
-        (2, {}, 2, "1"),  # one single-threaded worker per core
-        (4, {}, 4, "1"),
-        (16, {}, 6, "2"),  # capped at the 6 partitions of qr.images; the cores shared out
-        (16, {"QRSIGHT_TOPIC_PARTITIONS": "16"}, 16, "1"),
-        (16, {"QRSIGHT_WORKERS": "2"}, 2, "8"),  # fewer workers, more threads each
-        (8, {"QRSIGHT_ORT_INTRA_THREADS": "3"}, 6, "3"),  # an explicit setting wins
-        (4, {"QRSIGHT_ORT_SOLO_THREADS": "0"}, 4, "1"),  # the solo session turned off
-        (1, {}, 1, "1"),  # one worker: its own threads are every core already
+        (2, {}, (2, "1", "2")),  # one single-threaded worker per core; a lone image takes both
+        (4, {}, (4, "1", "4")),
+        (16, {}, (6, "2", "16")),  # capped at the 6 partitions of qr.images; the cores shared out
+        (16, {"QRSIGHT_TOPIC_PARTITIONS": "16"}, (16, "1", "16")),
+        (16, {"QRSIGHT_WORKERS": "2"}, (2, "8", "16")),  # fewer workers, more threads each
+        (8, {"QRSIGHT_ORT_INTRA_THREADS": "3"}, (6, "3", "8")),  # an explicit setting wins
+        (4, {"QRSIGHT_ORT_SOLO_THREADS": "0"}, (4, "1", "0")),  # the solo session turned off
+        (1, {}, (1, "1", None)),  # one worker: its own threads are every core already
     ],
 )
 def test_make_up_sizes_workers_from_the_cores(
     monkeypatch: pytest.MonkeyPatch,
     cores: int,
     environ: dict[str, str],
-    workers: int,
-    ort_threads: str,
+    expected: tuple[int, str, str | None],
 ) -> None:
     monkeypatch.setattr(stack.os, "cpu_count", lambda: cores)
     count, env = stack.serving_env(load_settings(environ), dict(environ))
-    assert count == workers
-    assert env["QRSIGHT_ORT_INTRA_THREADS"] == ort_threads
-    # several workers: a lone image may take every core while the others idle
-    solo = environ.get("QRSIGHT_ORT_SOLO_THREADS", str(cores) if workers > 1 else None)
-    assert env.get("QRSIGHT_ORT_SOLO_THREADS") == solo
+    got = (count, env["QRSIGHT_ORT_INTRA_THREADS"], env.get("QRSIGHT_ORT_SOLO_THREADS"))
+    assert got == expected
 
 
 def test_seed_design_answers_one_image_per_request() -> None:
